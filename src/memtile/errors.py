@@ -1,0 +1,33 @@
+"""Errors a user can cause. The CLI prints any of them on one line and exits 2."""
+
+
+class MemtileError(Exception):
+    """Base class: something about the user's input or request is wrong; the message says what."""
+
+
+class UnknownModelError(MemtileError):
+    """A model name that the zoo does not know (the message lists the closest names)."""
+
+
+class ExportError(MemtileError):
+    """torch.export could not trace the model; the message names the op or construct."""
+
+
+class InputShapeError(MemtileError):
+    """Inputs of a shape, dtype or device the model (or a plan made for it) cannot take."""
+
+
+class UnsupportedOpError(MemtileError):
+    """An op that a transformation cannot handle exactly, so the transformation is refused."""
+
+
+class BudgetError(MemtileError):
+    """A memory budget or capacity that cannot be met."""
+
+
+class ProblemFormatError(MemtileError):
+    """A malformed planning problem: bad CSV, negative size, empty lifetime."""
+
+
+class PlanVerificationError(MemtileError):
+    """A plan that breaks the memory model (overlap, misalignment, capacity)."""
