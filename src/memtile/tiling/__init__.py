@@ -1,0 +1,1 @@
+"""Inference tiling: FDT (channel split) and FFMT (spatial tiles) with automatic path discovery."""

@@ -1,0 +1,263 @@
+"""FDT, fused depthwise tiling: split a widening path along channels into N partitions.
+
+A path is `head -> channel-local ops -> tail`: the head (conv with groups=1, or linear) is split
+by output channels, each channel-local op (BN in eval, activation, depthwise conv, pooling,
+flatten of a 1x1 map) keeps its slice, and the tail (conv or linear) reads only its
+input-channel slice and yields a partial sum of the full output. Partial sums accumulate in place
+(`add_`) into the first partition's output, which alone carries the tail's bias. Every weight is
+used exactly once, so the rewrite adds no conv/linear MACs; the wide intermediates exist one
+partition at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
+
+from memtile.errors import UnsupportedOpError
+from memtile.tiling.rewrite import (
+    copy_graph_module,
+    erase_chain,
+    finish,
+    fresh_name,
+    module_of,
+    node_named,
+    shape,
+    split_ranges,
+)
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
+    nn.GELU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
+)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
+    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout,
+}
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+_FLATTEN = {torch.flatten, "flatten"}
+
+
+@dataclass(frozen=True)
+class FDTPath:
+    """A valid FDT path: node names head, channel-local mids, tail; `width` = head out channels."""
+
+    head: str
+    mids: tuple[str, ...]
+    tail: str
+    width: int
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return (self.head, *self.mids, self.tail)
+
+
+def _is_mixer(module: nn.Module | None) -> bool:
+    """Conv with groups=1 or linear: reads all input channels, so it can head or end a path."""
+    return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and module.groups == 1)
+
+
+def _is_depthwise(module: nn.Module | None) -> bool:
+    return (
+        isinstance(module, _ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels
+        and module.out_channels % module.in_channels == 0
+    )
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    module = module_of(gm, node)
+    if module is not None:
+        return f"{node.name} ({type(module).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return f"{node.name} ({target})"
+
+
+def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, int]:
+    """Classify `node` as a path step given the channel dim of its input.
+
+    Returns (kind, channel dim of its output); kind is "mixer", "depthwise", "bn" or "shared"
+    (an op that runs unchanged on a channel slice). Raises UnsupportedOpError naming the op when
+    it mixes channels or cannot be sliced.
+    """
+    module = module_of(gm, node)
+    out = shape(node)
+    ndim = len(out) if out is not None else 0
+    if module is not None and module.training and isinstance(
+        module, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)
+    ):
+        raise UnsupportedOpError(f"{_describe(gm, node)} is in training mode; call model.eval()")
+    if _is_mixer(module):
+        if isinstance(module, nn.Linear) and cdim != ndim - 1:
+            raise UnsupportedOpError(f"{_describe(gm, node)} reads features on another axis")
+        if isinstance(module, _ConvNd) and cdim != 1:
+            raise UnsupportedOpError(f"{_describe(gm, node)} reads channels on another axis")
+        return "mixer", (1 if isinstance(module, _ConvNd) else ndim - 1)
+    if _is_depthwise(module) and cdim == 1:
+        return "depthwise", 1
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and cdim == 1:
+        return "bn", 1
+    if isinstance(module, _ELEMENTWISE_MODULES) or (
+        node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS
+    ) or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
+        return "shared", cdim
+    pooling = isinstance(module, _POOL_MODULES) or (
+        node.op == "call_function" and node.target in _POOL_FUNCTIONS
+    )
+    if pooling and cdim == 1:
+        return "shared", 1
+    flatten = isinstance(module, nn.Flatten) or node.target in _FLATTEN
+    if flatten and cdim == 1 and ndim == 2 and _flattens_unit_map(node):
+        return "shared", 1
+    raise UnsupportedOpError(f"{_describe(gm, node)} mixes channels or is not channel-local")
+
+
+def _flattens_unit_map(node: fx.Node) -> bool:
+    """flatten(x, 1) of an (N, C, 1, 1) map keeps channel c at feature c."""
+    source = shape(node.all_input_nodes[0])
+    return source is not None and len(source) >= 2 and int(torch.Size(source[2:]).numel()) == 1
+
+
+def fdt_path(gm: fx.GraphModule, head: str) -> FDTPath:
+    """The FDT path starting at node `head` (shapes must be propagated).
+
+    Raises UnsupportedOpError naming the op that ended the path when no valid tail is reached.
+    """
+    node = node_named(gm, head)
+    module = module_of(gm, node)
+    if not _is_mixer(module):
+        raise UnsupportedOpError(f"{_describe(gm, node)} cannot head an FDT path (needs conv/linear)")
+    width = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+    cdim = 1 if isinstance(module, _ConvNd) else len(shape(node)) - 1
+    mids: list[str] = []
+    current = node
+    while True:
+        users = list(current.users)
+        if len(users) != 1:
+            raise UnsupportedOpError(
+                f"FDT path from {head} ended at {current.name}: its output has {len(users)} "
+                "consumers (branch or residual), so its channels cannot be split"
+            )
+        user = users[0]
+        if user.all_input_nodes != [current]:
+            raise UnsupportedOpError(
+                f"FDT path from {head} ended at {_describe(gm, user)}: it combines "
+                f"{current.name} with another tensor (e.g. a residual add)"
+            )
+        try:
+            kind, cdim = _channel_step(gm, user, cdim)
+        except UnsupportedOpError as exc:
+            raise UnsupportedOpError(f"FDT path from {head} ended: {exc}") from exc
+        if kind == "mixer":
+            return FDTPath(head, tuple(mids), user.name, width)
+        mids.append(user.name)
+        current = user
+
+
+def fdt_paths_through(gm: fx.GraphModule, name: str) -> list[FDTPath]:
+    """FDT paths in which node `name`'s output is an inner (split) buffer: it is the head or a mid."""
+    node = node_named(gm, name)
+    while not _is_mixer(module_of(gm, node)):
+        producers = node.all_input_nodes
+        if len(producers) != 1 or len(producers[0].users) != 1:
+            return []
+        node = producers[0]
+    try:
+        path = fdt_path(gm, node.name)
+    except UnsupportedOpError:
+        return []
+    return [path] if name in path.nodes[:-1] else []
+
+
+def _conv_copy(conv: _ConvNd, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> _ConvNd:
+    new = type(conv)(
+        weight.shape[1] * groups, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, groups, bias is not None, conv.padding_mode,
+        device=weight.device, dtype=weight.dtype,
+    )
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+    return new
+
+
+def _linear_copy(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _slice_mixer(module: nn.Module, lo: int, hi: int, *, output: bool, bias: bool) -> nn.Module:
+    """Head: output channels [lo, hi). Tail: input channels [lo, hi), bias only if `bias`."""
+    weight = module.weight[lo:hi] if output else module.weight[:, lo:hi]
+    keep = module.bias is not None and (output or bias)
+    b = (module.bias[lo:hi] if output else module.bias) if keep else None
+    if isinstance(module, nn.Linear):
+        return _linear_copy(module, weight, b)
+    return _conv_copy(module, weight, b, groups=1)
+
+
+def _slice_depthwise(conv: _ConvNd, lo: int, hi: int) -> tuple[_ConvNd, int, int]:
+    mult = conv.out_channels // conv.in_channels
+    bias = conv.bias[lo * mult:hi * mult] if conv.bias is not None else None
+    return _conv_copy(conv, conv.weight[lo * mult:hi * mult], bias, groups=hi - lo), lo * mult, hi * mult
+
+
+def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, lo: int, hi: int) -> nn.Module:
+    new = type(bn)(hi - lo, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                   device=bn.weight.device if bn.affine else None)
+    state = {k: (v[lo:hi] if v.dim() == 1 else v) for k, v in bn.state_dict().items()}
+    new.load_state_dict(state)
+    return new.eval()
+
+
+def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphModule:
+    """A copy of `gm` with `path` computed in `partitions` channel partitions (see module doc)."""
+    gm = copy_graph_module(gm)
+    graph = gm.graph
+    head, tail = node_named(gm, path.head), node_named(gm, path.tail)
+    mids = [node_named(gm, name) for name in path.mids]
+    prefix = fresh_name(gm, "fdt")
+    container = nn.Module()
+    gm.add_module(prefix, container)
+
+    def call(name: str, module: nn.Module, arg: fx.Node) -> fx.Node:
+        container.add_module(name, module)
+        return graph.call_module(f"{prefix}.{name}", (arg,))
+
+    head_module, tail_module = module_of(gm, head), module_of(gm, tail)
+    source = head.args[0]
+    accumulated: fx.Node | None = None
+    with graph.inserting_before(tail):
+        for part, (lo, hi) in enumerate(split_ranges(path.width, partitions)):
+            value = call(f"p{part}_head", _slice_mixer(head_module, lo, hi, output=True, bias=True),
+                         source)
+            for index, mid in enumerate(mids):
+                module = module_of(gm, mid)
+                if _is_depthwise(module):
+                    sliced, lo, hi = _slice_depthwise(module, lo, hi)
+                    value = call(f"p{part}_mid{index}", sliced, value)
+                elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    value = call(f"p{part}_mid{index}", _slice_bn(module, lo, hi), value)
+                else:
+                    previous = mid.all_input_nodes[0]
+                    args = fx.map_arg(mid.args, lambda n, p=previous, v=value: v if n is p else n)
+                    value = graph.create_node(mid.op, mid.target, args, dict(mid.kwargs))
+            tail_part = _slice_mixer(tail_module, lo, hi, output=False, bias=part == 0)
+            partial = call(f"p{part}_tail", tail_part, value)
+            accumulated = partial if accumulated is None else graph.call_method(
+                "add_", (accumulated, partial)
+            )
+    tail.replace_all_uses_with(accumulated)
+    erase_chain(gm, [head, *mids, tail])
+    return finish(gm)
