@@ -1,0 +1,424 @@
+"""Exact intervals through spatially local ops, and execution of one band (or tile) of a graph.
+
+A window of a CNN trunk's output depends only on a window of every intermediate tensor. Row-centric
+training (`memtile.rows`, bands of rows) and fused tiling for inference (`memtile.tiling`, H x W
+tiles) both need that window exactly: stride, padding, dilation, pooling, residual adds and concats
+shift and widen it, and a band must see zero padding only at the true image border. This module
+owns that arithmetic for a `torch.fx` graph, per spatial axis (H, W), so both users share it.
+
+Intervals are half-open `(lo, hi)` in the coordinates of the tensor they index; a `Region` holds one
+interval per spatial axis (H, W). A `Band` is a tensor holding the region of a node it covers.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from memtile.errors import InputShapeError, UnsupportedOpError
+
+Interval = tuple[int, int]
+Region = tuple[Interval, ...]
+Size = tuple[int, ...]
+Band = tuple[torch.Tensor, Region]
+
+SPATIAL_DIMS = 2  # NCHW: the last two dims are spatial
+
+
+@dataclass(frozen=True)
+class Window:
+    """How one axis of a conv/pool maps output positions to input positions."""
+
+    extent: int  # dilation * (kernel - 1) + 1
+    stride: int
+    pad_lo: int
+    pad_hi: int
+    ceil_mode: bool = False
+
+    def needs(self, out: Interval) -> Interval:
+        """Input positions (unclipped, may be negative or past the end) read by output `out`."""
+        lo, hi = out
+        if hi <= lo:
+            return (0, 0)
+        return (lo * self.stride - self.pad_lo, (hi - 1) * self.stride - self.pad_lo + self.extent)
+
+    def out_size(self, n: int) -> int:
+        span = n + self.pad_lo + self.pad_hi - self.extent
+        if span < 0:
+            raise InputShapeError(f"input of {n} positions is smaller than a window of {self.extent}")
+        if not self.ceil_mode:
+            return span // self.stride + 1
+        out = math.ceil(span / self.stride) + 1
+        if (out - 1) * self.stride >= n + self.pad_lo:  # last window must start inside the input
+            out -= 1
+        return out
+
+
+IDENTITY = Window(1, 1, 0, 0)
+
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
+    nn.Identity,
+)
+_POINTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.mish, F.sigmoid, F.tanh,
+}
+_POINTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "clamp",
+    "clamp_", "contiguous",
+}
+
+
+@dataclass
+class _Op:
+    """One graph node as the interval engine sees it."""
+
+    kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn)
+    inputs: list[fx.Node]
+    windows: tuple[Window, ...] = (IDENTITY, IDENTITY)
+    module: nn.Module | None = None
+
+
+class SpatialGraph:
+    """A traced trunk of spatially local ops with one image input and one image output.
+
+    Build once per module; sizes and regions are computed per input size. `frozen_bn=True`
+    accepts BatchNorm layers in training mode and runs them with their running statistics;
+    otherwise such a layer is refused (its statistics span the whole feature map).
+    """
+
+    def __init__(self, module: nn.Module, *, frozen_bn: bool = False) -> None:
+        self.module = module
+        self.gm = module if isinstance(module, fx.GraphModule) else _trace(module)
+        self.frozen_bn = frozen_bn
+        self.ops: dict[fx.Node, _Op] = {}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOpError(
+                f"a spatial trunk takes exactly one image input, this one takes {len(placeholders)}"
+            )
+        self.input = placeholders[0]
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                out = node.args[0]
+                if not isinstance(out, fx.Node):
+                    raise UnsupportedOpError("a spatial trunk must return one tensor")
+                self.output = out
+            else:
+                self.ops[node] = self._classify(node)
+        self.order = [n for n in self.ops if n is not self.input]
+        self.consumers: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.ops}
+        for node in self.order:
+            for arg in self.ops[node].inputs:
+                if node not in self.consumers[arg]:
+                    self.consumers[arg].append(node)
+
+    # ---- analysis -------------------------------------------------------------------------
+
+    def _classify(self, node: fx.Node) -> _Op:
+        if node.op == "placeholder":
+            return _Op("input", [])
+        inputs = list(node.all_input_nodes)
+        for arg in inputs:
+            if arg not in self.ops:
+                raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
+        if node.op == "call_module":
+            return self._classify_module(node, self.gm.get_submodule(node.target), inputs)
+        if node.op == "call_function":
+            if node.target is torch.cat:
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                if dim not in (1, -3):
+                    raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
+                                             "concatenation (dim=1) is spatially local")
+                return _Op("pointwise", inputs)
+            if node.target in _POINTWISE_FUNCTIONS:
+                return _Op("pointwise", inputs)
+        if node.op == "call_method" and node.target in _POINTWISE_METHODS:
+            return _Op("pointwise", inputs)
+        raise UnsupportedOpError(
+            f"{node.name}: {node.op} {_target_name(node)} is not a supported spatially local op "
+            "(conv2d, max/avg pool, eval batch norm, elementwise, add, channel cat)"
+        )
+
+    def _classify_module(self, node: fx.Node, mod: nn.Module, inputs: list[fx.Node]) -> _Op:
+        where = f"layer {node.target!r} ({type(mod).__name__})"
+        if isinstance(mod, nn.Conv2d):
+            if mod.padding_mode != "zeros":
+                raise UnsupportedOpError(f"{where}: padding_mode={mod.padding_mode!r}; only zeros")
+            return _Op("local", inputs, _conv_windows(mod), mod)
+        if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+            return _Op("local", inputs, _pool_windows(mod, where), mod)
+        if isinstance(mod, nn.BatchNorm2d):
+            if mod.training and not self.frozen_bn:
+                raise UnsupportedOpError(
+                    f"{where} is in training mode: its batch statistics span the whole feature map, "
+                    "so it cannot be split into bands; use bn='frozen' (running statistics) or "
+                    "put the layer in eval mode"
+                )
+            if mod.running_mean is None:
+                raise UnsupportedOpError(f"{where} has no running statistics to freeze")
+            return _Op("pointwise", inputs, module=mod)
+        if isinstance(mod, nn.Dropout | nn.Dropout2d | nn.AlphaDropout):
+            if mod.training and mod.p > 0:
+                raise UnsupportedOpError(
+                    f"{where} draws random numbers in training mode, which bands cannot replay "
+                    "exactly; put it in eval mode or move it out of the trunk"
+                )
+            return _Op("pointwise", inputs, module=nn.Identity())
+        if isinstance(mod, _POINTWISE_MODULES):
+            return _Op("pointwise", inputs, module=mod)
+        raise UnsupportedOpError(f"{where} is not a supported spatially local op")
+
+    def sizes(self, in_size: Size) -> dict[fx.Node, Size]:
+        """Spatial size (H, W) of every node for an input of spatial size `in_size`."""
+        sizes: dict[fx.Node, Size] = {self.input: tuple(in_size)}
+        for node in self.order:
+            op = self.ops[node]
+            first = sizes[op.inputs[0]]
+            if op.kind == "local":
+                sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first))
+            else:
+                for arg in op.inputs[1:]:
+                    if sizes[arg] != first:
+                        raise UnsupportedOpError(
+                            f"{node.name}: inputs of spatial sizes {first} and {sizes[arg]} "
+                            "(broadcasting across space is not spatially local)"
+                        )
+                sizes[node] = first
+        return sizes
+
+    def output_size(self, in_size: Size) -> Size:
+        return self.sizes(in_size)[self.output]
+
+    def needs(self, node: fx.Node, out: Region) -> Region:
+        """Unclipped region of each input that `node` reads to produce `out` (same for all)."""
+        return tuple(w.needs(iv) for w, iv in zip(self.ops[node].windows, out))
+
+    def regions(self, out: Region, in_size: Size,
+                sizes: dict[fx.Node, Size] | None = None) -> dict[fx.Node, Region]:
+        """Exact region of every node (clipped to its size) needed to produce `out` of the output.
+
+        Through branches the region is the hull over consumers. The input's entry is what a band
+        must be given; `run_band` computes exactly these regions.
+        """
+        sizes = sizes or self.sizes(in_size)
+        need: dict[fx.Node, Region] = {self.output: _clip(out, sizes[self.output])}
+        for node in reversed(self.order):
+            if node not in need:
+                continue
+            req = self.needs(node, need[node])
+            for arg in self.ops[node].inputs:
+                clipped = _clip(req, sizes[arg])
+                need[arg] = _hull(need[arg], clipped) if arg in need else clipped
+        return need
+
+    def input_region(self, out: Region, in_size: Size) -> Region:
+        """Region of the input image that output region `out` depends on."""
+        return self.regions(out, in_size)[self.input]
+
+    # ---- execution ------------------------------------------------------------------------
+
+    def compute(self, node: fx.Node, out: Region, inputs: list[Band],
+                sizes: dict[fx.Node, Size]) -> torch.Tensor:
+        """Run `node` for output region `out`, given bands of its inputs that cover what it reads.
+
+        Zero (or -inf for max pooling) padding is added only where the read window leaves the
+        true extent of the input tensor.
+        """
+        op = self.ops[node]
+        if op.kind == "local":
+            x, reg = inputs[0]
+            return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
+        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
+        if isinstance(op.module, nn.BatchNorm2d):
+            return _frozen_bn(op.module, cropped[op.inputs[0]])
+        args = fx.node.map_arg(node.args, lambda n: cropped[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped[n])
+        if node.op == "call_module":
+            return op.module(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def run_band(self, out: Region, x: torch.Tensor, x_region: Region,
+                 in_size: Size | None = None) -> torch.Tensor:
+        """Output region `out` computed from a band `x` of the input covering `x_region`.
+
+        `in_size` is the full input's spatial size (default: `x` is the whole input). The band
+        must cover `input_region(out, in_size)`. Intermediates are freed after their last use.
+        """
+        in_size = tuple(in_size or x.shape[-SPATIAL_DIMS:])
+        sizes = self.sizes(in_size)
+        need = self.regions(out, in_size, sizes)
+        if not _contains(x_region, need[self.input]):
+            raise InputShapeError(f"band {x_region} does not cover the rows it needs, "
+                                  f"{need[self.input]}")
+        values: dict[fx.Node, Band] = {self.input: (x, x_region)}
+        last_use = {arg: node for node in self.order for arg in self.ops[node].inputs}
+        for node in self.order:
+            if node not in need:
+                continue
+            inputs = [values[a] for a in self.ops[node].inputs]
+            values[node] = (self.compute(node, need[node], inputs, sizes), need[node])
+            for arg in self.ops[node].inputs:
+                if last_use.get(arg) is node and arg is not self.output:
+                    values.pop(arg, None)
+        return values[self.output][0]
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _trace(module: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(module)
+    except Exception as exc:  # fx raises many types for data-dependent control flow
+        raise UnsupportedOpError(
+            f"cannot trace {type(module).__name__} with torch.fx ({exc}); a spatial trunk must be "
+            "free of data-dependent control flow"
+        ) from exc
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
+    k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
+    ext = [di * (ki - 1) + 1 for ki, di in zip(k, d)]
+    if mod.padding == "valid":
+        pads = [(0, 0), (0, 0)]
+    elif mod.padding == "same":
+        pads = [((e - 1) // 2, e - 1 - (e - 1) // 2) for e in ext]
+    else:
+        pads = [(p, p) for p in _pair(mod.padding)]
+    return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads))
+
+
+def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window, ...]:
+    k = _pair(mod.kernel_size)
+    s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+    p = _pair(mod.padding)
+    d = _pair(getattr(mod, "dilation", 1))
+    if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
+        raise UnsupportedOpError(f"{where}: return_indices=True")
+    if isinstance(mod, nn.AvgPool2d):
+        if mod.ceil_mode:
+            raise UnsupportedOpError(f"{where}: ceil_mode=True changes the divisor at the border")
+        if not mod.count_include_pad and any(p):
+            raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
+    return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
+                 for ki, si, pi, di in zip(k, s, p, d))
+
+
+def _clip(region: Region, size: Size) -> Region:
+    return tuple((max(lo, 0), min(hi, n)) for (lo, hi), n in zip(region, size))
+
+
+def _hull(a: Region, b: Region) -> Region:
+    out = []
+    for (alo, ahi), (blo, bhi) in zip(a, b):
+        if ahi <= alo:
+            out.append((blo, bhi))
+        elif bhi <= blo:
+            out.append((alo, ahi))
+        else:
+            out.append((min(alo, blo), max(ahi, bhi)))
+    return tuple(out)
+
+
+def _contains(outer: Region, inner: Region) -> bool:
+    return all(hi <= lo or (olo <= lo and hi <= ohi)
+               for (olo, ohi), (lo, hi) in zip(outer, inner))
+
+
+def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+    """View of band `x` (covering `have`) restricted to `want`."""
+    if have == want:
+        return x
+    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want)):
+        if wlo < hlo or whi > hhi:
+            raise InputShapeError(f"band covers {have} but {want} is needed")
+        if (hlo, hhi) != (wlo, whi):
+            x = x.narrow(axis - SPATIAL_DIMS, wlo - hlo, whi - wlo)
+    return x
+
+
+def _apply_local(mod: nn.Module, windows: tuple[Window, ...], x: torch.Tensor, have: Region,
+                 out: Region, size: Size) -> torch.Tensor:
+    """Conv/pool on a band: read window clipped to the tensor, border padding added here.
+
+    Where possible the op's own symmetric padding supplies the border (no copy of the input) and
+    the extra outputs it produces are cropped; otherwise the band is padded explicitly.
+    """
+    if any(hi <= lo for lo, hi in out):  # e.g. a 1x1 conv reading only its zero padding
+        channels = mod.out_channels if isinstance(mod, nn.Conv2d) else x.shape[1]
+        return x.new_zeros(x.shape[0], channels, *(max(hi - lo, 0) for lo, hi in out))
+    need = tuple(w.needs(iv) for w, iv in zip(windows, out))
+    x = _crop(x, have, _clip(need, size))
+    is_max = isinstance(mod, nn.MaxPool2d)
+    is_pool = not isinstance(mod, nn.Conv2d)
+    native, explicit, skip = [], [], []
+    for w, (nlo, nhi), n in zip(windows, need, size):
+        top, bottom = max(0, -nlo), max(0, nhi - n)
+        pad = max(top, bottom)
+        fits = (x.numel() > 0 and (pad - top) % w.stride == 0
+                and (not is_pool or pad <= w.pad_lo))
+        if fits:
+            native.append(pad), explicit.append((0, 0)), skip.append((pad - top) // w.stride)
+        else:
+            native.append(0), explicit.append((top, bottom)), skip.append(0)
+    if any(any(e) for e in explicit):
+        flat = [v for lohi in reversed(explicit) for v in lohi]  # F.pad: last dim first
+        x = F.pad(x, flat, value=-math.inf if is_max else 0.0)
+    y = _call_local(mod, x, tuple(native))
+    for axis, (start, (lo, hi)) in enumerate(zip(skip, out)):
+        if start != 0 or y.shape[axis - SPATIAL_DIMS] != hi - lo:
+            y = y.narrow(axis - SPATIAL_DIMS, start, hi - lo)
+    return y
+
+
+def _call_local(mod: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+    if isinstance(mod, nn.Conv2d):
+        return F.conv2d(x, mod.weight, mod.bias, mod.stride, padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.MaxPool2d):
+        return F.max_pool2d(x, mod.kernel_size, mod.stride, padding, mod.dilation)
+    return F.avg_pool2d(x, mod.kernel_size, mod.stride, padding, False, True,
+                        mod.divisor_override)
+
+
+def _frozen_bn(mod: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias,
+                        False, 0.0, mod.eps)
+
+
+def split(n: int, parts: int) -> list[Interval]:
+    """`n` positions in `parts` contiguous intervals whose lengths differ by at most one."""
+    if not 1 <= parts <= n:
+        raise InputShapeError(f"cannot split {n} rows into {parts} bands (1 to {n} allowed)")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def full(size: Size) -> Region:
+    return tuple((0, n) for n in size)
+
+
+def band_region(axis: int, interval: Interval, size: Size) -> Region:
+    """The region that is `interval` along `axis` (0 = H, 1 = W) and full along the others."""
+    return tuple(interval if a == axis else (0, n) for a, n in enumerate(size))
+

@@ -1,0 +1,164 @@
+"""spatial.py: band/tile outputs stitched together equal the full forward, for random graphs."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from memtile.errors import InputShapeError, UnsupportedOpError
+from memtile.spatial import SpatialGraph, Window, band_region, split
+
+SETTINGS = settings(max_examples=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def conv_layer(draw, channels: int) -> nn.Module:
+    kind = draw(st.sampled_from(["conv", "conv", "conv", "max", "avg", "relu"]))
+    k = draw(st.integers(1, 4))
+    s = draw(st.integers(1, 3))
+    if kind == "conv":
+        d = draw(st.integers(1, 2))
+        groups = draw(st.sampled_from([1, channels]))
+        return nn.Conv2d(channels, channels, k, s, draw(st.integers(0, k)), d, groups)
+    if kind == "max":
+        return nn.MaxPool2d(k, s, draw(st.integers(0, k // 2)), draw(st.integers(1, 2)),
+                            ceil_mode=draw(st.booleans()))
+    if kind == "avg":
+        return nn.AvgPool2d(k, s, draw(st.integers(0, k // 2)))
+    return nn.ReLU()
+
+
+class Block(nn.Module):
+    """A residual or concat block: branch a (kxk, stride s) joined with branch b (1x1, stride s)."""
+
+    def __init__(self, c: int, k: int, s: int, d: int, join: str) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, k, s, d * (k - 1) // 2, d), nn.BatchNorm2d(c),
+                               nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1))
+        self.b = nn.Conv2d(c, c, 1, s) if s > 1 else nn.Identity()
+        self.join = join
+        self.fuse = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        if self.join == "add":
+            return torch.relu(self.a(x) + self.b(x))
+        return self.fuse(torch.cat([self.a(x), self.b(x)], 1))
+
+
+@st.composite
+def conv_stack(draw):
+    c = 3
+    layers = [nn.Conv2d(2, c, 3, 1, 1)]
+    layers += [draw(conv_layer(c)) for _ in range(draw(st.integers(1, 5)))]
+    return nn.Sequential(*layers)
+
+
+@st.composite
+def residual_net(draw):
+    c = 3
+    blocks = [nn.Conv2d(2, c, 3, 1, 1)]
+    for _ in range(draw(st.integers(1, 3))):
+        k = draw(st.sampled_from([1, 3, 5]))
+        blocks.append(Block(c, k, draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+                            draw(st.sampled_from(["add", "cat"]))))
+    return nn.Sequential(*blocks)
+
+
+def stitched(graph: SpatialGraph, x: torch.Tensor, parts: tuple[int, int]) -> torch.Tensor:
+    """Run every tile of a parts[0] x parts[1] grid of the output and stitch the tiles."""
+    in_size = tuple(x.shape[-2:])
+    size = graph.output_size(in_size)
+    rows = []
+    for hi in split(size[0], parts[0]):
+        tiles = []
+        for wi in split(size[1], parts[1]):
+            out = (hi, wi)
+            (a, b), (c, d) = graph.input_region(out, in_size)
+            tiles.append(graph.run_band(out, x[..., a:b, c:d], ((a, b), (c, d)), in_size))
+        rows.append(torch.cat(tiles, -1))
+    return torch.cat(rows, -2)
+
+
+def check_splits(model: nn.Module, x: torch.Tensor, data) -> None:
+    model = model.eval()
+    with torch.no_grad():
+        try:
+            ref = model(x)
+        except RuntimeError:  # the random graph shrank the image below a window
+            return
+        graph = SpatialGraph(model)
+        size = graph.output_size(tuple(x.shape[-2:]))
+        assert tuple(ref.shape[-2:]) == size
+        parts = (data.draw(st.integers(1, size[0])), data.draw(st.integers(1, size[1])))
+        got = stitched(graph, x, parts)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(conv_stack(), st.integers(9, 40), st.integers(9, 24), st.data())
+def test_random_conv_stack_bands_equal_full_forward(model, h, w, data):
+    check_splits(model, torch.randn(2, 2, h, w), data)
+
+
+@SETTINGS
+@given(residual_net(), st.integers(9, 40), st.integers(9, 24), st.data())
+def test_random_residual_graph_bands_equal_full_forward(model, h, w, data):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    check_splits(model, torch.randn(2, 2, h, w), data)
+
+
+def test_intervals_of_strided_dilated_conv_are_exact():
+    conv = nn.Sequential(nn.Conv2d(1, 1, 3, 2, 1), nn.Conv2d(1, 1, 3, 1, 2, dilation=2))
+    graph = SpatialGraph(conv)
+    assert graph.output_size((97, 10)) == (49, 5)
+    regions = graph.regions(band_region(0, (10, 20), (49, 5)), (97, 10))
+    # dilated conv: rows 10..19 read 8..21; stride-2 conv: rows 8..21 read 15..43
+    assert [regions[n][0] for n in [graph.input, *graph.order]] == [(15, 44), (8, 22), (10, 20)]
+    assert [regions[n][1] for n in [graph.input, *graph.order]] == [(0, 10), (0, 5), (0, 5)]
+
+
+def test_window_ceil_mode_size_matches_torch():
+    for n, k, s, p in itertools.product(range(5, 12), (2, 3), (2, 3), (0, 1)):
+        if p > k // 2:
+            continue
+        pool = nn.MaxPool2d(k, s, p, ceil_mode=True)
+        want = pool(torch.zeros(1, 1, n, 1 + 2 * p + k)).shape[2]
+        assert Window(k, s, p, p, True).out_size(n) == want
+
+
+def test_unsupported_op_is_named():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.conv(x))
+
+    with pytest.raises(UnsupportedOpError, match="pool.*AdaptiveAvgPool2d"):
+        SpatialGraph(Head())
+
+
+def test_training_batchnorm_is_refused_unless_frozen():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
+    with pytest.raises(UnsupportedOpError, match="'1'.*BatchNorm2d.*training mode"):
+        SpatialGraph(model)
+    x = torch.randn(1, 1, 12, 12)
+    graph = SpatialGraph(model, frozen_bn=True)
+    with torch.no_grad():
+        got = stitched(graph, x, (3, 1))
+        torch.testing.assert_close(got, model.eval()(x))
+
+
+def test_band_missing_rows_is_an_error():
+    graph = SpatialGraph(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1)))
+    x = torch.randn(1, 1, 10, 4)
+    with pytest.raises(InputShapeError, match="does not cover"):
+        graph.run_band(band_region(0, (2, 5), (10, 4)), x[..., 2:5, :], ((2, 5), (0, 4)), (10, 4))
