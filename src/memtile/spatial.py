@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,69 +116,13 @@ class SpatialGraph:
                     raise UnsupportedOpError("a spatial trunk must return one tensor")
                 self.output = out
             else:
-                self.ops[node] = self._classify(node)
+                self.ops[node] = classify(self.gm, node, self.ops, frozen_bn)
         self.order = [n for n in self.ops if n is not self.input]
         self.consumers: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.ops}
         for node in self.order:
             for arg in self.ops[node].inputs:
                 if node not in self.consumers[arg]:
                     self.consumers[arg].append(node)
-
-    # ---- analysis -------------------------------------------------------------------------
-
-    def _classify(self, node: fx.Node) -> _Op:
-        if node.op == "placeholder":
-            return _Op("input", [])
-        inputs = list(node.all_input_nodes)
-        for arg in inputs:
-            if arg not in self.ops:
-                raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
-        if node.op == "call_module":
-            return self._classify_module(node, self.gm.get_submodule(node.target), inputs)
-        if node.op == "call_function":
-            if node.target is torch.cat:
-                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-                if dim not in (1, -3):
-                    raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
-                                             "concatenation (dim=1) is spatially local")
-                return _Op("pointwise", inputs)
-            if node.target in _POINTWISE_FUNCTIONS:
-                return _Op("pointwise", inputs)
-        if node.op == "call_method" and node.target in _POINTWISE_METHODS:
-            return _Op("pointwise", inputs)
-        raise UnsupportedOpError(
-            f"{node.name}: {node.op} {_target_name(node)} is not a supported spatially local op "
-            "(conv2d, max/avg pool, eval batch norm, elementwise, add, channel cat)"
-        )
-
-    def _classify_module(self, node: fx.Node, mod: nn.Module, inputs: list[fx.Node]) -> _Op:
-        where = f"layer {node.target!r} ({type(mod).__name__})"
-        if isinstance(mod, nn.Conv2d):
-            if mod.padding_mode != "zeros":
-                raise UnsupportedOpError(f"{where}: padding_mode={mod.padding_mode!r}; only zeros")
-            return _Op("local", inputs, _conv_windows(mod), mod)
-        if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
-            return _Op("local", inputs, _pool_windows(mod, where), mod)
-        if isinstance(mod, nn.BatchNorm2d):
-            if mod.training and not self.frozen_bn:
-                raise UnsupportedOpError(
-                    f"{where} is in training mode: its batch statistics span the whole feature map, "
-                    "so it cannot be split into bands; use bn='frozen' (running statistics) or "
-                    "put the layer in eval mode"
-                )
-            if mod.running_mean is None:
-                raise UnsupportedOpError(f"{where} has no running statistics to freeze")
-            return _Op("pointwise", inputs, module=mod)
-        if isinstance(mod, nn.Dropout | nn.Dropout2d | nn.AlphaDropout):
-            if mod.training and mod.p > 0:
-                raise UnsupportedOpError(
-                    f"{where} draws random numbers in training mode, which bands cannot replay "
-                    "exactly; put it in eval mode or move it out of the trunk"
-                )
-            return _Op("pointwise", inputs, module=nn.Identity())
-        if isinstance(mod, _POINTWISE_MODULES):
-            return _Op("pointwise", inputs, module=mod)
-        raise UnsupportedOpError(f"{where} is not a supported spatially local op")
 
     def sizes(self, in_size: Size) -> dict[fx.Node, Size]:
         """Spatial size (H, W) of every node for an input of spatial size `in_size`."""
@@ -274,6 +219,68 @@ class SpatialGraph:
                 if last_use.get(arg) is node and arg is not self.output:
                     values.pop(arg, None)
         return values[self.output][0]
+
+
+def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
+             frozen_bn: bool) -> _Op:
+    """How the interval engine treats `node`; UnsupportedOpError names it if it cannot.
+
+    `known` holds the nodes already accepted (the inputs must be image tensors among them).
+    """
+    if node.op == "placeholder":
+        return _Op("input", [])
+    inputs = list(node.all_input_nodes)
+    for arg in inputs:
+        if arg not in known:
+            raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
+    if node.op == "call_module":
+        return _classify_module(node, gm.get_submodule(node.target), inputs, frozen_bn)
+    if node.op == "call_function":
+        if node.target is torch.cat:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim not in (1, -3):
+                raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
+                                         "concatenation (dim=1) is spatially local")
+            return _Op("pointwise", inputs)
+        if node.target in _POINTWISE_FUNCTIONS:
+            return _Op("pointwise", inputs)
+    if node.op == "call_method" and node.target in _POINTWISE_METHODS:
+        return _Op("pointwise", inputs)
+    raise UnsupportedOpError(
+        f"{node.name}: {node.op} {_target_name(node)} is not a supported spatially local op "
+        "(conv2d, max/avg pool, eval batch norm, elementwise, add, channel cat)"
+    )
+
+
+def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
+                     frozen_bn: bool) -> _Op:
+    where = f"layer {node.target!r} ({type(mod).__name__})"
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros":
+            raise UnsupportedOpError(f"{where}: padding_mode={mod.padding_mode!r}; only zeros")
+        return _Op("local", inputs, _conv_windows(mod), mod)
+    if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _Op("local", inputs, _pool_windows(mod, where), mod)
+    if isinstance(mod, nn.BatchNorm2d):
+        if mod.training and not frozen_bn:
+            raise UnsupportedOpError(
+                f"{where} is in training mode: its batch statistics span the whole feature map, "
+                "so it cannot be split into bands; use bn='frozen' (running statistics) or "
+                "put the layer in eval mode"
+            )
+        if mod.running_mean is None:
+            raise UnsupportedOpError(f"{where} has no running statistics to freeze")
+        return _Op("pointwise", inputs, module=mod)
+    if isinstance(mod, nn.Dropout | nn.Dropout2d | nn.AlphaDropout):
+        if mod.training and mod.p > 0:
+            raise UnsupportedOpError(
+                f"{where} draws random numbers in training mode, which bands cannot replay "
+                "exactly; put it in eval mode or move it out of the trunk"
+            )
+        return _Op("pointwise", inputs, module=nn.Identity())
+    if isinstance(mod, _POINTWISE_MODULES):
+        return _Op("pointwise", inputs, module=mod)
+    raise UnsupportedOpError(f"{where} is not a supported spatially local op")
 
 
 # ---- helpers ------------------------------------------------------------------------------

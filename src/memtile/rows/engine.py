@@ -1,0 +1,331 @@
+"""Band-wise forward and backward of a spatial trunk: OverL and 2PS, with exact gradients.
+
+Forward runs bands under no_grad and keeps nothing but the output (OverL) or the few boundary rows
+each layer shares with the next backward band (2PS). Backward runs the backward bands again with
+grad, each backpropagating its slice of the output gradient; parameter gradients are summed over
+bands and returned through one custom `autograd.Function`, so DDP and any optimizer see ordinary
+gradients on ordinary parameters.
+
+- OverL: a band recomputes its halo (`SpatialGraph.regions`); bands are independent.
+- 2PS: every node's rows are split into consecutive bands, each computed once. Band i computes
+  node v's rows [e_v(i-1), e_v(i)) and reads the rows it shares with band i-1 from a stored
+  boundary. Backward runs bands bottom-up; a boundary enters band i as a leaf, and the gradient
+  it receives is carried to band i-1, where it is added to the gradient of the rows that
+  produced it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from memtile.spatial import Interval, Region, Size, SpatialGraph
+
+Rows = Interval
+Env = dict[Hashable, torch.Tensor]
+
+
+@dataclass
+class BandRows:
+    """Rows of every node in one band: `value` is what consumers read, `new` what is computed.
+
+    `value` starts at or before `new`; the rows before `new` are a kept boundary (2PS). For the
+    input node `new` is empty and `value` is the slice of the image the band reads.
+    """
+
+    value: dict[fx.Node, Rows]
+    new: dict[fx.Node, Rows]
+
+
+@dataclass
+class Plan:
+    """Rows of every node in every band, plus (2PS) the boundary each band leaves behind."""
+
+    bands: list[BandRows]
+    keep: list[dict[fx.Node, Rows]] = field(default_factory=list)  # after band i, len B-1
+
+
+def _empty(rows: Rows) -> bool:
+    return rows[1] <= rows[0]
+
+
+def _hull(a: Rows | None, b: Rows) -> Rows:
+    if a is None or _empty(a):
+        return b
+    return (min(a[0], b[0]), max(a[1], b[1])) if not _empty(b) else a
+
+
+def overl_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[Rows]) -> Plan:
+    """Each band reads its full receptive field from the input and computes every halo."""
+    out = []
+    for rows in bands:
+        region = (rows, (0, sizes[graph.output][1]))
+        need = {v: r[0] for v, r in graph.regions(region, (), sizes).items()}
+        new = {v: r for v, r in need.items() if v is not graph.input}
+        out.append(BandRows(value=need, new=new))
+    return Plan(out)
+
+
+def two_phase_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[Rows]) -> Plan:
+    """Split every node's rows so that band i only reads rows produced by bands <= i."""
+    count = len(bands)
+    nodes = [graph.input, *graph.order]
+    ends: dict[fx.Node, list[int]] = {graph.output: [hi for _, hi in bands]}
+    for v in reversed(nodes):
+        if v is graph.output:
+            continue
+        e = []
+        for i in range(count):
+            reach = e[-1] if e else 0
+            for c in graph.consumers[v]:
+                reach = max(reach, min(_reads(graph, sizes, c, (0, ends[c][i]))[1], sizes[v][0]))
+            e.append(reach)
+        e[-1] = sizes[v][0]
+        ends[v] = e
+    new = {v: [(ends[v][i - 1] if i else 0, ends[v][i]) for i in range(count)] for v in nodes}
+    # reads[c][i]: rows of c's inputs that band i reads (clipped to >= 0; hi within ends)
+    reads = {c: [_reads(graph, sizes, c, new[c][i]) for i in range(count)] for c in graph.order}
+    value: list[dict[fx.Node, Rows]] = [{} for _ in range(count)]
+    keep: list[dict[fx.Node, Rows]] = [{} for _ in range(count - 1)]
+    for v in nodes:
+        for i in range(count):
+            later = [reads[c][j][0] for c in graph.consumers[v] for j in range(i + 1, count)
+                     if not _empty(new[c][j])]
+            if i < count - 1:
+                keep[i][v] = (min([*later, ends[v][i]]), ends[v][i])
+        for i in range(count):
+            if v is graph.input:
+                hull = None
+                for c in graph.consumers[v]:
+                    if not _empty(new[c][i]):
+                        hull = _hull(hull, (max(reads[c][i][0], 0), reads[c][i][1]))
+                value[i][v] = hull or (0, 0)
+            else:
+                lo = keep[i - 1][v][0] if i else new[v][i][0]
+                value[i][v] = (min(lo, new[v][i][0]), new[v][i][1])
+    bands_rows = [BandRows(value=value[i], new={v: new[v][i] for v in graph.order})
+                  for i in range(count)]
+    return Plan(bands_rows, keep)
+
+
+def _reads(graph: SpatialGraph, sizes: dict[fx.Node, Size], node: fx.Node, rows: Rows) -> Rows:
+    """Rows of `node`'s inputs read to compute `rows` of it, clipped below at 0."""
+    if _empty(rows):
+        return (0, 0)
+    lo, hi = graph.needs(node, (rows, (0, sizes[node][1])))[0]
+    return (max(lo, 0), min(hi, sizes[graph.ops[node].inputs[0]][0]))
+
+
+def _kept_key(node: fx.Node) -> tuple[str, fx.Node]:
+    return ("kept", node)
+
+
+class BandRunner:
+    """Runs the nodes of one band from an environment of tensors (image slice, kept rows)."""
+
+    def __init__(self, graph: SpatialGraph, sizes: dict[fx.Node, Size], band: BandRows) -> None:
+        self.graph, self.sizes, self.band = graph, sizes, band
+
+    def region(self, node: fx.Node, rows: Rows) -> Region:
+        return (rows, (0, self.sizes[node][1]))
+
+    def run(self, nodes: list[fx.Node], env: Env, free: bool,
+            after: Callable[[fx.Node, torch.Tensor | None, torch.Tensor], None] | None = None
+            ) -> None:
+        """Compute `nodes` into `env`; with `free`, drop each value after its last use here.
+
+        `after(node, new_rows_or_None, value)` sees every node as soon as it is assembled.
+        """
+        graph, band = self.graph, self.band
+        last_use = {a: v for v in nodes for a in graph.ops[v].inputs} if free else {}
+        for v in nodes:
+            value, new = band.value[v], band.new[v]
+            parts = []
+            if new[0] > value[0]:
+                parts.append(env.pop(_kept_key(v)))
+            if not _empty(new):
+                inputs = [(env[a], self.region(a, band.value[a])) for a in graph.ops[v].inputs]
+                parts.append(graph.compute(v, self.region(v, new), inputs, self.sizes))
+            if parts:
+                env[v] = parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+                if after is not None:
+                    after(v, None if _empty(new) else parts[-1], env[v])
+            for a in graph.ops[v].inputs:
+                if last_use.get(a) is v:
+                    env.pop(a, None)
+
+    def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
+        """Compute all nodes in about sqrt(n) segments, each recomputed during backward."""
+        order = self.graph.order
+        size = max(1, math.isqrt(len(order)))
+        segments = [order[i:i + size] for i in range(0, len(order), size)]
+        for k, seg in enumerate(segments):
+            later = {a for s in segments[k + 1:] for v in s for a in self.graph.ops[v].inputs}
+            outs = [v for v in seg if v in later or v in keep_out]
+            ins = [key for key in env
+                   if key in {a for v in seg for a in self.graph.ops[v].inputs}
+                   or key in {_kept_key(v) for v in seg}]
+
+            def segment(*tensors, seg=seg, ins=ins, outs=outs):
+                local = dict(zip(ins, tensors))
+                self.run(seg, local, free=False)
+                return tuple(local[v] for v in outs)
+
+            results = torch_checkpoint(segment, *[env[key] for key in ins], use_reentrant=False)
+            for key in ins:
+                if key not in later and key not in keep_out:
+                    env.pop(key)
+            env.update(zip(outs, results))
+
+
+class Engine:
+    """Forward and backward of one trunk for one input size and band configuration."""
+
+    def __init__(self, graph: SpatialGraph, in_size: Size, strategy: str, forward_bands: int,
+                 backward_bands: int, checkpoint: bool) -> None:
+        self.graph, self.strategy, self.checkpoint = graph, strategy, checkpoint
+        self.sizes = graph.sizes(in_size)
+        height = self.sizes[graph.output][0]
+        make = two_phase_plan if strategy == "2ps" else overl_plan
+        self.forward_plan = make(graph, self.sizes, _split(height, forward_bands))
+        self.backward_plan = make(graph, self.sizes, _split(height, backward_bands))
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Output of the trunk, and what backward needs (2PS: the backward boundaries)."""
+        graph = self.graph
+        out: list[torch.Tensor | None] = [None]
+        stores: dict[tuple[fx.Node, int], torch.Tensor] = {}
+        wanted = self._backward_boundaries() if self.strategy == "2ps" else {}
+        kept: Env = {}
+        for i, band in enumerate(self.forward_plan.bands):
+            runner = BandRunner(graph, self.sizes, band)
+            env: Env = dict(kept)
+            kept = {}
+            env[graph.input] = _rows(x, band.value[graph.input])
+
+            keep = self.forward_plan.keep[i] if i < len(self.forward_plan.keep) else {}
+
+            def after(v: fx.Node, new: torch.Tensor | None, value: torch.Tensor,
+                      band: BandRows = band, keep: dict = keep, kept: Env = kept) -> None:
+                if new is not None:
+                    _copy_into(stores, wanted.get(v, ()), v, new, band.new[v])
+                    if v is graph.output:
+                        out[0] = _write_rows(out[0], new, band.new[v], self.sizes[v][0])
+                rows = keep.get(v, (0, 0))
+                if not _empty(rows):
+                    lo = band.value[v][0]
+                    kept[_kept_key(v)] = _rows(value, (rows[0] - lo, rows[1] - lo)).clone()
+
+            runner.run(graph.order, env, free=True, after=after)
+            del env
+        return out[0], {"stores": stores}
+
+    def _backward_boundaries(self) -> dict[fx.Node, list[tuple[int, Rows]]]:
+        wanted: dict[fx.Node, list[tuple[int, Rows]]] = {}
+        for i, keep in enumerate(self.backward_plan.keep):
+            for v, rows in keep.items():
+                if not _empty(rows) and v is not self.graph.input:
+                    wanted.setdefault(v, []).append((i, rows))
+        return wanted
+
+    # ---- backward -----------------------------------------------------------------------
+
+    def backward(self, x: torch.Tensor, state: dict, grad_out: torch.Tensor,
+                 params: list[torch.Tensor], input_grad: bool
+                 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """Gradients of the input (if asked) and of `params`, summed over backward bands."""
+        graph = self.graph
+        stores = state["stores"]
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        grad_x = torch.zeros_like(x) if input_grad else None
+        carried: dict[fx.Node, torch.Tensor] = {}
+        plan = self.backward_plan
+        for i in reversed(range(len(plan.bands))):
+            band = plan.bands[i]
+            runner = BandRunner(graph, self.sizes, band)
+            with torch.enable_grad():
+                xr = band.value[graph.input]
+                x_leaf = _rows(x, xr).detach().requires_grad_(input_grad)
+                env: Env = {graph.input: x_leaf}
+                leaves = {}
+                for v in graph.order:
+                    if band.new[v][0] > band.value[v][0]:
+                        leaf = stores.pop((v, i - 1)).requires_grad_()
+                        env[_kept_key(v)] = leaves[v] = leaf
+                roots_at = {graph.output: band.new[graph.output], **{
+                    v: plan.keep[i][v] for v in carried}}
+                if self.checkpoint:
+                    runner.run_checkpointed(env, set(roots_at))
+                else:
+                    runner.run(graph.order, env, free=False)
+                roots, grads = [], []
+                for v, rows in roots_at.items():
+                    lo = band.value[v][0]
+                    roots.append(_rows(env[v], (rows[0] - lo, rows[1] - lo)))
+                    grads.append(_rows(grad_out, rows) if v is graph.output else carried.pop(v))
+                wrt = [*params, *leaves.values(), *([x_leaf] if input_grad else [])]
+                got = torch.autograd.grad(roots, wrt, grads, allow_unused=True)
+                del env, roots
+            for k in range(len(params)):
+                if got[k] is not None:
+                    grad_params[k] = got[k] if grad_params[k] is None else grad_params[k] + got[k]
+            for v, g in zip(leaves, got[len(params):len(params) + len(leaves)]):
+                if g is not None:
+                    carried[v] = g
+            if input_grad and got[-1] is not None:
+                _rows(grad_x, xr).add_(got[-1])
+        return grad_x, grad_params
+
+
+def _split(n: int, parts: int) -> list[Rows]:
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def _rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return t.narrow(-2, rows[0], rows[1] - rows[0])
+
+
+def _write_rows(out: torch.Tensor | None, t: torch.Tensor, rows: Rows, height: int) -> torch.Tensor:
+    if out is None:
+        out = t.new_empty(*t.shape[:-2], height, t.shape[-1])
+    _rows(out, rows).copy_(t)
+    return out
+
+
+def _copy_into(stores: dict, wanted, v: fx.Node, t: torch.Tensor, rows: Rows) -> None:
+    """Copy the rows of `t` (covering `rows`) that fall inside each wanted boundary of `v`."""
+    for i, (lo, hi) in wanted:
+        a, b = max(lo, rows[0]), min(hi, rows[1])
+        if b <= a:
+            continue
+        if (v, i) not in stores:
+            stores[(v, i)] = t.new_empty(*t.shape[:-2], hi - lo, t.shape[-1])
+        _rows(stores[(v, i)], (a - lo, b - lo)).copy_(_rows(t, (a - rows[0], b - rows[0])))
+
+
+class RowFunction(torch.autograd.Function):
+    """Attaches a band-wise computed output to autograd; backward runs the backward bands."""
+
+    @staticmethod
+    def forward(ctx, engine: Engine, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        out, state = engine.forward(x)
+        ctx.engine, ctx.state, ctx.params = engine, state, params
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_x, grad_params = ctx.engine.backward(x, ctx.state, grad_out, list(ctx.params),
+                                                  ctx.needs_input_grad[1])
+        ctx.state = None
+        return (None, grad_x, *grad_params)

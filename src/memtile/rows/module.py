@@ -1,0 +1,81 @@
+"""`RowCentric`: an nn.Module that trains a spatially local trunk band by band, same gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memtile.errors import InputShapeError, MemtileError
+from memtile.rows.engine import Engine, RowFunction
+from memtile.spatial import SpatialGraph
+
+STRATEGIES = ("overl", "2ps")
+BN_MODES = ("error", "frozen")
+
+
+class RowCentric(nn.Module):
+    """Wraps a trunk (conv, pool, frozen BN, elementwise, add, cat) and runs it in row bands.
+
+    `rows` is the number of bands the trunk output is split into (clamped to its height);
+    `forward_rows` / `backward_rows` override it per pass (forward under no_grad can use few,
+    large bands; backward holds one band's activations, so it wants more, smaller ones).
+    `rows="auto"` with `budget=BYTES` picks strategy and band counts for the first input seen
+    (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band.
+    `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
+    `bn="error"` refuses BatchNorm layers in training mode.
+    """
+
+    def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str = "overl",
+                 forward_rows: int | None = None, backward_rows: int | None = None,
+                 checkpoint: bool = False, bn: str = "error", budget: int | None = None) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise MemtileError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if bn not in BN_MODES:
+            raise MemtileError(f"bn={bn!r}: choose 'error' or 'frozen'")
+        if rows == "auto" and budget is None:
+            raise MemtileError("rows='auto' needs budget=BYTES (the memory one training step "
+                               "of the trunk may use)")
+        if rows != "auto" and (not isinstance(rows, int) or rows < 1):
+            raise MemtileError(f"rows={rows!r}: give a positive number of bands or 'auto'")
+        self.trunk = trunk
+        self.rows, self.strategy, self.checkpoint, self.bn = rows, strategy, checkpoint, bn
+        self.forward_rows, self.backward_rows, self.budget = forward_rows, backward_rows, budget
+        self._graph: SpatialGraph | None = None
+        self._engines: dict[tuple, Engine] = {}
+
+    @property
+    def graph(self) -> SpatialGraph:
+        if self._graph is None:
+            self._graph = SpatialGraph(self.trunk, frozen_bn=self.bn == "frozen")
+        elif self.bn == "error":  # a layer may have been switched to training mode since
+            SpatialGraph(self._graph.gm, frozen_bn=False)
+        return self._graph
+
+    def band_counts(self) -> tuple[int, int]:
+        """(forward, backward) band counts currently configured (after budget mode chose)."""
+        if self.rows == "auto":
+            raise MemtileError("band counts are chosen on the first forward in budget mode")
+        return (self.forward_rows or self.rows, self.backward_rows or self.rows)
+
+    def engine(self, x: torch.Tensor) -> Engine:
+        if x.dim() != 4:
+            raise InputShapeError(f"RowCentric takes NCHW images, got shape {tuple(x.shape)}")
+        if self.rows == "auto":
+            from memtile.rows.budget import configure
+
+            configure(self, x)
+        fwd, bwd = self.band_counts()
+        key = (tuple(x.shape[-2:]), self.strategy, fwd, bwd, self.checkpoint)
+        if key not in self._engines:
+            self._engines[key] = Engine(self.graph, key[0], self.strategy, fwd, bwd,
+                                        self.checkpoint)
+        return self._engines[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        engine = self.engine(x)
+        params = [p for p in self.trunk.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled() or not (x.requires_grad or params):
+            with torch.no_grad():
+                return engine.forward(x)[0]
+        return RowFunction.apply(engine, x, *params)

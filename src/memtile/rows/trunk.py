@@ -1,0 +1,81 @@
+"""Find the longest spatially local prefix of a CNN and wrap it in `RowCentric`."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from memtile.errors import UnsupportedOpError
+from memtile.rows.module import RowCentric
+from memtile.spatial import _trace, classify
+
+
+class RowWrapped(nn.Module):
+    """A model split at the end of its spatial trunk: `head(trunk(x))`, parameters shared."""
+
+    def __init__(self, trunk: RowCentric, head: fx.GraphModule) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def split_trunk(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(trunk, head): the longest prefix of spatially local ops that hands one tensor on.
+
+    BatchNorm counts as local here (whether it may run is RowCentric's `bn` choice). Both parts
+    share the model's submodules, so its parameters and optimizer state stay valid.
+    """
+    gm = _trace(model)
+    nodes = list(gm.graph.nodes)
+    if sum(n.op == "placeholder" for n in nodes) != 1:
+        raise UnsupportedOpError("wrap() needs a model with exactly one image input")
+    accepted: dict[fx.Node, object] = {}
+    for node in nodes:
+        if node.op == "output":
+            break
+        try:
+            accepted[node] = classify(gm, node, accepted, frozen_bn=True)
+        except UnsupportedOpError:
+            break
+    prefix = list(accepted)
+    cut = None
+    for k in range(len(prefix) - 1, 0, -1):
+        inside = set(prefix[: k + 1])
+        live = {n for n in inside if any(u not in inside for u in n.users)}
+        if live == {prefix[k]}:
+            cut = k
+            break
+    if cut is None:
+        first = nodes[len(prefix)]
+        raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap "
+                                 f"(first unsupported node: {first.name})")
+    return _subgraph(gm, prefix[: cut + 1], prefix[cut]), _head(gm, prefix[: cut + 1], prefix[cut])
+
+
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[out])
+    return fx.GraphModule(gm, graph)
+
+
+def _head(gm: fx.GraphModule, trunk: list[fx.Node], cut: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {cut: graph.placeholder("features")}
+    inside = set(trunk)
+    for node in gm.graph.nodes:
+        if node not in inside:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph)
+
+
+def wrap(model: nn.Module, **kwargs) -> RowWrapped:
+    """`model` with its longest spatially local prefix run by `RowCentric(prefix, **kwargs)`.
+
+    Finds vgg/mobilenet `features`, resnet stem + layer1-4 and the like; the head runs unchanged.
+    """
+    trunk, head = split_trunk(model)
+    return RowWrapped(RowCentric(trunk, **kwargs), head)
