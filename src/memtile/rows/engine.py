@@ -166,7 +166,8 @@ class BandRunner:
         segments = [order[i:i + size] for i in range(0, len(order), size)]
         for k, seg in enumerate(segments):
             later = {a for s in segments[k + 1:] for v in s for a in self.graph.ops[v].inputs}
-            outs = [v for v in seg if v in later or v in keep_out]
+            outs = [v for v in seg
+                    if (v in later or v in keep_out) and not _empty(self.band.value[v])]
             ins = [key for key in env
                    if key in {a for v in seg for a in self.graph.ops[v].inputs}
                    or key in {_kept_key(v) for v in seg}]

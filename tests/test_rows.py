@@ -1,0 +1,193 @@
+"""Row-centric training: OverL and 2PS give the gradients of ordinary training."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from memtile.errors import MemtileError, UnsupportedOpError
+from memtile.rows import RowCentric, wrap
+from memtile.rows.trunk import split_trunk
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def plain_stack() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, 1, 2, dilation=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1), nn.Conv2d(6, 4, 5, 1, 2), nn.ReLU(),
+    )
+
+
+def torchvision_trunk(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    for m in model.modules():  # non-trivial running statistics, so frozen BN is really tested
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    return split_trunk(model)[0]
+
+
+def reference(trunk: nn.Module, x: torch.Tensor, grad_seed: int = 1):
+    """Output, output gradient, parameter and input gradients of ordinary backward (BN eval)."""
+    trunk = trunk.eval()
+    trunk.zero_grad()
+    xr = x.clone().requires_grad_()
+    y = trunk(xr)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=y.dtype)
+    y.backward(g)
+    grads = [p.grad.clone() for p in trunk.parameters()]
+    trunk.zero_grad()
+    return y.detach(), g, grads, xr.grad
+
+
+def row_errors(trunk: nn.Module, x: torch.Tensor, **kwargs) -> tuple[float, float, float]:
+    """(output, max parameter-gradient, input-gradient) relative errors of RowCentric."""
+    y_ref, g, grads_ref, gx_ref = reference(trunk, x)
+    trunk.train()  # BN layers in training mode: bn="frozen" must use running statistics
+    row = RowCentric(trunk, **kwargs)
+    xr = x.clone().requires_grad_()
+    y = row(xr)
+    y.backward(g)
+    param_err = max(rel_error(p.grad, r) for p, r in zip(trunk.parameters(), grads_ref))
+    trunk.zero_grad()
+    return rel_error(y.detach(), y_ref), param_err, rel_error(xr.grad, gx_ref)
+
+
+def assert_exact(errors: tuple[float, float, float], tol: float) -> None:
+    out, params, inputs = errors
+    assert out <= tol and params <= tol and inputs <= tol, errors
+
+
+STRATEGIES = ["overl", "2ps"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plain_stack_every_band_count(strategy):
+    trunk = plain_stack()
+    x = torch.randn(2, 3, 97, 21)
+    height = trunk(x).shape[2]
+    assert height == 25
+    for rows in range(2, height + 1):
+        assert_exact(row_errors(trunk, x, rows=rows, strategy=strategy), 1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plain_stack_float64_is_tighter(strategy):
+    trunk = plain_stack().double()
+    x = torch.randn(1, 3, 97, 21, dtype=torch.float64)
+    for rows in (2, 7, 25):
+        assert_exact(row_errors(trunk, x, rows=rows, strategy=strategy), 1e-12)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("forward_rows,backward_rows,checkpoint",
+                         [(1, 5, False), (6, 2, False), (3, 4, True), (2, 25, True)])
+def test_separate_band_counts_and_checkpoint(strategy, forward_rows, backward_rows, checkpoint):
+    trunk = plain_stack()
+    x = torch.randn(2, 3, 97, 21)
+    errors = row_errors(trunk, x, rows=3, strategy=strategy, forward_rows=forward_rows,
+                        backward_rows=backward_rows, checkpoint=checkpoint)
+    assert_exact(errors, 1e-5)
+
+
+TORCHVISION = [("vgg11", (2, 3)), ("resnet18", (2, 3, 4)), ("mobilenet_v2", (2, 4))]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,band_counts", TORCHVISION)
+def test_torchvision_trunks_97_rows(name, band_counts, strategy):
+    trunk = torchvision_trunk(name)
+    x = torch.randn(1, 3, 97, 33)
+    assert trunk.eval()(x).shape[2] == max(band_counts)  # band counts reach the output height
+    for rows in band_counts:
+        assert_exact(row_errors(trunk, x, rows=rows, strategy=strategy, bn="frozen"), 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", ["vgg11", "resnet18", "mobilenet_v2"])
+def test_torchvision_trunks_224_every_band_count(name, strategy):
+    trunk = torchvision_trunk(name)
+    x = torch.randn(2, 3, 224, 224)
+    for rows in range(2, trunk.eval()(x).shape[2] + 1):
+        errors = row_errors(trunk, x, rows=rows, strategy=strategy, bn="frozen",
+                            backward_rows=rows, forward_rows=max(1, rows // 2))
+        assert_exact(errors, 1e-5)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(plain_stack(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+
+@pytest.mark.parametrize("strategy,optimizer", [("overl", "sgd"), ("2ps", "sgd"),
+                                                ("2ps", "adam")])
+def test_loss_curve_of_20_steps_matches_ordinary_training(strategy, optimizer):
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3, 45, 31), torch.randint(0, 5, (4,))) for _ in range(20)]
+
+    def train(model: nn.Module) -> list[float]:
+        make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}[optimizer]
+        opt = make(model.parameters())
+        losses = []
+        for x, t in data:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), t)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    base = small_cnn()
+    row = wrap(copy.deepcopy(base), rows=4, strategy=strategy)
+    want, got = train(base), train(row)
+    assert want[-1] < want[0]  # it does learn, so the curves compare something
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_wrap_finds_resnet_stem_and_layers():
+    model = torchvision.models.resnet18(weights=None)
+    trunk, head = split_trunk(model)
+    modules = {n.target for n in trunk.graph.nodes if n.op == "call_module"}
+    assert {"conv1", "bn1", "maxpool", "layer1.0.conv1", "layer4.1.bn2"} <= modules
+    assert [n.target for n in head.graph.nodes if n.op == "call_module"] == ["avgpool", "fc"]
+    wrapped = wrap(model, bn="frozen")
+    assert {id(p) for p in wrapped.parameters()} == {id(p) for p in model.parameters()}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_error(wrapped(x), model.eval()(x)) <= 1e-5
+
+
+def test_training_batchnorm_is_refused_by_name():
+    trunk = torchvision_trunk("resnet18").train()
+    with pytest.raises(UnsupportedOpError, match="bn1.*BatchNorm2d.*training mode.*frozen"):
+        RowCentric(trunk, rows=2)(torch.randn(1, 3, 32, 32))
+
+
+def test_dropout_in_training_mode_is_refused():
+    trunk = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Dropout2d(0.5)).train()
+    with pytest.raises(UnsupportedOpError, match="Dropout2d.*random"):
+        RowCentric(trunk, rows=2)(torch.randn(1, 3, 16, 16))
+
+
+def test_unsupported_op_is_refused_by_name():
+    trunk = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Upsample(scale_factor=2))
+    with pytest.raises(UnsupportedOpError, match="Upsample"):
+        RowCentric(trunk, rows=2)(torch.randn(1, 3, 16, 16))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(MemtileError, match="strategy"):
+        RowCentric(plain_stack(), strategy="halo")
+    with pytest.raises(MemtileError, match="budget"):
+        RowCentric(plain_stack(), rows="auto")
