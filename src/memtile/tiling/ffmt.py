@@ -1,0 +1,169 @@
+"""FFMT, fused feature-map tiling: run a spatially local span of the graph tile by tile.
+
+A span is the part of the graph between two *cuts* (points of the execution order where exactly
+one tensor is live): one image tensor in, one out, any mix of conv, pooling, eval BN, elementwise
+ops, residual adds and channel concats inside. The span is split over its output's H (strips) or
+H x W (grids); each tile's input window comes from `memtile.spatial` (stride, padding, dilation;
+zero padding only at the true border), tiles recompute their overlap, and every tile's result is
+written into its place of one preallocated output buffer (slice assignment, no concat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from memtile import spatial
+from memtile.errors import UnsupportedOpError
+from memtile.tiling.rewrite import copy_graph_module, erase_chain, finish, fresh_name, node_named
+
+
+@dataclass(frozen=True)
+class FFMTPath:
+    """A span: `source` is the node whose output enters; `nodes` run in order, the last one exits."""
+
+    source: str
+    nodes: tuple[str, ...]
+
+
+def _steps(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+
+
+def cuts(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes after which their own output is the only tensor still needed (single-tensor cuts)."""
+    order = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in order}
+    found = []
+    live: set[fx.Node] = set()
+    for node in order:
+        if node.op in ("get_attr", "output"):
+            continue
+        live = {n for n in live if last_use[n] > position[node]}
+        if node.users:
+            live.add(node)
+        if live == {node}:
+            found.append(node)
+    return found
+
+
+def span(gm: fx.GraphModule, source: str, end: str) -> FFMTPath:
+    """The span from cut `source` (exclusive) to cut `end` (inclusive)."""
+    order = _steps(gm)
+    names = [n.name for n in order]
+    start = names.index(source) + 1 if source in names else 0
+    return FFMTPath(source, tuple(names[start:names.index(end) + 1]))
+
+
+def extract(gm: fx.GraphModule, path: FFMTPath) -> fx.GraphModule:
+    """The span as its own GraphModule (one placeholder, one output) sharing `gm`'s modules."""
+    graph = fx.Graph()
+    env = {node_named(gm, path.source): graph.placeholder("x")}
+    inside = set(path.nodes)
+    for name in path.nodes:
+        node = node_named(gm, name)
+        for arg in node.all_input_nodes:
+            if arg not in env and arg.op != "get_attr":
+                raise UnsupportedOpError(
+                    f"FFMT span {path.source}..{path.nodes[-1]}: {name} reads {arg.name}, which "
+                    "is made outside the span; a span must have a single input"
+                )
+            if arg.op == "get_attr" and arg not in env:
+                env[arg] = graph.node_copy(arg)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        outside = [u.name for u in node.users if u.name not in inside]
+        if outside and name != path.nodes[-1]:
+            raise UnsupportedOpError(
+                f"FFMT span ends early: {name} is also read by {outside[0]} outside the span"
+            )
+    graph.output(env[node_named(gm, path.nodes[-1])])
+    return fx.GraphModule(gm, graph)
+
+
+def tile_regions(trunk: spatial.SpatialGraph, in_hw: tuple[int, int],
+                 grid: tuple[int, int]) -> list[tuple[spatial.Region, spatial.Region]]:
+    """(output region, input region) of every tile of a `grid` = (rows, cols) split."""
+    out_h, out_w = trunk.output_size(in_hw)
+    tiles = []
+    for rows in spatial.split(out_h, grid[0]):
+        for cols in spatial.split(out_w, grid[1]):
+            out = (rows, cols)
+            tiles.append((out, trunk.input_region(out, in_hw)))
+    return tiles
+
+
+class FFMTTiles(nn.Module):
+    """Runs one span tile by tile into a preallocated output (the replacement of the span)."""
+
+    def __init__(self, trunk: fx.GraphModule, in_shape: torch.Size, out_shape: torch.Size,
+                 grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.spatial = spatial.SpatialGraph(trunk)
+        self.in_hw = tuple(in_shape[-2:])
+        self.out_shape = tuple(out_shape)
+        self.grid = grid
+        self.tiles = tile_regions(self.spatial, self.in_hw, grid)
+        self.pixel_bytes = {n.name: _pixel_bytes(n) for n in self.spatial.order}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(self.out_shape)
+        for (rows, cols), ((r0, r1), (c0, c1)) in self.tiles:
+            band = x[..., r0:r1, c0:c1]
+            value = self.spatial.run_band((rows, cols), band, ((r0, r1), (c0, c1)), self.in_hw)
+            out[..., rows[0]:rows[1], cols[0]:cols[1]] = value
+        return out
+
+    def tile_bytes(self) -> int:
+        """Largest working set of one tile: bytes of the trunk values live while a tile runs.
+
+        The input band is a view of the span's input; the tile result is counted until copied.
+        """
+        sg = self.spatial
+        last = {arg: node for node in sg.order for arg in sg.ops[node].inputs}
+        best = 0
+        for out, _ in self.tiles:
+            need = sg.regions(out, self.in_hw)
+            live = 0
+            for node in sg.order:
+                live += self.pixel_bytes[node.name] * _area(need[node])
+                best = max(best, live)
+                live -= sum(self.pixel_bytes[a.name] * _area(need[a]) for a in set(sg.ops[node].inputs)
+                            if last.get(a) is node and a is not sg.input)
+        return best
+
+
+def _pixel_bytes(node: fx.Node) -> int:
+    """Bytes of one spatial position of a node's NCHW output (batch x channels x element)."""
+    meta = node.meta["tensor_meta"]
+    return meta.shape[0] * meta.shape[1] * torch.empty((), dtype=meta.dtype).element_size()
+
+
+def _area(region: spatial.Region) -> int:
+    area = 1
+    for lo, hi in region:
+        area *= max(0, hi - lo)
+    return area
+
+
+def apply_ffmt(gm: fx.GraphModule, path: FFMTPath, grid: tuple[int, int]) -> fx.GraphModule:
+    """A copy of `gm` whose span `path` runs as `grid` tiles (shapes must be propagated)."""
+    source, last = node_named(gm, path.source), node_named(gm, path.nodes[-1])
+    in_meta, out_meta = source.meta.get("tensor_meta"), last.meta.get("tensor_meta")
+    if in_meta is None or out_meta is None or len(in_meta.shape) != 4 or len(out_meta.shape) != 4:
+        raise UnsupportedOpError(
+            f"FFMT span {path.source}..{path.nodes[-1]} must map an NCHW tensor to an NCHW tensor"
+        )
+    gm = copy_graph_module(gm)
+    tiles = FFMTTiles(extract(gm, path), in_meta.shape, out_meta.shape, grid)
+    name = fresh_name(gm, "ffmt")
+    gm.add_module(name, tiles)
+    nodes = [node_named(gm, n) for n in path.nodes]
+    with gm.graph.inserting_before(nodes[0]):
+        replacement = gm.graph.call_module(name, (node_named(gm, path.source),))
+    nodes[-1].replace_all_uses_with(replacement)
+    erase_chain(gm, nodes)
+    return finish(gm)
