@@ -1,0 +1,320 @@
+"""Capture: a model becomes a `MemGraph`, every ATen op in execution order and every tensor it makes.
+
+The graph comes from `torch.export` lowered to core ATen, so what we plan is what kernels run.
+A *buffer* is a storage: views (reshape, slice, transpose, getitem of a tuple, ...) are not
+buffers, they extend their base's lifetime. Op `i` runs at step `i`; a buffer made at step `i`
+and last read (through any alias) at step `j` is live on the half-open interval `[i, j + 1)`.
+Inputs are live from step 0; graph outputs until the end.
+"""
+
+import contextlib
+import io
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from memtile.errors import ExportError
+from memtile.planning import Buffer, Problem
+
+INPUT, PARAMETER, ACTIVATION, OUTPUT = "input", "parameter", "activation", "output"
+
+
+@dataclass
+class TensorInfo:
+    """One tensor value of the graph; `base` names the tensor whose storage it uses."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    category: str
+    base: str
+    producer: int | None = None  # op index; None for inputs and parameters
+    consumers: list[int] = field(default_factory=list)
+
+    @property
+    def is_view(self) -> bool:
+        return self.base != self.name
+
+
+@dataclass
+class OpNode:
+    """One ATen op, at step `index` of the execution order."""
+
+    index: int
+    name: str
+    target: str
+    module_path: str
+    inputs: list[str]
+    outputs: list[str]
+    node: fx.Node
+
+    @property
+    def is_view(self) -> bool:
+        """True when the op only makes views (no new storage)."""
+        return bool(self.outputs) and all(o.endswith(".view") for o in self.outputs)
+
+
+class MemGraph:
+    """The memory picture of one model call: ops, tensors, buffers and their lifetimes."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        self.program = program
+        self.ops: list[OpNode] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        self._value_of: dict[fx.Node, object] = {}  # fx node -> tensor name or tuple of names
+        self._build()
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _build(self) -> None:
+        signature = self.program.graph_signature
+        user_inputs = set(signature.user_inputs)
+        outputs = set()
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                category = INPUT if node.name in user_inputs else PARAMETER
+                self._value_of[node] = self._add_tensor(node.name, node.meta["val"], category)
+            elif node.op == "call_function" and node.target is operator.getitem:
+                parent, index = node.args
+                self._value_of[node] = self._value_of[parent][index]
+            elif node.op == "call_function":
+                self._add_op(node)
+            elif node.op == "output":
+                outputs = {name for name in self._tensor_names(node.args) if name}
+        for name in outputs:
+            base = self.tensors[self.tensors[name].base]
+            if base.category == ACTIVATION:
+                base.category = OUTPUT
+        self.output_names = sorted(outputs)
+
+    def _add_tensor(self, name: str, value, category: str, base: str | None = None) -> str | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        nbytes = value.numel() * value.element_size()
+        base_category = self.tensors[base].category if base else category
+        self.tensors[name] = TensorInfo(
+            name, value.dtype, tuple(value.shape), nbytes, base_category, base or name
+        )
+        return name
+
+    def _add_op(self, node: fx.Node) -> None:
+        index = len(self.ops)
+        inputs = [n for n in self._tensor_names((node.args, node.kwargs)) if n]
+        view_of = self._aliased_input(node)
+        values = node.meta.get("val")
+        multiple = isinstance(values, (tuple, list))
+        names = []
+        for i, value in enumerate(values if multiple else [values]):
+            name = f"{node.name}.{i}" if multiple else node.name
+            base = self.tensors[view_of].base if view_of else None
+            if base:
+                name += ".view"
+            names.append(self._add_tensor(name, value, ACTIVATION, base))
+        for name in names:
+            if name and not self.tensors[name].is_view:
+                self.tensors[name].producer = index
+        for name in set(inputs):
+            self.tensors[name].consumers.append(index)
+        self._value_of[node] = tuple(names) if multiple else names[0]
+        self.ops.append(
+            OpNode(index, node.name, _target_name(node), _module_path(node), inputs,
+                   [n for n in names if n], node)
+        )
+
+    def _aliased_input(self, node: fx.Node) -> str | None:
+        """The input tensor whose storage the op's first output views, if the schema says so."""
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return None
+        first = node.args[0] if node.args else None
+        name = self._value_of.get(first) if isinstance(first, fx.Node) else None
+        return name if isinstance(name, str) else None
+
+    def _tensor_names(self, args) -> list[str]:
+        found: list[str] = []
+        fx.node.map_arg(args, lambda n: found.extend(_flatten(self._value_of.get(n))))
+        return found
+
+    # ---- the memory picture -------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.ops)
+
+    def storage_users(self) -> dict[str, list[str]]:
+        """Base tensor name -> every tensor (itself and its views) using that storage."""
+        users: dict[str, list[str]] = {}
+        for tensor in self.tensors.values():
+            users.setdefault(tensor.base, []).append(tensor.name)
+        return users
+
+    def buffers(
+        self, order: list[int] | None = None, shared: dict[str, str] | None = None
+    ) -> list[Buffer]:
+        """Non-parameter storages with their live step interval `[start, end)`.
+
+        `order` is an execution order (a permutation of op indices; default: exported order).
+        `shared` maps a storage to the storage it overwrites in place; the pair becomes one buffer.
+        """
+        position = _positions(order, self.num_steps)
+        shared = shared or {}
+        intervals: dict[str, list[int]] = {}
+        for base, users in self.storage_users().items():
+            tensor = self.tensors[base]
+            if tensor.category == PARAMETER or tensor.nbytes == 0:
+                continue
+            root = _root(base, shared)
+            start = 0 if tensor.producer is None else position[tensor.producer]
+            steps = [position[c] for name in users for c in self.tensors[name].consumers]
+            end = self.num_steps if tensor.category == OUTPUT else max([start, *steps]) + 1
+            size = max(tensor.nbytes, self.tensors[root].nbytes)
+            span = intervals.setdefault(root, [start, end, size])
+            span[0], span[1], span[2] = min(span[0], start), max(span[1], end), max(span[2], size)
+        return [Buffer(name, size, start, end) for name, (start, end, size) in intervals.items()]
+
+    def problem(
+        self, alignment: int = 64, order: list[int] | None = None, shared: dict[str, str] | None = None
+    ) -> Problem:
+        """The planning problem of this graph (see `buffers`)."""
+        return Problem(self.buffers(order, shared), alignment=alignment)
+
+    def load(self, order: list[int] | None = None, shared: dict[str, str] | None = None) -> int:
+        """LOAD: the largest total bytes of buffers live at one step (unaligned)."""
+        live = [0] * (self.num_steps + 1)
+        for buffer in self.buffers(order, shared):
+            for step in range(buffer.start, buffer.end):
+                live[step] += buffer.size
+        return max(live)
+
+    def live_at(self, step: int, order: list[int] | None = None) -> list[Buffer]:
+        """Buffers live at one step, largest first: what makes the peak there."""
+        live = [b for b in self.buffers(order) if b.start <= step < b.end]
+        return sorted(live, key=lambda b: -b.size)
+
+    def peak_step(self, order: list[int] | None = None) -> int:
+        """The first step at which LOAD is reached."""
+        live = [0] * (self.num_steps + 1)
+        for buffer in self.buffers(order):
+            for step in range(buffer.start, buffer.end):
+                live[step] += buffer.size
+        return live.index(max(live))
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values() if t.category == PARAMETER and not t.is_view)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values() if t.category == INPUT and not t.is_view)
+
+    def macs(self) -> int:
+        """Multiply-accumulates of convolution and matrix-multiply ops (the compute that tiling adds)."""
+        return sum(_op_macs(op, self.tensors) for op in self.ops)
+
+
+def capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
+    """Export `model` on `inputs` (a tuple) to core ATen and return its `MemGraph`."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    return MemGraph(export(model, inputs))
+
+
+def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """torch.export + core ATen decompositions; a failure is an ExportError naming the cause."""
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    else:
+        try:
+            with torch.no_grad(), _quiet_export_logs():
+                program = torch.export.export(model, tuple(inputs), strict=False)
+        except Exception as error:  # export raises many unrelated types
+            raise ExportError(_export_failure(error)) from error
+    return program.run_decompositions()
+
+
+@contextlib.contextmanager
+def _quiet_export_logs():
+    """export prints partial graphs and warnings on failure; the ExportError says what matters."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_failure(error: Exception) -> str:
+    """The first line of export's message, and the user's source line that triggered it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    where = ""
+    for i, line in enumerate(lines):
+        if line.startswith('File "') and "site-packages" not in line:
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            where = f" at {line.removeprefix('File ')}: {code}"
+    return f"torch.export cannot trace the model: {message}{where}"
+
+
+def _flatten(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, tuple):
+        return [v for v in value if v]
+    return [value]
+
+
+def _root(name: str, shared: dict[str, str]) -> str:
+    while name in shared:
+        name = shared[name]
+    return name
+
+
+def _positions(order: list[int] | None, count: int) -> list[int]:
+    if order is None:
+        return list(range(count))
+    if sorted(order) != list(range(count)):
+        raise ValueError(f"order is not a permutation of the {count} op indices")
+    position = [0] * count
+    for step, op in enumerate(order):
+        position[op] = step
+    return position
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(
+        target, "__name__", str(target)
+    )
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").removeprefix("L__self__.")
+
+
+def _op_macs(op: OpNode, tensors: dict[str, TensorInfo]) -> int:
+    if not op.outputs:
+        return 0
+    out = tensors[op.outputs[0]]
+    numel = 1
+    for d in out.shape:
+        numel *= d
+    if op.target == "aten.convolution.default":
+        weight = tensors[op.inputs[1]].shape
+        per_output = 1
+        for d in weight[1:]:
+            per_output *= d
+        return numel * per_output
+    if op.target in ("aten.addmm.default", "aten.mm.default", "aten.bmm.default"):
+        a = tensors[op.inputs[-2]].shape
+        return numel * a[-1]
+    return 0

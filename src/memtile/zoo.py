@@ -1,0 +1,159 @@
+"""Model zoo: a name becomes an eval-mode `nn.Module` and its example inputs, with no downloads.
+
+Names: every torchvision classification model, the MLPerf Tiny models built in `memtile.tinyml`,
+`mobilenet_v2_035_144`, a `package.module:attr` callable, or a `.pt2` file from `torch.export.save`.
+Weights are initialised from a fixed seed, so two calls give the same model.
+"""
+
+import difflib
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from memtile import tinyml
+from memtile.errors import InputShapeError, MemtileError, UnknownModelError
+
+SEED = 0
+
+# name -> (builder, default input shape without the batch axis)
+_TINY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "ds_cnn_kws": (tinyml.ds_cnn_kws, (1, 49, 10)),
+    "mobilenet_v1_025_vww": (tinyml.mobilenet_v1, (3, 96, 96)),
+    "resnet8_cifar": (tinyml.resnet8_cifar, (3, 32, 32)),
+    "autoencoder_ad": (tinyml.autoencoder_ad, (640,)),
+    "mobilenet_v2_035_144": (
+        lambda: torchvision.models.mobilenet_v2(weights=None, width_mult=0.35),
+        (3, 144, 144),
+    ),
+}
+TINY_MODELS = tuple(_TINY)
+_TORCHVISION_KWARGS = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
+_TORCHVISION_SHAPE = {"inception_v3": (3, 299, 299)}
+
+
+def torchvision_models() -> list[str]:
+    """Every torchvision classification model name."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def names() -> list[str]:
+    """Every model name the zoo can build by name."""
+    return torchvision_models() + list(_TINY)
+
+
+def default_input_shape(name: str) -> tuple[int, ...]:
+    """The input shape (without batch) a zoo model is benchmarked at."""
+    if name in _TINY:
+        return _TINY[name][1]
+    return _TORCHVISION_SHAPE.get(name, (3, 224, 224))
+
+
+def build(name: str) -> nn.Module:
+    """Build a zoo model by name, deterministically initialised, in eval mode."""
+    torch.manual_seed(SEED)
+    if name in _TINY:
+        model = _TINY[name][0]()
+    elif name in torchvision_models():
+        model = torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
+    else:
+        raise _unknown(name)
+    return model.eval()
+
+
+def get(
+    name: str, batch: int = 1, input_shape: tuple[int, ...] | None = None
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Return `(model, example_inputs)` for a zoo name, `pkg.mod:attr` callable or `.pt2` file."""
+    if batch < 1:
+        raise InputShapeError(f"batch must be at least 1, got {batch}")
+    if name.endswith(".pt2"):
+        return _load_exported(Path(name), batch, input_shape)
+    if ":" in name:
+        model, inputs = _load_callable(name, batch, input_shape)
+    else:
+        model = build(name)
+        inputs = None
+    if inputs is None:
+        shape = tuple(input_shape) if input_shape else _shape_for(name)
+        inputs = (_example(batch, shape),)
+    _check_runs(model, inputs, name)
+    return model, inputs
+
+
+def _shape_for(name: str) -> tuple[int, ...]:
+    if ":" in name:
+        raise InputShapeError(f"{name} returned a module without inputs: pass --input-shape C,H,W")
+    return default_input_shape(name)
+
+
+def _example(batch: int, shape: tuple[int, ...]) -> torch.Tensor:
+    if any(d < 1 for d in shape):
+        raise InputShapeError(f"input shape {shape} has a non-positive dimension")
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randn((batch, *shape), generator=generator)
+
+
+def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -> None:
+    """Run once so that a wrong input shape is a one-line error here, not a trace deep in export."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputShapeError(f"{name} cannot run on inputs {shapes}: {first_line}") from error
+
+
+def _load_callable(spec: str, batch: int, input_shape) -> tuple[nn.Module, tuple | None]:
+    module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # as `python -m` would: the user's own modules
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise UnknownModelError(f"cannot load {spec!r}: {error}") from error
+    torch.manual_seed(SEED)
+    made = factory()
+    if isinstance(made, tuple):
+        model, inputs = made
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    else:
+        model, inputs = made, None
+    if not isinstance(model, nn.Module):
+        raise MemtileError(f"{spec} returned {type(model).__name__}, expected an nn.Module")
+    if input_shape is not None:
+        inputs = None
+    return model.eval(), inputs
+
+
+def _load_exported(path: Path, batch: int, input_shape) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    if not path.is_file():
+        raise UnknownModelError(f"no such file: {path}")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # torch raises many types for a corrupt archive
+        raise MemtileError(f"{path} is not a torch.export archive: {error}") from error
+    placeholders = [
+        node.meta["val"]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
+    shapes = [tuple(v.shape) for v in placeholders]
+    if input_shape is not None:
+        shapes[0] = (batch, *input_shape)
+    generator = torch.Generator().manual_seed(SEED)
+    inputs = tuple(
+        torch.randn(shape, generator=generator, dtype=v.dtype) for shape, v in zip(shapes, placeholders)
+    )
+    return program.module(), inputs
+
+
+def _unknown(name: str) -> UnknownModelError:
+    close = difflib.get_close_matches(name, names(), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else "; run `memtile profile --list` for all names"
+    return UnknownModelError(f"unknown model {name!r}{hint}")

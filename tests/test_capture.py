@@ -1,0 +1,101 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memtile import zoo
+from memtile.capture import OUTPUT, capture
+from memtile.errors import ExportError
+
+
+class _StorageLifetimes(TorchDispatchMode):
+    """Independent LOAD: follow tensor storages through the eager ATen calls of a real run."""
+
+    def __init__(self, skip: set[int]):
+        super().__init__()
+        self.skip, self.step, self.first, self.last, self.size = skip, 0, {}, {}, {}
+        self.keep = []  # holding every output stops the allocator from reusing addresses
+
+    def _storages(self, values):
+        for value in tree_flatten(values)[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in self.skip:
+                yield value.untyped_storage()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for storage in self._storages((args, kwargs)):
+            self.first.setdefault(storage.data_ptr(), 0)
+            self.size[storage.data_ptr()] = storage.nbytes()
+            self.last[storage.data_ptr()] = self.step
+        out = func(*args, **(kwargs or {}))
+        for storage in self._storages(out):
+            self.first.setdefault(storage.data_ptr(), self.step)
+            self.size[storage.data_ptr()] = storage.nbytes()
+            self.last[storage.data_ptr()] = max(self.last.get(storage.data_ptr(), 0), self.step)
+        self.keep.append(out)
+        self.step += 1
+        return out
+
+    def load(self, outputs) -> int:
+        for storage in self._storages(outputs):
+            self.last[storage.data_ptr()] = self.step
+        live = [0] * (self.step + 1)
+        for ptr, first in self.first.items():
+            for step in range(first, self.last[ptr] + 1):
+                live[step] += self.size[ptr]
+        return max(live)
+
+
+def test_resnet18_load_matches_an_independent_count():
+    model, inputs = zoo.get("resnet18")
+    graph = capture(model, inputs)
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with torch.no_grad(), _StorageLifetimes(params) as counter:
+        output = model(*inputs)
+    independent = counter.load(output)
+    assert independent == pytest.approx(graph.load(), rel=0.01)
+    assert graph.load() == 2 * 64 * 112 * 112 * 4  # conv1 output + bn1 output
+
+
+def test_tensors_know_producer_consumers_and_module():
+    model, inputs = zoo.get("resnet18")
+    graph = capture(model, inputs)
+    convs = [op for op in graph.ops if op.target == "aten.convolution.default"]
+    assert len(convs) == 20
+    assert convs[1].module_path == "layer1.0.conv1"
+    first = graph.tensors[convs[0].outputs[0]]
+    assert first.shape == (1, 64, 112, 112) and first.nbytes == 64 * 112 * 112 * 4
+    assert first.producer == convs[0].index and first.consumers == [convs[0].index + 1]
+    categories = {t.category for t in graph.tensors.values()}
+    assert categories == {"input", "parameter", "activation", "output"}
+    assert graph.macs() == pytest.approx(1.814e9, rel=0.01)
+
+
+def test_views_are_not_buffers_and_extend_their_base():
+    model, inputs = zoo.get("tests_models:conv_flatten_linear", input_shape=(3, 8, 8))
+    graph = capture(model, inputs)
+    view = next(t for t in graph.tensors.values() if t.is_view and t.category != "parameter")
+    buffers = {b.id: b for b in graph.buffers()}
+    assert view.name not in buffers and view.base in buffers
+    linear = next(op for op in graph.ops if op.target == "aten.addmm.default")
+    assert buffers[view.base].end == linear.index + 1
+    assert {b.id for b in graph.buffers()} == {
+        t.name for t in graph.tensors.values()
+        if not t.is_view and t.category != "parameter" and t.nbytes > 0
+    }
+    output = next(b for b in graph.buffers() if graph.tensors[b.id].category == OUTPUT)
+    assert output.end == graph.num_steps
+
+
+def test_execution_order_changes_lifetimes():
+    model, inputs = zoo.get("resnet8_cifar")
+    graph = capture(model, inputs)
+    order = list(range(graph.num_steps))
+    assert graph.load(order) == graph.load()
+    with pytest.raises(ValueError, match="permutation"):
+        graph.load(order[:-1])
+
+
+def test_export_failure_names_the_construct():
+    model, inputs = zoo.get("tests_models:data_dependent")
+    with pytest.raises(ExportError, match="torch.export cannot trace"):
+        capture(model, inputs)
