@@ -1,0 +1,290 @@
+"""A search for plans within a capacity, for instances where heuristics and CP-SAT fall short.
+
+The ideas are MiniMalloc's (Moffitt, ASPLOS 2023); the code is ours:
+
+- *Sections*: the distinct sets of buffers live together (one per maximal clique of the
+  interval graph). Two buffers conflict iff they share a section.
+- *Canonical solutions*: buffers are placed bottom-up, each at the lowest offset its placed
+  neighbours allow, in non-decreasing (offset, rank) order, so each packing is generated once.
+- *Dominance*: a buffer is never placed at or above the lowest top any unplaced buffer could
+  reach, since that one would fit beneath it.
+- *Spatial inference*: in every section, the unplaced buffers must still stack on top of the
+  section's floor within the capacity; otherwise the branch is cut.
+- *Hatless pruning*: a buffer with no unplaced neighbour constrains nobody, so if the branch
+  with it placed fails, other choices at that node fail too.
+- *Decomposition*: when no unplaced buffer spans the boundary between two sections, the two
+  sides are independent and are solved one after the other, never re-exploring a solved side.
+- *Restarts*: several static rank orders are tried in turn under a node budget that doubles.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from bisect import bisect_right
+from collections.abc import Generator
+
+from memtile.planning.intervals import overlap_lists
+from memtile.planning.problem import BufferId, Problem, arena_of, lower_bound, size_unit
+
+# Static rank orders: keys sorted descending (W: lifetime width, A: area, T: section total).
+_ORDERS = ("WAT", "TAW", "TWA")
+_SLICE = 500  # nodes a search runs before the next order takes its turn
+
+
+class _Abort(Exception):
+    """The node budget or the deadline ran out."""
+
+
+class _Instance:
+    """Static data of a problem in size units: sizes, sections, conflicts."""
+
+    def __init__(self, problem: Problem, indices: list[int], unit: int) -> None:
+        bs = problem.buffers
+        self.n = n = len(indices)
+        self.size = [problem.aligned_size(bs[i]) // unit for i in indices]
+        events = sorted(
+            [(bs[i].end, 0, k) for k, i in enumerate(indices)]
+            + [(bs[i].start, 1, k) for k, i in enumerate(indices)]
+        )  # at equal steps ends come first: intervals are half-open
+        self.lo, self.hi = [0] * n, [0] * n
+        sections: list[list[int]] = []
+        live: set[int] = set()
+        fresh = False
+        for _, is_start, k in events:
+            if is_start:
+                live.add(k)
+                self.lo[k] = len(sections)
+                fresh = True
+            else:
+                if fresh:  # a new maximal set of live buffers ends here
+                    sections.append(sorted(live))
+                    fresh = False
+                live.discard(k)
+                self.hi[k] = len(sections)
+        self.members = sections
+        sub = Problem([bs[i] for i in indices], alignment=1)
+        self.neighbours = overlap_lists(sub)
+        totals = [sum(self.size[k] for k in members) for members in sections]
+        width = [bs[i].end - bs[i].start for i in indices]
+        self.keys = {
+            "W": width,
+            "A": [w * s for w, s in zip(width, self.size)],
+            "T": [max(totals[self.lo[k]:self.hi[k]]) for k in range(n)],
+        }
+
+    def ranks(self, order: str) -> list[int]:
+        """Rank of each buffer under a static order: lower rank is tried first among equals."""
+        keys = [self.keys[c] for c in order]
+        ordered = sorted(range(self.n), key=lambda k: tuple(-key[k] for key in keys) + (k,))
+        rank = [0] * self.n
+        for r, k in enumerate(ordered):
+            rank[k] = r
+        return rank
+
+
+class _Search:
+    """One depth-first search under one rank order, a capacity, a node budget and a deadline."""
+
+    def __init__(
+        self, inst: _Instance, capacity: int, rank: list[int], nodes: int, deadline: float
+    ) -> None:
+        self.inst, self.capacity, self.rank = inst, capacity, rank
+        self.nodes_left, self.deadline = nodes, deadline
+        self.big = capacity + 1  # `low` of a placed buffer: it no longer counts in any floor
+        # the lowest offset the placed neighbours allow each unplaced buffer
+        self.low = [0] * inst.n
+        self.total = [sum(inst.size[k] for k in m) for m in inst.members]  # unplaced bytes
+        self.cuts = [0] * max(len(inst.members) - 1, 0)  # unplaced buffers spanning s | s+1
+        for k in range(inst.n):
+            for s in range(inst.lo[k], inst.hi[k] - 1):
+                self.cuts[s] += 1
+        self.solution = [-1] * inst.n
+
+    def run(self) -> Generator[None, None, bool]:
+        """The whole search as a generator: it pauses (yields) whenever its node budget is
+        spent, so that several searches can take turns without starting over."""
+        return (yield from self._dfs(list(range(self.inst.n)), 0, len(self.inst.members), (-1, -1)))
+
+    def _dfs(
+        self, unplaced: list[int], first: int, last: int, previous: tuple[int, int]
+    ) -> Generator[None, None, bool]:
+        """Place the `unplaced` buffers, whose sections are [first, last); `previous` is the
+        (offset, rank) of the last placement, which canonical order may not go below."""
+        if not unplaced:
+            return True
+        self.nodes_left -= 1
+        if self.nodes_left < 0:
+            yield
+        elif self.nodes_left & 127 == 0 and time.perf_counter() > self.deadline:
+            raise _Abort
+        size, low, rank = self.inst.size, self.low, self.rank
+        lowest_top = min(low[k] + size[k] for k in unplaced)
+        candidates = sorted(
+            (low[k], rank[k], k)
+            for k in unplaced
+            if low[k] < lowest_top and (low[k], rank[k]) > previous
+        )
+        for offset, r, k in candidates:
+            if offset + size[k] > self.capacity:
+                break  # candidates are sorted by offset: the rest cross the capacity too
+            hat, raised, span = self._place(k, offset)
+            found = self._feasible(first, last, offset, span) and (
+                yield from self._descend(unplaced, first, last, k, (offset, r))
+            )
+            self._unplace(k, offset, raised)
+            if found:
+                return True
+            if not hat:
+                break
+        return False
+
+    def _place(self, k: int, offset: int) -> tuple[bool, list[tuple[int, int]], range]:
+        """Place k and raise its unplaced neighbours' lowest offsets to its top. Returns
+        whether k has an unplaced neighbour (a hat), what was raised, and the sections whose
+        floor or total changed."""
+        inst, low, big = self.inst, self.low, self.big
+        top = offset + inst.size[k]
+        low[k] = big
+        self.solution[k] = offset
+        lo, hi = inst.lo, inst.hi
+        first, last, hat, raised = lo[k], hi[k], False, []
+        for j in inst.neighbours[k]:
+            value = low[j]
+            if value != big:
+                hat = True
+                if value < top:
+                    raised.append((j, value))
+                    low[j] = top
+                    if lo[j] < first:  # noqa: PLR1730 (a call costs more here)
+                        first = lo[j]
+                    if hi[j] > last:  # noqa: PLR1730
+                        last = hi[j]
+        size, total = inst.size[k], self.total
+        for s in range(inst.lo[k], inst.hi[k]):
+            total[s] -= size
+        return hat, raised, range(first, last)
+
+    def _unplace(self, k: int, offset: int, raised: list[tuple[int, int]]) -> None:
+        inst, low = self.inst, self.low
+        for j, value in raised:
+            low[j] = value
+        low[k] = offset
+        size, total = inst.size[k], self.total
+        for s in range(inst.lo[k], inst.hi[k]):
+            total[s] += size
+
+    def _feasible(self, first: int, last: int, offset: int, span: range) -> bool:
+        """Spatial inference: in every section, the unplaced buffers must still stack between
+        the section's floor (their lowest `low`, and at least the current offset, which only
+        grows) and the capacity."""
+        capacity, total, members, get = self.capacity, self.total, self.inst.members, self.low.__getitem__
+        if offset + max(total[first:last]) > capacity:
+            return False
+        for s in span:
+            if total[s] and min(map(get, members[s])) + total[s] > capacity:
+                return False
+        return True
+
+    def _descend(
+        self, unplaced: list[int], first: int, last: int, k: int, previous: tuple[int, int]
+    ) -> Generator[None, None, bool]:
+        """Recurse on the rest; where k was the last unplaced buffer spanning a section
+        boundary, solve the now independent sides one after the other."""
+        inst, cuts = self.inst, self.cuts
+        rest = [j for j in unplaced if j != k]
+        bounds = [first]
+        for s in range(inst.lo[k], inst.hi[k] - 1):
+            cuts[s] -= 1
+            if cuts[s] == 0:
+                bounds.append(s + 1)
+        try:
+            if len(bounds) == 1:
+                return (yield from self._dfs(rest, first, last, previous))
+            bounds.append(last)
+            groups: list[list[int]] = [[] for _ in bounds]
+            for j in rest:
+                groups[bisect_right(bounds, inst.lo[j]) - 1].append(j)
+            for g, group in enumerate(groups[:-1]):
+                if group and not (yield from self._dfs(group, bounds[g], bounds[g + 1], (-1, -1))):
+                    return False
+            return True
+        finally:
+            for s in range(inst.lo[k], inst.hi[k] - 1):
+                cuts[s] += 1
+
+
+def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[int] | None:
+    """Offsets (in units) within `capacity`, or None if none was found in time (or none
+    exists). The rank orders take turns, a slice of nodes each, each resuming where it
+    paused: search times are heavy-tailed, and one order often finishes far sooner."""
+    deadline = time.perf_counter() + time_limit
+    if inst.n == 0:
+        return []
+    if max(inst.keys["T"]) > capacity:
+        return None  # LOAD itself is above the capacity
+    searches = [_Search(inst, capacity, inst.ranks(order), 0, deadline) for order in _ORDERS]
+    runs = [search.run() for search in searches]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * inst.n + 1000))
+    try:
+        while time.perf_counter() < deadline:
+            for search, run in zip(searches, runs):
+                search.nodes_left = _SLICE
+                try:
+                    next(run)
+                except StopIteration as done:
+                    return search.solution if done.value else None  # None: proven infeasible
+    except _Abort:
+        return None
+    finally:
+        sys.setrecursionlimit(limit)
+        for run in runs:
+            run.close()
+    return None
+
+
+def find_within(
+    problem: Problem, capacity: int, time_limit: float = 60.0
+) -> dict[BufferId, int] | None:
+    """A plan whose arena is at most `capacity` bytes, or None if none was found in time."""
+    unit = size_unit(problem)
+    sized = [i for i, b in enumerate(problem.buffers) if b.size]
+    inst = _Instance(problem, sized, unit)
+    found = _solve_instance(inst, capacity // unit, time_limit)
+    if found is None:
+        return None
+    offsets = {b.id: 0 for b in problem.buffers}
+    for k, i in enumerate(sized):
+        offsets[problem.buffers[i].id] = found[k] * unit
+    return offsets
+
+
+def minimize(
+    problem: Problem, start: dict[BufferId, int], time_limit: float = 10.0
+) -> dict[BufferId, int]:
+    """Shrink the arena of the valid plan `start`: first within the problem's capacity if it
+    is above it, then down towards LOAD by bisection, each probe a capacity-bounded search."""
+    deadline = time.perf_counter() + time_limit
+    unit = size_unit(problem)
+    best, arena = start, arena_of(problem, start)
+    low = -(-lower_bound(problem) // unit) * unit
+    probes = [problem.capacity] if problem.capacity is not None and low <= problem.capacity < arena else []
+    probes.append(low)
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return best
+        if probes:
+            target = probes.pop(0)
+        elif low < arena:
+            target = (low + arena - unit) // 2 // unit * unit
+        else:
+            return best
+        if target >= arena:
+            continue
+        found = find_within(problem, target, left / 2 if target > low else left / 4)
+        if found is None:
+            low = target + unit
+        else:
+            best, arena = found, arena_of(problem, found)
