@@ -108,6 +108,11 @@ class FFMTTiles(nn.Module):
         self.grid = grid
         self.tiles = tile_regions(self.spatial, self.in_hw, grid)
         self.pixel_bytes = {n.name: _pixel_bytes(n) for n in self.spatial.order}
+        self.pixel_macs = {
+            n.name: _pixel_bytes(n) // _element_size(n) * op.module.weight[0].numel()
+            for n, op in self.spatial.ops.items() if isinstance(op.module, nn.Conv2d)
+        }
+        self.costs = self._costs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(self.out_shape)
@@ -117,29 +122,42 @@ class FFMTTiles(nn.Module):
             out[..., rows[0]:rows[1], cols[0]:cols[1]] = value
         return out
 
-    def tile_bytes(self) -> int:
-        """Largest working set of one tile: bytes of the trunk values live while a tile runs.
+    def _costs(self) -> tuple[int, int]:
+        """(largest working set of one tile in bytes, conv MACs of all tiles), from the regions.
 
-        The input band is a view of the span's input; the tile result is counted until copied.
+        The working set counts the trunk values live while a tile runs (its input band is a view
+        of the span's input; its result counts until copied). MACs count the output positions
+        each conv computes, so halo recompute shows; spatial.py may add a cropped border row.
         """
         sg = self.spatial
         last = {arg: node for node in sg.order for arg in sg.ops[node].inputs}
-        best = 0
+        best, macs = 0, 0
         for out, _ in self.tiles:
             need = sg.regions(out, self.in_hw)
             live = 0
             for node in sg.order:
                 live += self.pixel_bytes[node.name] * _area(need[node])
+                macs += self.pixel_macs.get(node.name, 0) * _area(need[node])
                 best = max(best, live)
                 live -= sum(self.pixel_bytes[a.name] * _area(need[a]) for a in set(sg.ops[node].inputs)
                             if last.get(a) is node and a is not sg.input)
-        return best
+        return best, macs
+
+    def tile_bytes(self) -> int:
+        return self.costs[0]
+
+    def conv_macs(self) -> int:
+        return self.costs[1]
+
+
+def _element_size(node: fx.Node) -> int:
+    return torch.empty((), dtype=node.meta["tensor_meta"].dtype).element_size()
 
 
 def _pixel_bytes(node: fx.Node) -> int:
     """Bytes of one spatial position of a node's NCHW output (batch x channels x element)."""
     meta = node.meta["tensor_meta"]
-    return meta.shape[0] * meta.shape[1] * torch.empty((), dtype=meta.dtype).element_size()
+    return meta.shape[0] * meta.shape[1] * _element_size(node)
 
 
 def _area(region: spatial.Region) -> int:

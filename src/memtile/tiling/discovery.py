@@ -1,0 +1,277 @@
+"""Path discovery: find the buffers that make the peak and the tiling that lowers it most.
+
+Greedy, as in the FDT paper: estimate the peak, take the largest buffers live there, and for the
+node producing each try FDT (the channel path through it, N = 2..32) and FFMT (spans between
+cuts around it that start and end at smaller buffers, strips and grids). Candidates are ranked
+by the fast estimate (ties: no recompute, shorter path, fewer partitions); the best few are
+applied, checked for equivalence, re-captured and re-planned, and the first that lowers the
+planned peak within the MAC budget is kept. Repeat until nothing improves or the budget is met.
+
+The objective is the planned peak, then the planned peak without the input buffers: once the
+peak sits where the input is still live (a tiled stem), later widening blocks are still worth
+tiling, because deployments often keep the input elsewhere (MCUNetV2 reports peaks without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+
+from memtile.errors import BudgetError, MemtileError
+from memtile.tiling.check import compare, equivalent
+from memtile.tiling.estimate import Collapse, estimate_peak
+from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through
+from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
+from memtile.tiling.planned import PlannedPeak, planned_peak
+from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape, to_graph_module
+
+PARTITIONS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+GRIDS = ((2, 1), (4, 1), (8, 1), (16, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))
+TARGETS = 4  # largest buffers at the peak considered per round
+TRIES = 3  # candidates applied and re-planned per round
+SPAN_NEAREST = 2  # nearest cuts per side of a target tried as span ends
+MAX_STEPS = 16
+
+
+@dataclass
+class Candidate:
+    method: str  # "fdt" or "ffmt"
+    path: FDTPath | FFMTPath
+    partitions: int
+    grid: tuple[int, int] | None
+    estimated: tuple[int, int]  # estimated peak with and without the inputs
+    extra_macs: int
+    target: str
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.path.nodes
+
+    def key(self) -> tuple:
+        return (*self.estimated, self.extra_macs > 0, len(self.ops), self.partitions)
+
+    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if self.method == "fdt":
+            return apply_fdt(gm, self.path, self.partitions)
+        return apply_ffmt(gm, self.path, self.grid)
+
+    def describe(self) -> str:
+        split = f"{self.grid[0]}x{self.grid[1]}" if self.grid else str(self.partitions)
+        return f"{self.method} {split} over {self.ops[0]}..{self.ops[-1]} ({len(self.ops)} ops)"
+
+
+@dataclass
+class TileStep:
+    """One accepted rewrite: the buffer it targeted, where, how, and the planned peak after it."""
+
+    target: str
+    target_bytes: int
+    method: str
+    partitions: int
+    grid: list[int] | None
+    ops: list[str]
+    peak_bytes: int
+    macs: int
+
+
+@dataclass
+class TileReport:
+    """Planned peaks (arena of the best heuristic plan) before and after, and every step."""
+
+    peak_before_bytes: int
+    peak_after_bytes: int
+    peak_before_without_input_bytes: int
+    peak_after_without_input_bytes: int
+    input_bytes: int
+    macs_before: int
+    macs_after: int
+    max_abs_error: float
+    output_scale: float
+    budget: int | None
+    max_mac_overhead: float
+    methods: list[str]
+    steps: list[TileStep] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def mac_overhead(self) -> float:
+        return self.macs_after / self.macs_before - 1 if self.macs_before else 0.0
+
+    @property
+    def budget_met(self) -> bool:
+        return self.budget is None or self.peak_after_bytes <= self.budget
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["mac_overhead"] = self.mac_overhead
+        data["budget_met"] = self.budget_met
+        return data
+
+
+class BudgetNotMetError(BudgetError):
+    """No tiling found meets the budget; carries the best model and report found."""
+
+    def __init__(self, message: str, model: fx.GraphModule, report: TileReport):
+        super().__init__(message)
+        self.model = model
+        self.report = report
+
+
+def _fdt_candidates(gm: fx.GraphModule, target: str) -> list[Candidate]:
+    found = []
+    for path in fdt_paths_through(gm, target):
+        inner = [nbytes(node_named(gm, n)) for n in path.nodes[:-1]]
+        pairs = [a + b for a, b in zip(inner, inner[1:])] or inner
+        tail = nbytes(node_named(gm, path.tail))
+        for n in (p for p in PARTITIONS if p <= path.width):
+            share = -(-path.width // n) / path.width
+            extra = int(max(max(pairs) * share, inner[-1] * share + tail))
+            estimate = estimate_peak(gm, Collapse(frozenset(path.nodes), extra))
+            found.append(Candidate("fdt", path, n, None, estimate.objective, 0, target))
+    return found
+
+
+def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Cuts before and after `target` whose buffers are smaller than it: per side, the nearest
+    few and the smallest at each spatial size (so spans of every depth are tried)."""
+    order = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
+    position = {n: i for i, n in enumerate(order)}
+    node = node_named(gm, target)
+    smaller = [c for c in cuts(gm) if shape(c) is not None and len(shape(c)) == 4
+               and nbytes(c) < nbytes(node)]
+
+    def choose(side: list[fx.Node]) -> list[fx.Node]:
+        nearest = sorted(side, key=lambda c: abs(position[c] - position[node]))[:SPAN_NEAREST]
+        smallest: dict[tuple[int, int], fx.Node] = {}
+        for cut in sorted(side, key=lambda c: (nbytes(c), abs(position[c] - position[node]))):
+            smallest.setdefault(tuple(shape(cut)[-2:]), cut)
+        return list(dict.fromkeys([*nearest, *smallest.values()]))
+
+    return (choose([c for c in smaller if position[c] < position[node]]),
+            choose([c for c in smaller if position[c] > position[node]]))
+
+
+def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> list[Candidate]:
+    found = []
+    starts, ends = _span_ends(gm, target)
+    for start in starts:
+        for end in ends:
+            path = span(gm, start.name, end.name)
+            out = shape(end)
+            try:
+                trunk = extract(gm, path)
+                whole = FFMTTiles(trunk, shape(start), out, (1, 1)).conv_macs()
+                for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
+                    tiles = FFMTTiles(trunk, shape(start), out, grid)
+                    collapse = Collapse(frozenset(path.nodes), tiles.tile_bytes())
+                    found.append(Candidate(
+                        "ffmt", path, grid[0] * grid[1], grid,
+                        estimate_peak(gm, collapse).objective, tiles.conv_macs() - whole, target,
+                    ))
+            except MemtileError as error:
+                reasons.append(f"ffmt over {start.name}..{end.name}: {error}")
+    return found
+
+
+def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
+                reasons: list[str]) -> list[Candidate]:
+    estimate = estimate_peak(gm)
+    producers: list[str] = []
+    for live in (estimate.live, estimate.live_without_input):
+        made = [name for name, _ in live if node_named(gm, name).op != "placeholder"]
+        producers += [name for name in made[:TARGETS] if name not in producers]
+    found: list[Candidate] = []
+    for target in producers:
+        if "fdt" in methods:
+            found += _fdt_candidates(gm, target)
+        if "ffmt" in methods:
+            found += _ffmt_candidates(gm, target, reasons)
+    better = [c for c in found if c.estimated < estimate.objective and c.extra_macs <= mac_room]
+    return sorted(better, key=Candidate.key)
+
+
+def tile(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor] | torch.Tensor,
+    budget: int | None = None,
+    max_mac_overhead: float = 0.1,
+    methods: Sequence[str] = ("fdt", "ffmt"),
+    progress: Callable[[str], None] | None = None,
+) -> tuple[fx.GraphModule, TileReport]:
+    """Rewrite `model` with FDT/FFMT so that its planned peak drops, with the same outputs.
+
+    Returns the tiled GraphModule and a TileReport. Never returns a model whose planned peak is
+    higher than the input's. With a `budget` that no tiling found meets, raises
+    BudgetNotMetError carrying the best model and report.
+    """
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    unknown = set(methods) - {"fdt", "ffmt"}
+    if unknown or not methods:
+        raise MemtileError(f"unknown tiling method(s) {sorted(unknown)}; use fdt and/or ffmt")
+    model = model.eval()
+    say = progress or (lambda _: None)
+    original = propagate_shapes(to_graph_module(model), inputs)
+    before = planned_peak(original, inputs)
+    say(f"planned peak before: {before.arena_bytes} B")
+    mac_limit = int(before.macs * (1 + max_mac_overhead))
+    current, now = original, before
+    steps: list[TileStep] = []
+    rejected: list[str] = []
+    while len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget):
+        accepted = None
+        for candidate in _candidates(current, methods, mac_limit - now.macs, rejected)[:TRIES]:
+            accepted = _try(candidate, current, original, inputs, now, mac_limit, rejected)
+            if accepted is not None:
+                steps.append(_step(candidate, current, accepted[1]))
+                current, now = accepted
+                say(f"{candidate.describe()}: planned peak {now.arena_bytes} B")
+                break
+        if accepted is None:
+            break
+    error, scale = compare(model, current, inputs)
+    report = TileReport(
+        before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
+        now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
+        budget, max_mac_overhead, list(methods), steps, rejected,
+    )
+    if not report.budget_met:
+        raise BudgetNotMetError(
+            f"no tiling found meets the budget of {budget} B; the best planned peak is "
+            f"{now.arena_bytes} B (from {before.arena_bytes} B). Raise the budget or "
+            "--max-mac-overhead", current, report,
+        )
+    return current, report
+
+
+def _try(candidate: Candidate, current: fx.GraphModule, original: fx.GraphModule,
+         inputs: tuple[torch.Tensor, ...], now: PlannedPeak, mac_limit: int,
+         rejected: list[str]) -> tuple[fx.GraphModule, PlannedPeak] | None:
+    """Apply, check and re-plan one candidate; None (with the reason recorded) if it fails."""
+    try:
+        tiled = propagate_shapes(candidate.apply(current), inputs)
+    except MemtileError as error:
+        rejected.append(f"{candidate.describe()}: {error}")
+        return None
+    error, scale = compare(original, tiled, inputs)
+    if not equivalent(error, scale):
+        rejected.append(f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
+        return None
+    planned = planned_peak(tiled, inputs)
+    if planned.macs > mac_limit:
+        rejected.append(f"{candidate.describe()}: {planned.macs} MACs exceed the limit {mac_limit}")
+        return None
+    if planned.objective >= now.objective:
+        rejected.append(f"{candidate.describe()}: planned peak {planned.arena_bytes} B "
+                        f"({planned.arena_without_input_bytes} B without inputs) is no better")
+        return None
+    return tiled, planned
+
+
+def _step(candidate: Candidate, before: fx.GraphModule, planned: PlannedPeak) -> TileStep:
+    target = candidate.target
+    return TileStep(target, nbytes(node_named(before, target)), candidate.method, candidate.partitions,
+                    list(candidate.grid) if candidate.grid else None, list(candidate.ops),
+                    planned.arena_bytes, planned.macs)

@@ -1,0 +1,69 @@
+"""Planned peak of a (tiled) model: capture, in-place writes as the rewrite performs them, plan.
+
+Capture lowers to functional ATen, so FFMT's `out[..., tile] = value` appears as `copy` +
+`slice_scatter`, each a new full-size tensor. The rewritten model writes in place, so those
+tensors share the output buffer's storage (`MemGraph.buffers(shared=...)`); without that the
+planner would charge each tile a second copy of the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memtile.capture import INPUT, MemGraph, capture
+from memtile.planning import Plan, Problem, solve
+
+ALIGNMENT = 64
+
+
+def inplace_writes(g: MemGraph) -> dict[str, str]:
+    """Storage -> storage it is written into: `slice_scatter` results and the `copy` feeding them
+    share the scattered-into base when that base dies at the scatter (an in-place slice write)."""
+    last_use: dict[str, int] = {}
+    for tensor in g.tensors.values():
+        if tensor.consumers:
+            last_use[tensor.base] = max(last_use.get(tensor.base, -1), *tensor.consumers)
+    shared: dict[str, str] = {}
+    for op in g.ops:
+        if op.target != "aten.slice_scatter.default" or len(op.inputs) < 2:
+            continue
+        base = g.tensors[op.inputs[0]].base
+        if last_use.get(base) != op.index or g.tensors[base].category == INPUT:
+            continue
+        shared[op.outputs[0]] = base
+        source = g.tensors[op.inputs[1]]
+        producer = g.ops[source.producer] if source.producer is not None else None
+        if producer is not None and producer.target == "aten.copy.default" and source.consumers == [op.index]:
+            shared[source.name] = base
+    return shared
+
+
+@dataclass
+class PlannedPeak:
+    """Arena of the best heuristic plan, with and without the model inputs' buffers."""
+
+    arena_bytes: int
+    arena_without_input_bytes: int
+    input_bytes: int
+    macs: int
+    problem: Problem
+    plan: Plan
+
+    @property
+    def objective(self) -> tuple[int, int]:
+        return (self.arena_bytes, self.arena_without_input_bytes)
+
+
+def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPeak:
+    g = capture(model, tuple(inputs))
+    shared = inplace_writes(g)
+    problem = g.problem(alignment=ALIGNMENT, shared=shared)
+    plan = solve(problem, "best")
+    inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
+    rest = Problem([b for b in problem.buffers if b.id not in inputs_only], alignment=ALIGNMENT)
+    without = solve(rest, "best").arena_bytes if rest.buffers else 0
+    return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan)
