@@ -19,6 +19,9 @@ def test_profile_json_keys_and_timeline(tmp_path, capsys):
     assert {"model", "mode", "measured_peak_bytes", "load_bytes", "parameter_bytes", "top"} <= set(result)
     assert result["mode"] == "inference" and result["model"] == "resnet8_cifar"
     assert result["measured_peak_bytes"] >= result["load_bytes"] > 0
+    # MemoMalloc's offline plan of the recorded trace: at least the measured peak (its LOAD)
+    assert result["measured_peak_bytes"] <= result["trace_plan_bytes"] <= 1.25 * result[
+        "measured_peak_bytes"]
     assert all({"op", "module", "bytes"} <= set(entry) for entry in result["top"])
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 

@@ -40,6 +40,7 @@ def profile(model: torch.nn.Module, inputs: tuple, train: bool = False) -> tuple
     summary = {
         "mode": "training" if train else "inference",
         "measured_peak_bytes": measurement.peak_bytes,
+        "trace_plan_bytes": _trace_plan_bytes(measurement),
         "load_bytes": graph.load(),
         "input_bytes": graph.input_bytes,
         "parameter_bytes": graph.parameter_bytes,
@@ -51,6 +52,13 @@ def profile(model: torch.nn.Module, inputs: tuple, train: bool = False) -> tuple
     if train:
         summary["breakdown"] = measurement.breakdown
     return summary, measurement
+
+
+def _trace_plan_bytes(measurement) -> int:
+    """MemoMalloc's offline step: plan the recorded allocations (temporaries included) in one arena."""
+    from memtile.planning import Problem, solve
+
+    return solve(Problem.from_measurement(measurement), "best").arena_bytes
 
 
 def _measure_training_step(model: torch.nn.Module, inputs: tuple):
@@ -102,6 +110,7 @@ def table(summary: dict) -> Table:
     """The profile as a rich table: headline numbers, then what holds memory at the peak."""
     grid = Table(title=f"memtile profile: {summary['model']} ({summary['mode']})", show_header=False)
     grid.add_row("measured peak (allocator, above start)", format_bytes(summary["measured_peak_bytes"]))
+    grid.add_row("planned arena for the recorded trace", format_bytes(summary["trace_plan_bytes"]))
     grid.add_row("LOAD (captured inference graph)", format_bytes(summary["load_bytes"]))
     grid.add_row("parameters and buffers", format_bytes(summary["parameter_bytes"]))
     grid.add_row("at the peak", f"{summary['peak_op']} in {summary['peak_module'] or '-'}")
@@ -128,6 +137,7 @@ One inference call of `{name}` on inputs {tuple(inputs[0].shape)}, measured at t
 | what | bytes |
 |---|---|
 | measured peak (allocator, above what was held before) | {format_bytes(summary['measured_peak_bytes'])} |
+| planned arena for the recorded allocations (MemoMalloc: temporaries included) | {format_bytes(summary['trace_plan_bytes'])} |
 | LOAD (largest total of live activations in the captured graph) | {format_bytes(summary['load_bytes'])} |
 | parameters and buffers | {format_bytes(summary['parameter_bytes'])} |
 
