@@ -17,11 +17,12 @@ gradients on ordinary parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Container, Hashable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from memtile.spatial import Interval, Region, Size, SpatialGraph
@@ -72,32 +73,45 @@ def overl_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[Rows
 
 
 def two_phase_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[Rows]) -> Plan:
-    """Split every node's rows so that band i only reads rows produced by bands <= i."""
+    """Split every node's rows so that band i only reads rows produced by bands <= i.
+
+    `bands` split the *input* rows; every node then computes, in band i, all the rows that the
+    input rows of bands <= i determine. This balances the large early layers, where activation
+    memory is; splitting the output evenly instead would put most of every early layer into the
+    first band (its receptive field).
+    """
     count = len(bands)
     nodes = [graph.input, *graph.order]
-    ends: dict[fx.Node, list[int]] = {graph.output: [hi for _, hi in bands]}
-    for v in reversed(nodes):
-        if v is graph.output:
-            continue
-        e = []
+    ends: dict[fx.Node, list[int]] = {graph.input: [hi for _, hi in bands]}
+    for c in graph.order:
+        avail = [min(ends[u][i] for u in graph.ops[c].inputs) for i in range(count)]
+        e: list[int] = []
         for i in range(count):
-            reach = e[-1] if e else 0
-            for c in graph.consumers[v]:
-                reach = max(reach, min(_reads(graph, sizes, c, (0, ends[c][i]))[1], sizes[v][0]))
-            e.append(reach)
-        e[-1] = sizes[v][0]
-        ends[v] = e
+            lo, hi = e[-1] if e else 0, sizes[c][0]
+            while lo < hi:  # largest prefix of c whose reads lie within the available rows
+                mid = (lo + hi + 1) // 2
+                if _reads(graph, sizes, c, (0, mid))[1] <= avail[i]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            e.append(lo)
+        ends[c] = e
     new = {v: [(ends[v][i - 1] if i else 0, ends[v][i]) for i in range(count)] for v in nodes}
     # reads[c][i]: rows of c's inputs that band i reads (clipped to >= 0; hi within ends)
     reads = {c: [_reads(graph, sizes, c, new[c][i]) for i in range(count)] for c in graph.order}
     value: list[dict[fx.Node, Rows]] = [{} for _ in range(count)]
     keep: list[dict[fx.Node, Rows]] = [{} for _ in range(count - 1)]
     for v in nodes:
-        for i in range(count):
-            later = [reads[c][j][0] for c in graph.consumers[v] for j in range(i + 1, count)
-                     if not _empty(new[c][j])]
-            if i < count - 1:
-                keep[i][v] = (min([*later, ends[v][i]]), ends[v][i])
+        # reads only move down band by band, so the first later band a consumer computes in
+        # reads the lowest row any later band reads
+        first_later = {c: [ends[v][-1]] * count for c in graph.consumers[v]}
+        for c, lows in first_later.items():
+            for i in reversed(range(count - 1)):
+                nxt = i + 1
+                lows[i] = reads[c][nxt][0] if not _empty(new[c][nxt]) else lows[nxt]
+        for i in range(count - 1):
+            lo = min([ends[v][i], *(lows[i] for lows in first_later.values())])
+            keep[i][v] = (lo, ends[v][i])
         for i in range(count):
             if v is graph.input:
                 hull = None
@@ -134,10 +148,11 @@ class BandRunner:
     def region(self, node: fx.Node, rows: Rows) -> Region:
         return (rows, (0, self.sizes[node][1]))
 
-    def run(self, nodes: list[fx.Node], env: Env, free: bool,
+    def run(self, nodes: list[fx.Node], env: Env, free: bool, keep: Container = (),
             after: Callable[[fx.Node, torch.Tensor | None, torch.Tensor], None] | None = None
             ) -> None:
-        """Compute `nodes` into `env`; with `free`, drop each value after its last use here.
+        """Compute `nodes` into `env`; with `free`, drop each value (not in `keep`) after its
+        last use here, so that only what autograd saved stays alive.
 
         `after(node, new_rows_or_None, value)` sees every node as soon as it is assembled.
         """
@@ -156,7 +171,7 @@ class BandRunner:
                 if after is not None:
                     after(v, None if _empty(new) else parts[-1], env[v])
             for a in graph.ops[v].inputs:
-                if last_use.get(a) is v:
+                if last_use.get(a) is v and a not in keep:
                     env.pop(a, None)
 
     def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
@@ -191,10 +206,17 @@ class Engine:
                  backward_bands: int, checkpoint: bool) -> None:
         self.graph, self.strategy, self.checkpoint = graph, strategy, checkpoint
         self.sizes = graph.sizes(in_size)
+        # band counts are capped by the output height; 2PS splits the input rows (see plan)
         height = self.sizes[graph.output][0]
-        make = two_phase_plan if strategy == "2ps" else overl_plan
-        self.forward_plan = make(graph, self.sizes, _split(height, forward_bands))
-        self.backward_plan = make(graph, self.sizes, _split(height, backward_bands))
+        if strategy == "2ps":
+            rows_in = self.sizes[graph.input][0]
+            self.forward_plan, self.backward_plan = (
+                two_phase_plan(graph, self.sizes, _split(rows_in, min(n, height)))
+                for n in (forward_bands, backward_bands))
+        else:
+            self.forward_plan, self.backward_plan = (
+                overl_plan(graph, self.sizes, _split(height, n))
+                for n in (forward_bands, backward_bands))
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -244,14 +266,15 @@ class Engine:
         """Gradients of the input (if asked) and of `params`, summed over backward bands."""
         graph = self.graph
         stores = state["stores"]
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
         grad_x = torch.zeros_like(x) if input_grad else None
         carried: dict[fx.Node, torch.Tensor] = {}
         plan = self.backward_plan
-        for i in reversed(range(len(plan.bands))):
-            band = plan.bands[i]
-            runner = BandRunner(graph, self.sizes, band)
-            with torch.enable_grad():
+        # Gradients accumulate in place on leaf stand-ins of the parameters: one gradient buffer
+        # per parameter, and the real parameters' hooks (DDP) fire once, when backward returns.
+        shadows = [p.detach().requires_grad_() for p in params]
+        with _swapped(graph.gm, params, shadows), torch.enable_grad():
+            for i in reversed(range(len(plan.bands))):
+                band = plan.bands[i]
                 xr = band.value[graph.input]
                 x_leaf = _rows(x, xr).detach().requires_grad_(input_grad)
                 env: Env = {graph.input: x_leaf}
@@ -260,29 +283,44 @@ class Engine:
                     if band.new[v][0] > band.value[v][0]:
                         leaf = stores.pop((v, i - 1)).requires_grad_()
                         env[_kept_key(v)] = leaves[v] = leaf
-                roots_at = {graph.output: band.new[graph.output], **{
-                    v: plan.keep[i][v] for v in carried}}
+                roots_at = {v: rows for v, rows in [(graph.output, band.new[graph.output]),
+                                                    *((v, plan.keep[i][v]) for v in carried)]
+                            if not _empty(rows)}
+                runner = BandRunner(graph, self.sizes, band)
                 if self.checkpoint:
                     runner.run_checkpointed(env, set(roots_at))
                 else:
-                    runner.run(graph.order, env, free=False)
+                    runner.run(graph.order, env, free=True, keep=roots_at)
                 roots, grads = [], []
                 for v, rows in roots_at.items():
                     lo = band.value[v][0]
                     roots.append(_rows(env[v], (rows[0] - lo, rows[1] - lo)))
                     grads.append(_rows(grad_out, rows) if v is graph.output else carried.pop(v))
-                wrt = [*params, *leaves.values(), *([x_leaf] if input_grad else [])]
-                got = torch.autograd.grad(roots, wrt, grads, allow_unused=True)
-                del env, roots
-            for k in range(len(params)):
-                if got[k] is not None:
-                    grad_params[k] = got[k] if grad_params[k] is None else grad_params[k] + got[k]
-            for v, g in zip(leaves, got[len(params):len(params) + len(leaves)]):
-                if g is not None:
-                    carried[v] = g
-            if input_grad and got[-1] is not None:
-                _rows(grad_x, xr).add_(got[-1])
-        return grad_x, grad_params
+                env.clear()  # autograd frees each saved tensor as soon as its backward ran
+                wrt = [*shadows, *leaves.values(), *([x_leaf] if input_grad else [])]
+                if roots:
+                    torch.autograd.backward(roots, grads, inputs=wrt)
+                del roots, grads
+                carried.update({v: leaf.grad for v, leaf in leaves.items()
+                                if leaf.grad is not None})
+                if input_grad and x_leaf.grad is not None:
+                    _rows(grad_x, xr).add_(x_leaf.grad)
+        return grad_x, [s.grad for s in shadows]
+
+
+@contextmanager
+def _swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.Tensor]):
+    """Temporarily make every module that owns one of `params` use its stand-in instead."""
+    by_id = {id(p): s for p, s in zip(params, stand_ins)}
+    swaps = [(m, name, p) for m in root.modules() for name, p in m._parameters.items()
+             if p is not None and id(p) in by_id]
+    for m, name, p in swaps:
+        m._parameters[name] = by_id[id(p)]
+    try:
+        yield
+    finally:
+        for m, name, p in swaps:
+            m._parameters[name] = p
 
 
 def _split(n: int, parts: int) -> list[Rows]:

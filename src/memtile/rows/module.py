@@ -41,6 +41,7 @@ class RowCentric(nn.Module):
         self.trunk = trunk
         self.rows, self.strategy, self.checkpoint, self.bn = rows, strategy, checkpoint, bn
         self.forward_rows, self.backward_rows, self.budget = forward_rows, backward_rows, budget
+        self.choice = None  # budget mode: the memtile.rows.budget.Choice it made
         self._graph: SpatialGraph | None = None
         self._engines: dict[tuple, Engine] = {}
 
