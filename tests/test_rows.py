@@ -191,3 +191,46 @@ def test_bad_arguments_are_refused():
         RowCentric(plain_stack(), strategy="halo")
     with pytest.raises(MemtileError, match="budget"):
         RowCentric(plain_stack(), rows="auto")
+
+
+def wide_stack() -> nn.Module:
+    """Activations dominate parameters, as in high-resolution training."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1),
+                         nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 8, 3, 1, 1))
+
+
+def trunk_step_peak(module: nn.Module, x: torch.Tensor) -> int:
+    from memtile.measure import measure
+
+    params = list(module.parameters())
+
+    def step():
+        y = module(x)
+        torch.autograd.grad(y, params, torch.ones_like(y))
+
+    return measure(step).peak_bytes
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_budget_mode_fits_measured_peak_and_keeps_gradients(fraction):
+    trunk = wide_stack()
+    x = torch.randn(2, 3, 160, 64)
+    ordinary = trunk_step_peak(trunk, x)
+    budget = int(ordinary * fraction)
+    row = RowCentric(trunk, rows="auto", budget=budget)
+    errors = row_errors(trunk, x, rows="auto", budget=budget)
+    assert_exact(errors, 1e-5)
+    row(x)  # configures on the first input
+    choice = row.choice
+    assert choice.backward_rows > 1 and choice.measured_bytes <= budget
+    assert row.band_counts() == (choice.forward_rows, choice.backward_rows)
+    assert trunk_step_peak(row, x) <= budget  # the step a user runs, measured again
+
+
+def test_budget_too_small_is_refused():
+    from memtile.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="budget 1 KiB"):
+        RowCentric(wide_stack(), rows="auto", budget=1024)(torch.randn(2, 3, 160, 64))

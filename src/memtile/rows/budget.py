@@ -11,7 +11,7 @@ fits; if even that fails, `BudgetError` says what was measured.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -164,19 +164,29 @@ def measure_step(module: RowCentric, x: torch.Tensor, choice: Choice) -> int:
     return measure(step).peak_bytes
 
 
+def _more(bands: int) -> int:
+    return max(bands + 1, bands * 3 // 2)
+
+
 def configure(module: RowCentric, x: torch.Tensor) -> Choice:
     """Pick and verify a configuration for `module.budget`; set it on the module."""
     budget = module.budget
     height = module.graph.output_size(tuple(x.shape[-2:]))[0]
-    choice = candidates(module, x, budget)[0]
+    tried: list[Choice] = []
+    options = candidates(module, x, budget)
     for _ in range(MEASURED_RETRIES + 1):
-        measured = measure_step(module, x, choice)
-        choice = Choice(**{**choice.__dict__, "measured_bytes": measured})
-        if measured <= budget or choice.backward_rows == height:
+        for option in options:  # cheapest work first
+            tried.append(replace(option, measured_bytes=measure_step(module, x, option)))
+            if tried[-1].measured_bytes <= budget:
+                break
+        if tried[-1].measured_bytes <= budget:
             break
-        more = min(height, max(choice.backward_rows + 1, choice.backward_rows * 3 // 2))
-        choice = Choice(choice.strategy, choice.forward_rows, more, choice.estimate_bytes,
-                        choice.work)
+        options = [replace(o, forward_rows=min(height, _more(o.forward_rows)),
+                           backward_rows=min(height, _more(o.backward_rows)))
+                   for o in options if o.backward_rows < height]
+        if not options:
+            break
+    choice = min(tried, key=lambda c: (c.measured_bytes > budget, c.measured_bytes))
     if choice.measured_bytes > budget:
         raise BudgetError(
             f"budget {format_bytes(budget)}: the best configuration found ({choice.strategy}, "
