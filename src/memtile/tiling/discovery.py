@@ -14,6 +14,7 @@ tiling, because deployments often keep the input elsewhere (MCUNetV2 reports pea
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -124,7 +125,7 @@ def _fdt_candidates(gm: fx.GraphModule, target: str) -> list[Candidate]:
     found = []
     for path in fdt_paths_through(gm, target):
         inner = [nbytes(node_named(gm, n)) for n in path.nodes[:-1]]
-        pairs = [a + b for a, b in zip(inner, inner[1:])] or inner
+        pairs = [a + b for a, b in itertools.pairwise(inner)] or inner
         tail = nbytes(node_named(gm, path.tail))
         for n in (p for p in PARTITIONS if p <= path.width):
             share = -(-path.width // n) / path.width
@@ -135,13 +136,13 @@ def _fdt_candidates(gm: fx.GraphModule, target: str) -> list[Candidate]:
 
 
 def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.Node]]:
-    """Cuts before and after `target` whose buffers are smaller than it: per side, the nearest
+    """Cuts before and after `target` whose buffers are not larger than it: per side, the nearest
     few and the smallest at each spatial size (so spans of every depth are tried)."""
     order = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
     position = {n: i for i, n in enumerate(order)}
     node = node_named(gm, target)
     smaller = [c for c in cuts(gm) if shape(c) is not None and len(shape(c)) == 4
-               and nbytes(c) < nbytes(node)]
+               and nbytes(c) <= nbytes(node) and c is not node]
 
     def choose(side: list[fx.Node]) -> list[fx.Node]:
         nearest = sorted(side, key=lambda c: abs(position[c] - position[node]))[:SPAN_NEAREST]
@@ -189,8 +190,9 @@ def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
             found += _fdt_candidates(gm, target)
         if "ffmt" in methods:
             found += _ffmt_candidates(gm, target, reasons)
-    better = [c for c in found if c.estimated < estimate.objective and c.extra_macs <= mac_room]
-    return sorted(better, key=Candidate.key)
+    better = {(c.method, c.path, c.partitions, c.grid): c for c in found
+              if c.estimated < estimate.objective and c.extra_macs <= mac_room}
+    return sorted(better.values(), key=Candidate.key)
 
 
 def tile(
@@ -232,6 +234,7 @@ def tile(
         if accepted is None:
             break
     error, scale = compare(model, current, inputs)
+    rejected = list(dict.fromkeys(rejected))
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,

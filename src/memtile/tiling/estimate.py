@@ -92,7 +92,7 @@ def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estim
             if arg in base:
                 owner = span[base[arg]]
                 owner[1] = max(owner[1], where(node))
-    outputs = [n for n in gm.graph.nodes if n.op == "output"][0].all_input_nodes
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
     for node in outputs:
         span[base[node]][1] = step
     internal = {n for n in nodes if n.name in hidden and n not in outputs

@@ -4,7 +4,7 @@ A path is `head -> channel-local ops -> tail`: the head (conv with groups=1, or 
 by output channels, each channel-local op (BN in eval, activation, depthwise conv, pooling,
 flatten of a 1x1 map) keeps its slice, and the tail (conv or linear) reads only its
 input-channel slice and yields a partial sum of the full output. Partial sums accumulate in place
-(`add_`) into the first partition's output, which alone carries the tail's bias. Every weight is
+(`Accumulate`, an `add_`) into the first partition's output, which alone carries the tail's bias. Every weight is
 used exactly once, so the rewrite adds no conv/linear MACs; the wide intermediates exist one
 partition at a time.
 """
@@ -42,6 +42,17 @@ _ELEMENTWISE_FUNCTIONS = {
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 _FLATTEN = {torch.flatten, "flatten"}
+
+
+ACCUMULATE = "accumulate"
+
+
+class Accumulate(nn.Module):
+    """`total += partial` in place: the partial sums share one output buffer. A module of its
+    own so that capture can tell these in-place adds from the model's (see tiling.planned)."""
+
+    def forward(self, total: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+        return total.add_(partial)
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,7 @@ def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphMod
     mids = [node_named(gm, name) for name in path.mids]
     prefix = fresh_name(gm, "fdt")
     container = nn.Module()
+    container.add_module(ACCUMULATE, Accumulate())
     gm.add_module(prefix, container)
 
     def call(name: str, module: nn.Module, arg: fx.Node) -> fx.Node:
@@ -255,8 +267,8 @@ def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphMod
                     value = graph.create_node(mid.op, mid.target, args, dict(mid.kwargs))
             tail_part = _slice_mixer(tail_module, lo, hi, output=False, bias=part == 0)
             partial = call(f"p{part}_tail", tail_part, value)
-            accumulated = partial if accumulated is None else graph.call_method(
-                "add_", (accumulated, partial)
+            accumulated = partial if accumulated is None else graph.call_module(
+                f"{prefix}.{ACCUMULATE}", (accumulated, partial)
             )
     tail.replace_all_uses_with(accumulated)
     erase_chain(gm, [head, *mids, tail])

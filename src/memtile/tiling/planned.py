@@ -1,9 +1,11 @@
 """Planned peak of a (tiled) model: capture, in-place writes as the rewrite performs them, plan.
 
 Capture lowers to functional ATen, so FFMT's `out[..., tile] = value` appears as `copy` +
-`slice_scatter`, each a new full-size tensor. The rewritten model writes in place, so those
-tensors share the output buffer's storage (`MemGraph.buffers(shared=...)`); without that the
-planner would charge each tile a second copy of the output.
+`slice_scatter`, each a new full-size tensor, and FDT's `total.add_(partial)` as a new `add`.
+The rewritten model writes in place, so those tensors share the storage they write into
+(`MemGraph.buffers(shared=...)`); without that the planner would charge every tile a second
+copy of the output. Only the rewrite's own writes are merged, so an untiled model's planned
+peak is the one `memtile plan` reports.
 """
 
 from __future__ import annotations
@@ -16,19 +18,26 @@ from torch import nn
 
 from memtile.capture import INPUT, MemGraph, capture
 from memtile.planning import Plan, Problem, solve
+from memtile.tiling.fdt import ACCUMULATE
 
 ALIGNMENT = 64
 
 
 def inplace_writes(g: MemGraph) -> dict[str, str]:
     """Storage -> storage it is written into: `slice_scatter` results and the `copy` feeding them
-    share the scattered-into base when that base dies at the scatter (an in-place slice write)."""
+    share the scattered-into base when that base dies at the scatter (an in-place slice write);
+    an FDT accumulation shares the running total when the total dies there."""
     last_use: dict[str, int] = {}
     for tensor in g.tensors.values():
         if tensor.consumers:
             last_use[tensor.base] = max(last_use.get(tensor.base, -1), *tensor.consumers)
     shared: dict[str, str] = {}
     for op in g.ops:
+        if op.target == "aten.add.Tensor" and op.module_path.endswith(f".{ACCUMULATE}"):
+            total = g.tensors[op.inputs[0]].base
+            if last_use.get(total) == op.index:
+                shared[op.outputs[0]] = total
+            continue
         if op.target != "aten.slice_scatter.default" or len(op.inputs) < 2:
             continue
         base = g.tensors[op.inputs[0]].base
