@@ -1,0 +1,140 @@
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from memtile import zoo
+from memtile.capture import ACTIVATION, INPUT, OUTPUT, MemGraph, OpNode, TensorInfo, capture
+from memtile.inplace import inplace_pairs
+from memtile.schedule import best_order, is_topological, schedule
+
+
+class TwoBranches(nn.Module):
+    """Two expand-then-shrink branches, written so that export starts both before shrinking."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.b1 = nn.Conv2d(4, 32, 1, bias=False), nn.Conv2d(4, 32, 1, bias=False)
+        self.a2, self.b2 = nn.Conv2d(32, 4, 1, bias=False), nn.Conv2d(32, 4, 1, bias=False)
+
+    def forward(self, x):
+        a, b = self.a1(x), self.b1(x)
+        return torch.cat([self.a2(a), self.b2(b)], 1)
+
+
+def test_hand_made_branches_reach_the_known_optimum():
+    # x, a2, b2: 1 KiB each; a1, b1: 8 KiB; the cat: 2 KiB.
+    graph = capture(TwoBranches().eval(), (torch.ones(1, 4, 8, 8),))
+    result = schedule(graph)
+    # exported a1, b1, a2, b2: x + a1 + b1 = 17 KiB. Best: finish one branch first; while the
+    # first shrinks, x is still needed by the other branch: x + a1 + a2 = 10 KiB.
+    assert graph.load() == result.exported_load == 17 * 1024
+    assert result.load == graph.load(result.order) == 10 * 1024
+    assert result.exact
+    assert is_topological(graph, result.order)
+    first = [graph.ops[i].name for i in result.order[:2]]
+    assert first in (["convolution", "convolution_2"], ["convolution_1", "convolution_3"])
+
+
+def test_no_time_keeps_the_exported_order():
+    graph = capture(TwoBranches().eval(), (torch.ones(1, 4, 8, 8),))
+    result = schedule(graph, time_limit=0.0)
+    assert result.order == list(range(graph.num_steps))
+    assert not result.exact
+
+
+# ---- random graphs, checked against every topological order -------------------------------
+
+ELEMENTWISE, OTHER = "aten.relu.default", "aten.convolution.default"
+
+
+def fake_graph(spec: list[tuple[str, list[int], int]], outputs: int = 1) -> MemGraph:
+    """A MemGraph from (kind, input tensor indices, bytes) per op; tensor 0 is the graph input,
+    tensor k the output of op k - 1. Kind "view" makes a view of its first input."""
+    graph = MemGraph.__new__(MemGraph)
+    graph.ops, graph.tensors = [], {}
+    names = ["x"]
+    graph.tensors["x"] = TensorInfo("x", torch.float32, (64,), 256, INPUT, "x")
+    for i, (kind, inputs, nbytes) in enumerate(spec):
+        ins = list(dict.fromkeys(names[k] for k in inputs))
+        if kind == "view":
+            base = graph.tensors[ins[0]].base
+            name, info = f"v{i}.view", graph.tensors[ins[0]]
+            tensor = TensorInfo(name, info.dtype, info.shape, info.nbytes, info.category, base)
+        else:
+            name = f"t{i}"
+            tensor = TensorInfo(name, torch.float32, (nbytes // 4,), nbytes, ACTIVATION, name, i)
+        graph.tensors[name] = tensor
+        for n in ins:
+            graph.tensors[n].consumers.append(i)
+        target = {"view": "aten.view.default", "ew": ELEMENTWISE}.get(kind, OTHER)
+        graph.ops.append(OpNode(i, f"op{i}", target, "", ins, [name], None))
+        names.append(name)
+    for name in names[-outputs:]:
+        graph.tensors[graph.tensors[name].base].category = OUTPUT
+    graph.output_names = names[-outputs:]
+    return graph
+
+
+@st.composite
+def random_specs(draw, max_ops: int = 7):
+    count = draw(st.integers(2, max_ops))
+    spec = []
+    for i in range(count):
+        inputs = draw(st.lists(st.integers(0, i), min_size=1, max_size=2, unique=True))
+        kind = draw(st.sampled_from(["ew", "ew", "other", "other", "view"]))
+        if kind == "ew":  # elementwise: same bytes as its first input, so it can go in place
+            first = inputs[0]
+            nbytes = 256 if first == 0 else spec[first - 1][2]
+        else:
+            nbytes = draw(st.sampled_from([64, 256, 1024, 4096]))
+        spec.append((kind, inputs, nbytes))
+    return spec
+
+
+def topological_orders(graph: MemGraph):
+    for order in itertools.permutations(range(graph.num_steps)):
+        if is_topological(graph, list(order)):
+            yield list(order)
+
+
+def loads(graph: MemGraph, order: list[int], inplace: bool) -> int:
+    return graph.load(order, inplace_pairs(graph, order) if inplace else None)
+
+
+@settings(max_examples=80, deadline=None)
+@given(random_specs(), st.booleans())
+def test_exact_schedule_equals_the_best_of_all_orders(spec, inplace):
+    graph = fake_graph(spec)
+    result = schedule(graph, inplace=inplace)
+    best = min(loads(graph, order, inplace) for order in topological_orders(graph))
+    assert is_topological(graph, result.order)
+    assert result.load == loads(graph, result.order, inplace)
+    assert result.exported_load == loads(graph, list(range(graph.num_steps)), inplace)
+    assert result.exact
+    assert result.load == best
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_specs(max_ops=14), st.booleans(), st.sampled_from([1, 2, 1000]))
+def test_schedule_never_raises_load(spec, inplace, width):
+    graph = fake_graph(spec, outputs=2)
+    result = schedule(graph, inplace=inplace, width=width)
+    assert is_topological(graph, result.order)
+    assert result.load == loads(graph, result.order, inplace)
+    assert result.load <= loads(graph, list(range(graph.num_steps)), inplace)
+
+
+@pytest.mark.parametrize("name", ["googlenet", "squeezenet1_0"])
+def test_branchy_zoo_models_keep_or_lower_load(name):
+    graph = capture(*zoo.get(name))
+    exported = list(range(graph.num_steps))
+    for inplace in (False, True):
+        result = schedule(graph, inplace=inplace)
+        assert is_topological(graph, result.order)
+        assert result.load == loads(graph, result.order, inplace) <= loads(graph, exported, inplace)
+        assert result.exact
+    assert best_order(graph) == schedule(graph).order
