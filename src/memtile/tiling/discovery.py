@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import fx, nn
@@ -96,6 +96,8 @@ class TileReport:
     methods: list[str]
     steps: list[TileStep] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    planned_before: PlannedPeak | None = field(default=None, repr=False, compare=False)
+    planned_after: PlannedPeak | None = field(default=None, repr=False, compare=False)
 
     @property
     def mac_overhead(self) -> float:
@@ -106,7 +108,9 @@ class TileReport:
         return self.budget is None or self.peak_after_bytes <= self.budget
 
     def as_dict(self) -> dict:
-        data = asdict(self)
+        """The JSON-ready fields (the plans themselves stay out)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+        data["steps"] = [asdict(step) for step in self.steps]
         data["mac_overhead"] = self.mac_overhead
         data["budget_met"] = self.budget_met
         return data
@@ -238,7 +242,7 @@ def tile(
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
-        budget, max_mac_overhead, list(methods), steps, rejected,
+        budget, max_mac_overhead, list(methods), steps, rejected, before, now,
     )
     if not report.budget_met:
         raise BudgetNotMetError(
