@@ -1,0 +1,391 @@
+"""`PlannedModule`: a model run from one arena, every planned intermediate at a fixed offset.
+
+Construction captures the model (core ATen), orders its ops (`memtile.schedule` when present),
+finds which outputs may overwrite an input in place (`memtile.inplace` when present), runs the
+graph once on the example inputs to check each op's `out=` kernel (see `outvariants`), plans
+the arena (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call
+then runs each planned op into its view of the arena; unplanned ops (no out= kernel, or one that
+allocates) run as ordinary calls, and their results are freed as soon as their last reader ran.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from operator import getitem
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
+from torch.utils import _pytree as pytree
+
+from memtile.capture import INPUT, OUTPUT, MemGraph, capture
+from memtile.errors import BudgetError, InputShapeError, MemtileError
+from memtile.measure import measure
+from memtile.planning import Plan, Problem, solve
+from memtile.runtime import outvariants
+from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
+from memtile.units import format_bytes
+
+ALIGNMENT = 64
+ON_NEW_SHAPE = ("error", "replan")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Where a planned tensor lives in the arena."""
+
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class ArenaProgram:
+    """One input signature's plan: the graph, the arena layout and the compiled program."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, strategy: str, copy_outputs: bool,
+                 schedule_seconds: float):
+        self.graph = capture(model, inputs)
+        self.device = inputs[0].device if inputs else torch.device("cpu")
+        self.order = _schedule(self.graph, schedule_seconds)
+        self.copy_outputs = copy_outputs
+        self._constants = _constants(self.graph.program)
+        self.unplanned: dict[str, str] = {}  # fx node name -> reason
+        self._strides: dict[str, tuple[int, ...]] = {}  # planned tensor -> eager's strides
+        self.kernel_bytes: dict[str, int] = {}  # fx node name -> bytes its out= kernel allocated
+        variants = self._candidates()
+        self.planned = self._check_kernels(variants, inputs)
+        self.arena_storages = self._arena_storages()
+        self.shared = {
+            out: source for out, source in _inplace(self.graph, self.order).items()
+            if out in self.arena_storages and source in self.arena_storages
+        }
+        self.problem = Problem(
+            [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
+            alignment=ALIGNMENT,
+        )
+        self.plan: Plan = solve(self.problem, strategy)
+        self.views: list[ViewSpec] = []
+        self.program = self._program()
+        self.run = compile_program(self.program)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+    def ops_in_order(self):
+        return [self.graph.ops[i] for i in self.order]
+
+    # ---- which ops are planned -----------------------------------------------------------
+
+    def _candidates(self) -> dict[str, outvariants.OutVariant]:
+        """fx node name -> out= variant, for ops that make new storage and have one."""
+        variants = {}
+        for op in self.graph.ops:
+            node = op.node
+            if op.is_view:
+                continue
+            if any(self.graph.tensors[t].is_view for t in op.outputs):
+                self.unplanned[node.name] = "returns a view of an input"
+                continue
+            variant = (outvariants.find_out_variant(node.target)
+                       if isinstance(node.target, torch._ops.OpOverload) else None)
+            if variant is None:
+                self.unplanned[node.name] = f"{node.target} has no out= overload"
+                continue
+            variants[node.name] = variant
+        return variants
+
+    def _check_kernels(self, variants: dict, inputs: tuple) -> dict[str, outvariants.OutVariant]:
+        """Run the graph once; run each candidate's out= kernel beside the functional op."""
+        identical: dict[int, bool] = {}
+        value_of = self.graph._value_of
+        keys = {name: k for k, name in enumerate(variants)}
+
+        def example_pass():
+            values = self._example_values(inputs)
+            for op in self.ops_in_order():
+                node = op.node
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+                result = node.target(*args, **kwargs)
+                values[node] = result
+                for user in node.users:
+                    if user.target is getitem:
+                        values[user] = result[user.args[1]]
+                if node.name not in variants:
+                    continue
+                refs = result if isinstance(result, (tuple, list)) else (result,)
+                if not all(is_dense(r) for r in refs):
+                    self.unplanned[node.name] = "its output is not dense"
+                    continue
+                self._strides.update(zip(_names(value_of[node]), (r.stride() for r in refs)))
+                outs = tuple(torch.empty_strided(r.shape, r.stride(), dtype=r.dtype,
+                                                 device=r.device) for r in refs)
+                key = keys[node.name]
+                outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
+                identical[key] = all(torch.equal(r, o) for r, o in zip(refs, outs))
+
+        with torch.no_grad():
+            allocated = outvariants.allocated_by_candidates(measure(example_pass))
+        planned = {}
+        for name, variant in variants.items():
+            key = keys[name]
+            if key not in identical:
+                continue
+            self.kernel_bytes[name] = allocated.get(key, 0)
+            reason = outvariants.rejection(variant, self.kernel_bytes[name], identical[key])
+            if reason:
+                self.unplanned[name] = reason
+            else:
+                planned[name] = variant
+        return planned
+
+    def _example_values(self, inputs: tuple) -> dict:
+        values = {}
+        user = iter(inputs)
+        for node in self.graph.program.graph.nodes:
+            if node.op == "placeholder":
+                values[node] = self._constants.get(node.name) if node.name in self._constants \
+                    else next(user)
+        return values
+
+    def _arena_storages(self) -> set[str]:
+        """Storages written by planned ops, less graph outputs that are returned fresh."""
+        storages = set()
+        for op in self.graph.ops:
+            if op.node.name not in self.planned:
+                continue
+            for name in op.outputs:
+                tensor = self.graph.tensors[name]
+                if tensor.nbytes and not (self.copy_outputs and tensor.category == OUTPUT):
+                    storages.add(name)
+        return storages
+
+    # ---- the program ---------------------------------------------------------------------
+
+    def _program(self) -> Program:
+        graph, value_of = self.graph, self.graph._value_of
+        root = {name: _root(name, self.shared) for name in self.arena_storages}
+        index_of: dict[str, int] = {}
+
+        def destination(name: str):
+            tensor = graph.tensors[name]
+            if name not in self.arena_storages:
+                return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
+            if name not in index_of:
+                index_of[name] = len(self.views)
+                self.views.append(ViewSpec(self.plan.offsets[root[name]], tensor.nbytes,
+                                           tensor.shape, self._strides[name], tensor.dtype))
+            return ArenaView(index_of[name])
+
+        def reference(node: fx.Node):
+            return self._constants[node.name] if node.name in self._constants else Var(node.name)
+
+        steps = []
+        for op in self.ops_in_order():
+            node = op.node
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
+            fn = node.target
+            variant = self.planned.get(node.name)
+            if variant is not None:
+                args, kwargs = variant.arguments(args, kwargs)
+                kwargs.update({out: destination(name)
+                               for out, name in zip(variant.out_names, _names(value_of[node]))})
+                fn = variant.overload
+            items = tuple((u.name, u.args[1]) for u in node.users if u.target is getitem)
+            steps.append(Step(fn, args, kwargs, node.name, items, str(node.target)))
+        output = next(n for n in graph.program.graph.nodes if n.op == "output")
+        flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], reference))
+        inputs = tuple(n.name for n in graph.program.graph.nodes
+                       if n.op == "placeholder" and n.name not in self._constants)
+        nodes = {n.name: n for n in graph.program.graph.nodes}
+        clone = frozenset(
+            v.name for v in flat if isinstance(v, Var) and self.copy_outputs
+            and isinstance(name := value_of.get(nodes[v.name]), str)
+            and graph.tensors[graph.tensors[name].base].category == INPUT
+        )
+        return Program(inputs, steps, tuple(flat), clone)
+
+    def allocate_views(self) -> tuple[torch.Tensor, ...]:
+        """A new arena on the graph's device and the planned tensors' views of it."""
+        arena = allocate_arena(self.arena_bytes, self.device)
+        return tuple(
+            arena[v.offset:v.offset + v.nbytes].view(v.dtype).as_strided(v.shape, v.stride)
+            for v in self.views
+        )
+
+
+class PlannedModule(nn.Module):
+    """Runs `model` with every planned intermediate in one preallocated arena per thread.
+
+    `copy_outputs=True` returns outputs in fresh tensors (the out= kernel writes straight into
+    them); with `False` outputs are views of the arena, overwritten by this thread's next call.
+    `on_new_shape="error"` raises InputShapeError for inputs shaped unlike the example;
+    `"replan"` captures and plans the new shape once and caches it beside the first.
+    The model's weights are read at call time, but graph structure is fixed at construction.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
+                 copy_outputs: bool = True, on_new_shape: str = "error",
+                 schedule_seconds: float = 5.0):
+        super().__init__()
+        if on_new_shape not in ON_NEW_SHAPE:
+            raise MemtileError(f"on_new_shape must be one of {ON_NEW_SHAPE}, got {on_new_shape!r}")
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+            else tuple(example_inputs)
+        self.model = model
+        self.strategy, self.copy_outputs, self.on_new_shape = strategy, copy_outputs, on_new_shape
+        self.schedule_seconds = schedule_seconds
+        self._example = _signature(inputs)
+        self._programs = {self._example: self._build(inputs)}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _build(self, inputs: tuple) -> ArenaProgram:
+        with torch.no_grad():
+            return ArenaProgram(self.model, inputs, self.strategy, self.copy_outputs,
+                                self.schedule_seconds)
+
+    @property
+    def main(self) -> ArenaProgram:
+        """The program planned for the example inputs."""
+        return self._programs[self._example]
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.main.arena_bytes
+
+    @property
+    def unplanned_ops(self) -> list[tuple[str, str]]:
+        """(ATen op, reason) for every op that runs outside the arena, each pair once."""
+        ops = {op.node.name: str(op.node.target) for op in self.main.graph.ops}
+        return list(dict.fromkeys((ops[name], why) for name, why in self.main.unplanned.items()))
+
+    @property
+    def source(self) -> str:
+        """The generated Python of the example-shape program."""
+        return self.main.run.source
+
+    def forward(self, *inputs: torch.Tensor):
+        program = self._program_for(inputs)
+        arenas = self._local.__dict__.setdefault("arenas", {})
+        views = arenas.get(id(program))
+        if views is None:
+            views = arenas[id(program)] = program.allocate_views()
+        with torch.no_grad():
+            flat = program.run(inputs, views)
+        return pytree.tree_unflatten(flat, program.graph.program.call_spec.out_spec)
+
+    def _program_for(self, inputs: tuple) -> ArenaProgram:
+        signature = _signature(inputs)
+        program = self._programs.get(signature)
+        if program is not None:
+            return program
+        _check_like(inputs, self._example)
+        if self.on_new_shape == "error":
+            raise InputShapeError(
+                f"inputs of shape {_shapes(signature)} differ from the planned "
+                f"{_shapes(self._example)}; pass on_new_shape='replan' to plan each new shape"
+            )
+        with self._lock:
+            if signature not in self._programs:
+                self._programs[signature] = self._build(inputs)
+            return self._programs[signature]
+
+
+def allocate_arena(nbytes: int, device: torch.device) -> torch.Tensor:
+    """One uint8 tensor of `nbytes`; a clear BudgetError when the device cannot hold it."""
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        raise BudgetError(
+            f"the planned arena needs {format_bytes(nbytes)} but {device} has only "
+            f"{format_bytes(available)} available; use a smaller batch or input"
+        )
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as error:
+        raise BudgetError(
+            f"cannot allocate the {format_bytes(nbytes)} arena on {device}: "
+            f"{str(error).splitlines()[0]}; use a smaller batch or input"
+        ) from error
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give (CPU: MemAvailable; CUDA: free device memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _schedule(graph: MemGraph, seconds: float) -> list[int]:
+    """The op order: `memtile.schedule.best_order` when that module exists, else the export's."""
+    if importlib.util.find_spec("memtile.schedule") is None:
+        return list(range(graph.num_steps))
+    from memtile.schedule import best_order
+
+    return list(best_order(graph, time_limit=seconds))
+
+
+def _inplace(graph: MemGraph, order: list[int]) -> dict[str, str]:
+    """Output storage -> input storage it may overwrite (`memtile.inplace`, when it exists)."""
+    if importlib.util.find_spec("memtile.inplace") is None:
+        return {}
+    from memtile.inplace import inplace_pairs
+
+    return dict(inplace_pairs(graph, order))
+
+
+def _constants(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Placeholder name -> tensor, for parameters, buffers and lifted constants."""
+    found = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.target is None:
+            continue
+        source = program.state_dict if spec.target in program.state_dict else program.constants
+        found[spec.arg.name] = source[spec.target]
+    return found
+
+
+def _signature(inputs: tuple) -> tuple:
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise InputShapeError("PlannedModule takes tensors as positional inputs")
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+
+
+def _check_like(inputs: tuple, example: tuple) -> None:
+    """Dtype, device and count must match the example; only shapes may be replanned."""
+    if len(inputs) != len(example):
+        raise InputShapeError(f"expected {len(example)} input tensors, got {len(inputs)}")
+    for i, (tensor, (_, dtype, device)) in enumerate(zip(inputs, example)):
+        if tensor.dtype != dtype or tensor.device != device:
+            raise InputShapeError(
+                f"input {i} is {tensor.dtype} on {tensor.device}, but the model was planned "
+                f"for {dtype} on {device}; convert it with .to({dtype}, {str(device)!r})"
+            )
+
+
+def _shapes(signature: tuple) -> str:
+    return ", ".join(str(shape) for shape, _, _ in signature)
+
+
+def _names(value) -> tuple:
+    """The tensor names of an op's outputs, in order (capture keeps a tuple for several)."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _root(name: str, shared: dict[str, str]) -> str:
+    while name in shared:
+        name = shared[name]
+    return name
+
+

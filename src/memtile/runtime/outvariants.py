@@ -1,0 +1,101 @@
+"""Which ATen ops can write into a given buffer: the functional op -> `out=` overload table.
+
+An op is *planned* when it has an `out=` overload that computes straight into the tensor it is
+given. The overload is found from the schema (same arguments, plus kwarg-only mutable `out`
+tensors), or from `SUBSTITUTES` where another op computes the same values with the same kernel
+(`relu` is `clamp_min(x, 0)` on CPU). Many `out=` overloads are generated wrappers that run the
+functional op and copy the result (convolution, batch norm): those would allocate a temporary at
+every call, so the executor runs every candidate once under the allocator profiler and rejects
+any that allocates, or whose result is not bit-identical to the functional op's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from memtile.measure import Measurement
+
+aten = torch.ops.aten
+CHECK_MARK = "memtile.outcheck::"
+
+
+@dataclass(frozen=True)
+class OutVariant:
+    """How to run one functional op into given tensors: `overload(*args, **kwargs, **outs)`."""
+
+    overload: torch._ops.OpOverload
+    out_names: tuple[str, ...]  # the overload's out= keyword names, one per output
+    rewrite: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # functional args -> its args
+
+    def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return self.rewrite(args, kwargs) if self.rewrite else (args, dict(kwargs))
+
+
+# functional op -> (out overload, rewrite of the functional op's arguments); each is checked
+# bit-exact against the functional op on the example inputs before it is used.
+SUBSTITUTES: dict[str, tuple[torch._ops.OpOverload, Callable]] = {
+    "aten.relu.default": (aten.clamp_min.out, lambda args, kwargs: ((args[0], 0), {})),
+}
+
+
+def out_names(overload: torch._ops.OpOverload) -> tuple[str, ...]:
+    """The kwarg-only arguments an overload writes into (its `out=` tensors), in order."""
+    return tuple(
+        a.name for a in overload._schema.arguments
+        if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+    )
+
+
+def find_out_variant(overload: torch._ops.OpOverload) -> OutVariant | None:
+    """The out= overload of a functional op, or None when ATen has none."""
+    name = str(overload)
+    if name in SUBSTITUTES:
+        target, rewrite = SUBSTITUTES[name]
+        return OutVariant(target, out_names(target), rewrite)
+    schema = overload._schema
+    if any(a.alias_info is not None for a in schema.arguments):
+        return None  # in-place or view op: nothing to plan
+    signature = [(a.name, str(a.type)) for a in schema.arguments]
+    packet = overload.overloadpacket
+    for overload_name in packet.overloads():
+        candidate = getattr(packet, overload_name)
+        outs = out_names(candidate)
+        if len(outs) != len(schema.returns):
+            continue
+        inputs = [(a.name, str(a.type)) for a in candidate._schema.arguments if a.name not in outs]
+        if inputs == signature:
+            return OutVariant(candidate, outs)
+    return None
+
+
+def run_candidate(key: int, variant: OutVariant, args: tuple, kwargs: dict, outs: tuple) -> None:
+    """Run one candidate into `outs` under its own profiler range, so `allocated_by_candidates`
+    can tell its allocations apart (all candidates share one profiler session: one session
+    per op would cost seconds on big graphs)."""
+    args, kwargs = variant.arguments(args, kwargs)
+    kwargs.update(zip(variant.out_names, outs))
+    with torch.profiler.record_function(f"{CHECK_MARK}{key}"):
+        variant.overload(*args, **kwargs)
+
+
+def allocated_by_candidates(measurement: Measurement) -> dict[int, int]:
+    """Candidate key -> bytes its out= call allocated, from a `measure` around the candidates."""
+    allocated: dict[int, int] = {}
+    for allocation in measurement.allocations:
+        if allocation.op.startswith(CHECK_MARK):
+            key = int(allocation.op.removeprefix(CHECK_MARK))
+            allocated[key] = allocated.get(key, 0) + allocation.size
+    return allocated
+
+
+def rejection(variant: OutVariant, allocated: int, identical: bool) -> str | None:
+    """Why a candidate cannot be planned, or None when it computes straight into its outs."""
+    name = str(variant.overload)
+    if allocated:
+        return f"{name} allocates at every call (it computes into a temporary and copies)"
+    if not identical:
+        return f"{name} does not give bit-identical results to the functional op"
+    return None
