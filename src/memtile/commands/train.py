@@ -1,0 +1,251 @@
+"""`memtile train MODEL`: ordinary vs row-centric SGD steps, same seed: peaks, times, gradients."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from memtile.commands.common import add_model_arguments, check_batch, console, print_json
+from memtile.errors import MemtileError, UnsupportedOpError
+from memtile.units import format_bytes, parse_bytes
+
+HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
+        "gradient error against ordinary training")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--resolution", type=int, default=None, metavar="R",
+                        help="square input R x R (overrides H,W of --input-shape)")
+    parser.add_argument("--rows", default="4", metavar="N|auto",
+                        help="row bands of the trunk output, or 'auto' with --budget (default 4)")
+    parser.add_argument("--forward-rows", type=int, default=None, help="bands for forward only")
+    parser.add_argument("--backward-rows", type=int, default=None, help="bands for backward only")
+    parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
+                        help="bytes one trunk training step may allocate (with --rows auto)")
+    parser.add_argument("--strategy", choices=("overl", "2ps"), default="overl")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="also checkpoint segments inside each band")
+    parser.add_argument("--bn", choices=("frozen", "error"), default="frozen",
+                        help="BatchNorm: frozen running statistics on both sides (default), or "
+                             "refuse models that have it")
+    parser.add_argument("--steps", type=int, default=1, help="timed SGD steps per side")
+    parser.add_argument("--no-f64-check", action="store_true",
+                        help="skip the float64 reference gradients (saves time and memory)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def freeze_norms(model: nn.Module) -> list[str]:
+    """Put BatchNorm and Dropout layers in eval mode; return what was frozen, for the report."""
+    frozen = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Dropout2d):
+            m.eval()
+            frozen.append(type(m).__name__)
+    return sorted(set(frozen))
+
+
+def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if out.dim() == 2:
+        target = torch.randint(0, out.shape[1], (out.shape[0],), generator=gen)
+        return nn.functional.cross_entropy(out, target)
+    return (out - torch.randn(out.shape, generator=gen)).square().mean()
+
+
+class Side:
+    """One model and its SGD optimizer, stepped on the same data as its peer.
+
+    `params` lists the parameters in the original model's order (wrapping reorders them).
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        self.model, self.params = model, params
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+
+    def step(self, x: torch.Tensor, seed: int) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = _loss(self.model(x), seed)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def timed_step(self, x: torch.Tensor, seed: int) -> None:
+        start = time.perf_counter()
+        self.losses.append(self.step(x, seed))
+        self.seconds.append(time.perf_counter() - start)
+
+    def measured_step(self, x: torch.Tensor, seed: int):
+        from memtile.measure import measure
+
+        return measure(self.step, x, seed, model=self.model, optimizer=self.opt)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
+
+
+def grad_error(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """Max over parameters of max|a - b| / max|b| (0 where both are missing)."""
+    worst = 0.0
+    for ga, gb in zip(a, b):
+        if ga is None or gb is None:
+            if (ga is None) != (gb is None):
+                return float("inf")
+            continue
+        worst = max(worst, ((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def float64_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
+    """First-step gradients of ordinary training in float64: the reference both sides face."""
+    ref = copy.deepcopy(model).double().train()
+    freeze_norms(ref)
+    _loss(ref(x.double()), seed=0).backward()
+    return [p.grad for p in ref.parameters()]
+
+
+def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool = True,
+            **row_kwargs) -> dict:
+    """Ordinary vs row-centric training of copies of `model`, same data and seeds.
+
+    Both sides run with BatchNorm frozen (running statistics) and dropout off, like for like.
+    Steps are timed without instrumentation; one more step per side is measured for the peak.
+    Gradients are compared on the first step, the one where both start from the same weights;
+    later steps are compared by their losses. With `f64_check` both sides' first-step gradients
+    are also compared with ordinary training in float64 (float32 kernels can differ from it by
+    more than the two sides differ from each other).
+    """
+    from memtile.rows import wrap
+
+    base = copy.deepcopy(model).train()
+    frozen = freeze_norms(base)
+    row_copy = copy.deepcopy(model).train()
+    row_params = list(row_copy.parameters())
+    row_model = wrap(row_copy, **row_kwargs)
+    freeze_norms(row_model.head)
+    row_model.trunk.engine(x)  # trace, plan (and in budget mode choose + verify) before timing
+    base_side, row_side = Side(base, list(base.parameters())), Side(row_model, row_params)
+    checks: dict[str, float | None] = {"grad_max_rel_error_f64_baseline": None,
+                                       "grad_max_rel_error_f64_row": None}
+    for k in range(steps):
+        base_side.timed_step(x, seed=k)
+        row_side.timed_step(x, seed=k)
+        if k == 0:  # the only step where both sides start from bit-identical weights
+            worst = grad_error(row_side.grads(), base_side.grads())
+            if f64_check:
+                ref = float64_grads(model, x)
+                checks = {"grad_max_rel_error_f64_baseline": grad_error(base_side.grads(), ref),
+                          "grad_max_rel_error_f64_row": grad_error(row_side.grads(), ref)}
+                del ref
+    base_m = base_side.measured_step(x, seed=steps)
+    row_m = row_side.measured_step(x, seed=steps)
+    trunk = row_model.trunk
+    fwd, bwd = trunk.band_counts()
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-30)
+                    for a, b in zip(row_side.losses, base_side.losses))
+    return {
+        "model": type(model).__name__,
+        "batch": x.shape[0],
+        "input_shape": list(x.shape[1:]),
+        "strategy": trunk.strategy,
+        "forward_rows": fwd,
+        "backward_rows": bwd,
+        "checkpoint": trunk.checkpoint,
+        "trunk_output_shape": list(trunk.graph.output_size(tuple(x.shape[-2:]))),
+        "baseline_peak_bytes": base_m.peak_bytes,
+        "row_peak_bytes": row_m.peak_bytes,
+        "baseline_activation_bytes": base_m.breakdown.get("activations"),
+        "row_activation_bytes": row_m.breakdown.get("activations"),
+        "parameter_bytes": base_m.parameter_bytes,
+        "baseline_step_s": statistics.median(base_side.seconds),
+        "row_step_s": statistics.median(row_side.seconds),
+        "grad_max_rel_error": worst,
+        **checks,
+        "loss_baseline": base_side.losses,
+        "loss_row": row_side.losses,
+        "loss_max_rel_diff": loss_diff,
+        "frozen_layers": frozen,
+        "budget_bytes": trunk.budget,
+        "budget_measured_trunk_bytes": trunk.choice.measured_bytes if trunk.choice else None,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from memtile import zoo
+
+    check_batch(args.batch)
+    if args.steps < 1:
+        raise MemtileError(f"--steps must be at least 1, got {args.steps}")
+    rows = _parse_rows(args.rows, args.budget)
+    shape = args.input_shape
+    if args.resolution is not None:
+        shape = (shape[0] if shape else 3, args.resolution, args.resolution)
+    model, inputs = zoo.get(args.model, batch=args.batch, input_shape=shape)
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and args.bn == "error":
+        raise UnsupportedOpError(
+            f"{args.model} has BatchNorm layers (first: {norms[0]}), which cannot be split into "
+            "row bands in training mode; run with --bn frozen to train with running statistics"
+        )
+    result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
+                     rows=rows, strategy=args.strategy,
+                     forward_rows=args.forward_rows, backward_rows=args.backward_rows,
+                     checkpoint=args.checkpoint, bn="frozen", budget=args.budget)
+    result["model"] = args.model
+    result["bn"] = "frozen" if norms else "none"
+    if args.json:
+        print_json(result)
+    else:
+        _print_table(result)
+    return 0
+
+
+def _parse_rows(text: str, budget: int | None) -> int | str:
+    if text == "auto":
+        if budget is None:
+            raise MemtileError("--rows auto needs --budget BYTES (e.g. --budget 2GiB)")
+        return "auto"
+    try:
+        rows = int(text)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise MemtileError(f"--rows {text!r}: give a positive number of bands or 'auto'")
+    return rows
+
+
+def _print_table(r: dict) -> None:
+    table = Table(title=f"memtile train {r['model']}: batch {r['batch']}, input "
+                        f"{'x'.join(map(str, r['input_shape']))}, {len(r['loss_row'])} step(s)")
+    table.add_column("")
+    table.add_column("ordinary", justify="right")
+    table.add_column(f"row-centric ({r['strategy']})", justify="right")
+    table.add_column("ratio", justify="right")
+    for label, a, b, fmt in [
+        ("measured peak", r["baseline_peak_bytes"], r["row_peak_bytes"], format_bytes),
+        ("activations at peak", r["baseline_activation_bytes"], r["row_activation_bytes"],
+         format_bytes),
+        ("step time (median)", r["baseline_step_s"], r["row_step_s"], lambda s: f"{s:.3f} s"),
+    ]:
+        ratio = f"{b / a:.2f}x" if a else "-"
+        table.add_row(label, fmt(a), fmt(b), ratio)
+    console.print(table)
+    console.print(f"bands: {r['forward_rows']} forward / {r['backward_rows']} backward of "
+                  f"{r['trunk_output_shape'][0]} trunk output rows; max relative gradient error "
+                  f"{r['grad_max_rel_error']:.2e}; loss curves differ by at most "
+                  f"{r['loss_max_rel_diff']:.2e} (relative)")
+    if r["grad_max_rel_error_f64_row"] is not None:
+        console.print(f"against float64 ordinary training: ordinary float32 "
+                      f"{r['grad_max_rel_error_f64_baseline']:.2e}, row-centric "
+                      f"{r['grad_max_rel_error_f64_row']:.2e}")
+    if r["frozen_layers"]:
+        console.print(f"both sides ran with {', '.join(r['frozen_layers'])} in eval mode "
+                      "(frozen BatchNorm statistics, no dropout), like for like")
