@@ -9,6 +9,7 @@ to cross-check it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -171,7 +172,7 @@ class _Emitter:
             return f"({''.join(self.expression(a) + ', ' for a in arg)})"
         if arg is None or isinstance(arg, (bool, int, str)):
             return repr(arg)
-        if isinstance(arg, float) and arg == arg and abs(arg) != float("inf"):
+        if isinstance(arg, float) and math.isfinite(arg):
             return repr(arg)
         return self.constant(arg)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from operator import getitem
 from dataclasses import dataclass
+from operator import getitem
 
 import torch
 from torch import fx, nn
@@ -333,7 +333,7 @@ def _schedule(graph: MemGraph, seconds: float) -> list[int]:
         return list(range(graph.num_steps))
     from memtile.schedule import best_order
 
-    return list(best_order(graph, time_limit=seconds))
+    return list(best_order(graph, time_limit=seconds, inplace=True))
 
 
 def _inplace(graph: MemGraph, order: list[int]) -> dict[str, str]:

@@ -95,7 +95,8 @@ def rejection(variant: OutVariant, allocated: int, identical: bool) -> str | Non
     """Why a candidate cannot be planned, or None when it computes straight into its outs."""
     name = str(variant.overload)
     if allocated:
-        return f"{name} allocates at every call (it computes into a temporary and copies)"
+        return (f"{name} allocates at every call (a temporary result it copies into out=, "
+                "or scratch; bytes per op in ArenaProgram.kernel_bytes)")
     if not identical:
         return f"{name} does not give bit-identical results to the functional op"
     return None

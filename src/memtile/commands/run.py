@@ -1,0 +1,207 @@
+"""`memtile run MODEL`: eager and planned side by side: latency, measured peak, outputs compared.
+
+`--threads T` runs T serving threads at once, each calling the model back to back with one
+intra-op thread (the MemoMalloc setting: allocator contention shows between requests, not inside
+one). `--allocator NAME` re-runs the command with a general-purpose allocator preloaded
+(`LD_PRELOAD`), so eager can be compared against jemalloc, tcmalloc or mimalloc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from memtile.commands.common import add_model_arguments, console, load_model, print_json
+from memtile.errors import MemtileError
+from memtile.units import format_bytes
+
+HELP = "run a model eagerly and from its planned arena: latency, measured peak, output difference"
+
+# name -> (Debian package, shared library file name); glibc is the default, nothing preloaded
+ALLOCATORS = {
+    "glibc": None,
+    "jemalloc": ("libjemalloc2", "libjemalloc.so.2"),
+    "tcmalloc": ("libtcmalloc-minimal4", "libtcmalloc_minimal.so.4"),
+    "mimalloc": ("libmimalloc2.0", "libmimalloc.so.2"),
+}
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
+ACTIVE = "MEMTILE_ALLOCATOR"  # set in the re-executed child, so it does not re-execute again
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="serving threads calling the model at once (default 1)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per thread (default 20)")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc",
+                        help="general-purpose allocator to preload (default glibc: none)")
+    parser.add_argument("--strategy", default="best", help="planning strategy (default best)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1 or args.iters < 1:
+        raise MemtileError("--threads and --iters must be at least 1")
+    if args.allocator != "glibc" and os.environ.get(ACTIVE) != args.allocator:
+        return _rerun_with(args)
+    model, inputs = load_model(args)
+    summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
+               "allocator": args.allocator,
+               **compare(model, inputs, args.threads, args.iters, args.strategy)}
+    if args.json:
+        print_json(summary)
+    else:
+        console.print(table(summary))
+    return 0
+
+
+def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int = 20,
+            strategy: str = "best") -> dict:
+    """Eager vs planned on the same inputs: median/p95 ms per call, measured peaks, max |diff|.
+
+    The planned peak is the arena plus what a warm planned call allocates (unplanned ops and
+    fresh outputs); the eager peak is what one eager call allocates.
+    """
+    from memtile.measure import measure
+    from memtile.runtime import PlannedModule
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.perf_counter()
+        planned = PlannedModule(model, inputs, strategy=strategy)
+        build_seconds = time.perf_counter() - started
+        with torch.no_grad():
+            expected = model(*inputs)
+            eager_peak = measure(model, *inputs).peak_bytes
+        got = planned(*inputs)  # allocates this thread's arena
+        call_peak = measure(planned, *inputs).peak_bytes
+        eager_ms = _latencies(model, inputs, threads, iters)
+        planned_ms = _latencies(planned, inputs, threads, iters)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "threads": threads,
+        "iters": iters,
+        "eager_ms": statistics.median(eager_ms),
+        "planned_ms": statistics.median(planned_ms),
+        "eager_p95_ms": _p95(eager_ms),
+        "planned_p95_ms": _p95(planned_ms),
+        "arena_bytes": planned.arena_bytes,
+        "eager_peak_bytes": eager_peak,
+        "planned_peak_bytes": planned.arena_bytes + call_peak,
+        "max_abs_diff": float((expected - got).abs().max()),
+        "planned_ops": len(planned.main.planned),
+        "unplanned_ops": [{"op": op, "reason": reason} for op, reason in planned.unplanned_ops],
+        "build_seconds": build_seconds,
+    }
+
+
+def _latencies(fn, inputs: tuple, threads: int, iters: int) -> list[float]:
+    """Milliseconds per call, from `threads` threads each making `iters` calls after 2 warm-ups."""
+    times: list[list[float]] = [[] for _ in range(threads)]
+    barrier = threading.Barrier(threads)
+
+    def serve(slot: int) -> None:
+        with torch.no_grad():
+            for _ in range(2):
+                fn(*inputs)
+            barrier.wait()
+            for _ in range(iters):
+                began = time.perf_counter()
+                fn(*inputs)
+                times[slot].append((time.perf_counter() - began) * 1e3)
+
+    workers = [threading.Thread(target=serve, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [t for slot in times for t in slot]
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def allocator_library(name: str) -> str | None:
+    """The shared library to preload for an allocator; a MemtileError says how to install it."""
+    if ALLOCATORS[name] is None:
+        return None
+    package, library = ALLOCATORS[name]
+    for folder in LIBRARY_DIRS:
+        found = sorted(glob.glob(os.path.join(folder, library + "*")))
+        if found:
+            return found[0]
+    raise MemtileError(
+        f"{name} is not installed ({library} not found in {', '.join(LIBRARY_DIRS)}); "
+        f"install it with: apt-get install {package}"
+    )
+
+
+def _rerun_with(args: argparse.Namespace) -> int:
+    """Run this same command again in a child process with the allocator preloaded."""
+    library = allocator_library(args.allocator)
+    env = dict(os.environ, **{ACTIVE: args.allocator})
+    env["LD_PRELOAD"] = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+    argv = [sys.executable, "-m", "memtile.cli", "run", args.model, "--batch", str(args.batch),
+            "--threads", str(args.threads), "--iters", str(args.iters), "--allocator",
+            args.allocator, "--strategy", args.strategy]
+    if args.input_shape:
+        argv += ["--input-shape", ",".join(map(str, args.input_shape))]
+    if args.json:
+        argv.append("--json")
+    return subprocess.run(argv, env=env, check=False).returncode
+
+
+def table(summary: dict) -> Table:
+    grid = Table(title=f"memtile run: {summary['model']} (batch {summary['batch']}, "
+                       f"{summary['threads']} thread(s), allocator {summary['allocator']})")
+    for column in ("", "eager", "planned"):
+        grid.add_column(column)
+    grid.add_row("median ms per call", f"{summary['eager_ms']:.2f}", f"{summary['planned_ms']:.2f}")
+    grid.add_row("p95 ms per call", f"{summary['eager_p95_ms']:.2f}",
+                 f"{summary['planned_p95_ms']:.2f}")
+    grid.add_row("measured peak", format_bytes(summary["eager_peak_bytes"]),
+                 format_bytes(summary["planned_peak_bytes"]))
+    grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
+    grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g}")
+    for entry in summary["unplanned_ops"]:
+        grid.add_row(f"unplanned: {entry['op']}", "", entry["reason"])
+    return grid
+
+
+def report_section(name: str, model, inputs, out: Path) -> str:
+    """Markdown for `memtile report`: eager vs planned latency and measured peak."""
+    s = compare(model, inputs, threads=1, iters=10)
+    unplanned = "\n".join(f"- `{e['op']}`: {e['reason']}" for e in s["unplanned_ops"]) or "- none"
+    return f"""## Run: the planned executor
+
+`PlannedModule` runs `{name}` with every planned op writing into its offset of one
+{format_bytes(s['arena_bytes'])} arena (planned), built in {s['build_seconds']:.1f} s.
+Median of {s['iters']} calls, one thread; peaks measured at the allocator (the planned peak
+includes the arena).
+
+| | eager | planned |
+|---|---|---|
+| median ms per call | {s['eager_ms']:.2f} | {s['planned_ms']:.2f} |
+| p95 ms per call | {s['eager_p95_ms']:.2f} | {s['planned_p95_ms']:.2f} |
+| measured peak | {format_bytes(s['eager_peak_bytes'])} | {format_bytes(s['planned_peak_bytes'])} |
+
+Outputs differ by at most {s['max_abs_diff']:.3g} (0 means bit-exact). {s['planned_ops']} ops run
+from the arena; these run outside it, because ATen has no out= kernel for them that writes
+straight into a given buffer (measured when the module was built):
+
+{unplanned}
+"""
