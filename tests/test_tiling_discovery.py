@@ -1,0 +1,155 @@
+"""Discovery: tile() lowers the planned peak (never raises it), keeps outputs, honours budgets."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from memtile import zoo
+from memtile.errors import ExportError, MemtileError, UnsupportedOpError
+from memtile.measure import measure
+from memtile.tiling import BudgetNotMetError, tile
+from memtile.tiling.check import compare, equivalent
+from memtile.tiling.macs import count_macs
+from memtile.tiling.planned import planned_peak
+
+
+def mlp(widths=(100, 1000, 10)) -> nn.Module:
+    layers = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_fdt_discovery_halves_the_dense_widening_mlp_with_no_extra_macs():
+    model, x = mlp(), torch.randn(1, 100)
+    tiled, report = tile(model, x, methods=("fdt",))
+    assert report.peak_after_bytes <= report.peak_before_bytes / 2
+    assert report.macs_after == report.macs_before == count_macs(tiled, [x])
+    assert [step.method for step in report.steps] == ["fdt"] * len(report.steps)
+    assert planned_peak(tiled, [x]).arena_bytes == report.peak_after_bytes
+    error, scale = compare(model, tiled, [x])
+    assert equivalent(error, scale) and report.max_abs_error == error
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    widths=st.lists(st.sampled_from([4, 16, 64, 256]), min_size=2, max_size=4),
+    residual=st.booleans(), size=st.sampled_from([8, 16]),
+)
+def test_discovery_never_returns_a_higher_planned_peak(widths, residual, size):
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Conv2d(channels, 3, 1)
+
+        def forward(self, x):
+            y = self.head(self.body(x))
+            return y + x if residual else y
+
+    model, x = Net().eval(), torch.randn(1, 3, size, size)
+    tiled, report = tile(model, x, max_mac_overhead=0.5)
+    before = planned_peak(model, [x]).arena_bytes
+    assert report.peak_before_bytes == before
+    assert report.peak_after_bytes <= before
+    assert planned_peak(tiled, [x]).arena_bytes == report.peak_after_bytes
+    assert report.macs_after <= report.macs_before * 1.5
+    error, scale = compare(model, tiled, [x])
+    assert equivalent(error, scale)
+    peaks = [report.peak_before_bytes] + [step.peak_bytes for step in report.steps]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+
+
+def test_nothing_to_tile_returns_the_same_peak_and_no_steps():
+    model, x = mlp((640, 128, 128, 8)), torch.randn(1, 640)
+    tiled, report = tile(model, x)
+    assert report.steps == [] and report.peak_after_bytes == report.peak_before_bytes
+    assert equivalent(*compare(model, tiled, [x]))
+
+
+def test_an_unreachable_budget_raises_with_the_best_found():
+    model, x = mlp(), torch.randn(1, 100)
+    with pytest.raises(BudgetNotMetError, match="budget of 64 B") as caught:
+        tile(model, x, budget=64, methods=("fdt",))
+    report = caught.value.report
+    assert not report.budget_met and report.steps
+    assert report.peak_after_bytes < report.peak_before_bytes
+    assert planned_peak(caught.value.model, [x]).arena_bytes == report.peak_after_bytes
+
+
+def test_a_met_budget_stops_the_search_early():
+    model, x = mlp(), torch.randn(1, 100)
+    _, full = tile(model, x, methods=("fdt",))
+    budget = full.steps[0].peak_bytes
+    _, report = tile(model, x, budget=budget, methods=("fdt",))
+    assert report.budget_met and len(report.steps) == 1 and report.peak_after_bytes <= budget
+
+
+def test_resnet8_ffmt_lowers_planned_and_measured_peak():
+    model, inputs = zoo.get("resnet8_cifar", batch=1)
+    tiled, report = tile(model, inputs, max_mac_overhead=0.1)
+    assert report.peak_after_bytes < report.peak_before_bytes
+    assert report.mac_overhead <= 0.1
+    assert count_macs(tiled, inputs) - count_macs(model, inputs) <= 0.1 * report.macs_before
+    assert equivalent(report.max_abs_error, report.output_scale)
+    with torch.no_grad():
+        assert measure(tiled, *inputs).peak_bytes < measure(model, *inputs).peak_bytes
+
+
+@torch.fx.wrap
+def _data_dependent(x):
+    return x * 2 if x.sum() > 0 else x
+
+
+class ExportFails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return _data_dependent(self.conv(x))
+
+
+class TraceFails(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_models_that_cannot_be_exported_or_traced_raise_memtile_errors():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ExportError, match="torch.export"):
+        tile(ExportFails().eval(), x)
+    with pytest.raises(UnsupportedOpError, match="control flow"):
+        tile(TraceFails().eval(), x)
+    with pytest.raises(MemtileError, match="unknown tiling method"):
+        tile(mlp(), torch.randn(1, 100), methods=("magic",))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1_025_vww", "mobilenet_v2_035_144"])
+def test_zoo_models_tile_equivalently_and_lower_the_peak(name):
+    model, inputs = zoo.get(name, batch=1)
+    tiled, report = tile(model, inputs)
+    assert report.peak_after_bytes < report.peak_before_bytes
+    assert report.mac_overhead <= 0.1
+    assert equivalent(*compare(model, tiled, inputs))
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_224_meets_the_mcunetv2_style_targets():
+    """>= 8x lower planned peak without the input buffer, >= 4x with it, <= 15% extra MACs."""
+    model, inputs = zoo.get("mobilenet_v2", batch=1)
+    tiled, report = tile(model, inputs, max_mac_overhead=0.15)
+    assert report.peak_before_without_input_bytes >= 8 * report.peak_after_without_input_bytes
+    assert report.peak_before_bytes >= 4 * report.peak_after_bytes
+    assert report.mac_overhead <= 0.15
+    assert equivalent(*compare(model, tiled, inputs))
