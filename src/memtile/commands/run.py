@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         return _rerun_with(args)
     model, inputs = load_model(args)
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
-               "allocator": args.allocator,
+               "allocator": args.allocator, "allocator_loaded": allocator_loaded(args.allocator),
                **compare(model, inputs, args.threads, args.iters, args.strategy)}
     if args.json:
         print_json(summary)
@@ -135,19 +135,37 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def allocator_library(name: str) -> str | None:
-    """The shared library to preload for an allocator; a MemtileError says how to install it."""
+def allocator_library_or_none(name: str) -> str | None:
+    """The installed shared library of an allocator, or None (glibc, or not installed)."""
     if ALLOCATORS[name] is None:
         return None
-    package, library = ALLOCATORS[name]
     for folder in LIBRARY_DIRS:
-        found = sorted(glob.glob(os.path.join(folder, library + "*")))
+        found = sorted(glob.glob(os.path.join(folder, ALLOCATORS[name][1] + "*")))
         if found:
             return found[0]
+    return None
+
+
+def allocator_library(name: str) -> str | None:
+    """The shared library to preload for an allocator; a MemtileError says how to install it."""
+    library = allocator_library_or_none(name)
+    if library is not None or ALLOCATORS[name] is None:
+        return library
+    package, library = ALLOCATORS[name]
     raise MemtileError(
         f"{name} is not installed ({library} not found in {', '.join(LIBRARY_DIRS)}); "
         f"install it with: apt-get install {package}"
     )
+
+
+def allocator_loaded(name: str) -> bool:
+    """Whether this process really runs with the allocator (its library is mapped)."""
+    if ALLOCATORS[name] is None:
+        return True
+    try:
+        return ALLOCATORS[name][1] in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
 
 
 def _rerun_with(args: argparse.Namespace) -> int:

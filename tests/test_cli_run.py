@@ -1,0 +1,58 @@
+"""`memtile run`: JSON keys and values, allocator preloading, report section, bad arguments."""
+
+import json
+
+import pytest
+
+from memtile import zoo
+from memtile.cli import main
+from memtile.commands import run as run_command
+
+KEYS = {"eager_ms", "planned_ms", "eager_p95_ms", "planned_p95_ms", "arena_bytes",
+        "eager_peak_bytes", "planned_peak_bytes", "max_abs_diff", "unplanned_ops"}
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(["run", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_compares_eager_and_planned(capsys):
+    summary = run_json(capsys, "resnet8_cifar", "--iters", "3", "--threads", "2")
+    assert KEYS <= summary.keys()
+    assert summary["max_abs_diff"] == 0.0  # planned ops run the same kernels as eager
+    assert summary["threads"] == 2 and summary["allocator"] == "glibc"
+    assert summary["planned_peak_bytes"] >= summary["arena_bytes"] > 0
+    assert summary["eager_p95_ms"] >= summary["eager_ms"] > 0
+    assert summary["planned_p95_ms"] >= summary["planned_ms"] > 0
+    ops = {entry["op"] for entry in summary["unplanned_ops"]}
+    assert "aten.convolution.default" in ops and "aten.relu.default" not in ops
+
+
+@pytest.mark.skipif(not any(run_command.allocator_library_or_none(n) for n in ("jemalloc",)),
+                    reason="libjemalloc2 is not installed")
+def test_allocator_is_preloaded_in_a_child(capfd):
+    assert main(["run", "ds_cnn_kws", "--iters", "2", "--allocator", "jemalloc", "--json"]) == 0
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["allocator"] == "jemalloc" and summary["allocator_loaded"] is True
+    assert summary["max_abs_diff"] == 0.0
+
+
+def test_missing_allocator_says_how_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(run_command, "LIBRARY_DIRS", (str(tmp_path),))
+    monkeypatch.delenv(run_command.ACTIVE, raising=False)
+    assert main(["run", "ds_cnn_kws", "--allocator", "tcmalloc"]) == 2
+    assert "apt-get install libtcmalloc-minimal4" in capsys.readouterr().err
+
+
+def test_bad_thread_count_is_an_error(capsys):
+    assert main(["run", "ds_cnn_kws", "--threads", "0"]) == 2
+    assert "--threads and --iters must be at least 1" in capsys.readouterr().err
+
+
+def test_report_section_has_the_comparison(tmp_path):
+    model, inputs = zoo.get("resnet8_cifar")
+    text = run_command.report_section("resnet8_cifar", model, inputs, tmp_path)
+    assert "| median ms per call |" in text and "| measured peak |" in text
+    assert "Outputs differ by at most 0 " in text
+    assert "`aten.convolution.default`" in text
