@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
+from memtile import zoo
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.check import compare, equivalent
 from memtile.tiling.fdt import apply_fdt, fdt_path, fdt_paths_through
@@ -169,3 +170,23 @@ def test_fdt_refuses_training_mode_batchnorm():
     gm = traced(model, torch.randn(2, 3, 4, 4))
     with pytest.raises(UnsupportedOpError, match="training mode"):
         fdt_path(gm, "_0")
+
+
+def test_fdt_on_every_path_of_mobilenet_v2_035():
+    model, inputs = zoo.get("mobilenet_v2_035_144", batch=1)
+    gm = propagate_shapes(fx.symbolic_trace(model), inputs)
+    paths, used = [], set()
+    for node in gm.graph.nodes:
+        try:
+            path = fdt_path(gm, node.name)
+        except UnsupportedOpError:
+            continue
+        if used.isdisjoint(path.nodes):  # a tail cannot also head the next path
+            paths.append(path)
+            used.update(path.nodes)
+    assert len(paths) >= 16  # one per inverted-residual block
+    tiled = gm
+    for path in paths:
+        tiled = apply_fdt(tiled, path, 4)
+    assert equivalent(*compare(model, tiled, inputs))
+    assert count_macs(tiled, inputs) == count_macs(model, inputs)

@@ -6,6 +6,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
+from memtile import zoo
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.check import compare, equivalent
 from memtile.tiling.ffmt import apply_ffmt, cuts, span
@@ -129,3 +130,14 @@ def test_ffmt_refuses_spans_with_a_second_input():
     broken = type(path)("_1_body_0", path.nodes[1:])
     with pytest.raises(UnsupportedOpError, match="single input"):
         apply_ffmt(gm, broken, (2, 1))
+
+
+@pytest.mark.parametrize("grid", [(3, 1), (3, 3)])
+def test_ffmt_on_the_stem_of_mobilenet_v1_vww(grid):
+    model, inputs = zoo.get("mobilenet_v1_025_vww", batch=1)
+    gm = propagate_shapes(fx.symbolic_trace(model), inputs)
+    names = [n.name for n in cuts(gm)]
+    path = span(gm, names[0], names[names.index("_4_1_2")])  # input .. end of the 4th block
+    tiled = apply_ffmt(gm, path, grid)
+    assert equivalent(*compare(model, tiled, inputs))
+    assert count_macs(tiled, inputs) > count_macs(model, inputs)  # 3x3 halos are recomputed
