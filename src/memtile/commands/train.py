@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backward-rows", type=int, default=None, help="bands for backward only")
     parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
                         help="bytes one trunk training step may allocate (with --rows auto)")
-    parser.add_argument("--strategy", choices=("overl", "2ps"), default="overl")
+    parser.add_argument("--strategy", choices=("overl", "2ps"), default=None,
+                        help="default: overl, or with --rows auto the one budget mode picks")
     parser.add_argument("--checkpoint", action="store_true",
                         help="also checkpoint segments inside each band")
     parser.add_argument("--bn", choices=("frozen", "error"), default="frozen",
@@ -84,8 +85,10 @@ class Side:
         self.seconds.append(time.perf_counter() - start)
 
     def measured_step(self, x: torch.Tensor, seed: int):
+        """One step under `memtile.measure`; gradients are freed first so the peak includes them."""
         from memtile.measure import measure
 
+        self.opt.zero_grad(set_to_none=True)
         return measure(self.step, x, seed, model=self.model, optimizer=self.opt)
 
     def grads(self) -> list[torch.Tensor | None]:

@@ -19,8 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from memtile.errors import BudgetError
-from memtile.rows.engine import Engine, Plan, RowFunction
-from memtile.rows.module import STRATEGIES, RowCentric
+from memtile.rows.engine import Engine, Plan, RowFunction, max_bands
+from memtile.rows.module import RowCentric
 from memtile.units import format_bytes
 
 MEASURED_RETRIES = 3
@@ -102,6 +102,14 @@ def estimate(engine: Engine, per_row: dict[fx.Node, int], param_bytes: int, larg
                   _computed(fwd, per_row) + _computed(bwd, per_row))
 
 
+def _cap(module: RowCentric, x: torch.Tensor, strategy: str) -> int:
+    """Most bands worth trying: every output row (OverL); 2PS bands of at least 4 input rows."""
+    size = tuple(x.shape[-2:])
+    if strategy == "2ps":
+        return max(module.graph.output_size(size)[0], size[0] // 4)
+    return max_bands(module.graph, size, strategy)
+
+
 def _counts(height: int) -> list[int]:
     """Band counts worth trying: 1, 2, 3, 4, 6, 8, 12, ... up to the output height."""
     counts, k = {height}, 1
@@ -121,10 +129,9 @@ def candidates(module: RowCentric, x: torch.Tensor, budget: int) -> list[Choice]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     largest_param = max((p.numel() * p.element_size() for p in params), default=0)
     graph, size = module.graph, tuple(x.shape[-2:])
-    height = graph.output_size(size)[0]
-    counts = _counts(height)
     fits, smallest = [], None
-    for strategy in STRATEGIES:
+    for strategy in module.strategies:
+        counts = _counts(_cap(module, x, strategy))
         for bwd in counts:
             fwd = next((f for f in counts if f <= bwd and estimate(
                 Engine(graph, size, strategy, f, bwd, module.checkpoint), per_row,
@@ -171,7 +178,6 @@ def _more(bands: int) -> int:
 def configure(module: RowCentric, x: torch.Tensor) -> Choice:
     """Pick and verify a configuration for `module.budget`; set it on the module."""
     budget = module.budget
-    height = module.graph.output_size(tuple(x.shape[-2:]))[0]
     tried: list[Choice] = []
     options = candidates(module, x, budget)
     for _ in range(MEASURED_RETRIES + 1):
@@ -181,9 +187,9 @@ def configure(module: RowCentric, x: torch.Tensor) -> Choice:
                 break
         if tried[-1].measured_bytes <= budget:
             break
-        options = [replace(o, forward_rows=min(height, _more(o.forward_rows)),
-                           backward_rows=min(height, _more(o.backward_rows)))
-                   for o in options if o.backward_rows < height]
+        options = [replace(o, forward_rows=min(cap, _more(o.forward_rows)),
+                           backward_rows=min(cap, _more(o.backward_rows)))
+                   for o in options if o.backward_rows < (cap := _cap(module, x, o.strategy))]
         if not options:
             break
     choice = min(tried, key=lambda c: (c.measured_bytes > budget, c.measured_bytes))

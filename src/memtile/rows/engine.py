@@ -206,17 +206,11 @@ class Engine:
                  backward_bands: int, checkpoint: bool) -> None:
         self.graph, self.strategy, self.checkpoint = graph, strategy, checkpoint
         self.sizes = graph.sizes(in_size)
-        # band counts are capped by the output height; 2PS splits the input rows (see plan)
-        height = self.sizes[graph.output][0]
-        if strategy == "2ps":
-            rows_in = self.sizes[graph.input][0]
-            self.forward_plan, self.backward_plan = (
-                two_phase_plan(graph, self.sizes, _split(rows_in, min(n, height)))
-                for n in (forward_bands, backward_bands))
-        else:
-            self.forward_plan, self.backward_plan = (
-                overl_plan(graph, self.sizes, _split(height, n))
-                for n in (forward_bands, backward_bands))
+        # OverL splits the output rows, 2PS the input rows (see the plans); counts are capped
+        cap = max_bands(graph, in_size, strategy)
+        make = two_phase_plan if strategy == "2ps" else overl_plan
+        self.forward_plan, self.backward_plan = (
+            make(graph, self.sizes, _split(cap, n)) for n in (forward_bands, backward_bands))
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -321,6 +315,11 @@ def _swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.
     finally:
         for m, name, p in swaps:
             m._parameters[name] = p
+
+
+def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:
+    """Most bands a strategy can use: output rows (OverL) or input rows (2PS)."""
+    return in_size[0] if strategy == "2ps" else graph.output_size(in_size)[0]
 
 
 def _split(n: int, parts: int) -> list[Rows]:

@@ -16,20 +16,22 @@ BN_MODES = ("error", "frozen")
 class RowCentric(nn.Module):
     """Wraps a trunk (conv, pool, frozen BN, elementwise, add, cat) and runs it in row bands.
 
-    `rows` is the number of bands the trunk output is split into (clamped to its height);
+    `rows` is the number of bands: OverL splits the trunk output rows (at most its height),
+    2PS the input rows (at most the input height; bands can then be thinner than one output row);
     `forward_rows` / `backward_rows` override it per pass (forward under no_grad can use few,
     large bands; backward holds one band's activations, so it wants more, smaller ones).
-    `rows="auto"` with `budget=BYTES` picks strategy and band counts for the first input seen
+    `strategy` defaults to "overl"; `rows="auto"` with `budget=BYTES` picks band counts (and
+    the strategy, unless one is given) for the first input seen
     (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band.
     `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
     `bn="error"` refuses BatchNorm layers in training mode.
     """
 
-    def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str = "overl",
+    def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
                  forward_rows: int | None = None, backward_rows: int | None = None,
                  checkpoint: bool = False, bn: str = "error", budget: int | None = None) -> None:
         super().__init__()
-        if strategy not in STRATEGIES:
+        if strategy is not None and strategy not in STRATEGIES:
             raise MemtileError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if bn not in BN_MODES:
             raise MemtileError(f"bn={bn!r}: choose 'error' or 'frozen'")
@@ -39,7 +41,9 @@ class RowCentric(nn.Module):
         if rows != "auto" and (not isinstance(rows, int) or rows < 1):
             raise MemtileError(f"rows={rows!r}: give a positive number of bands or 'auto'")
         self.trunk = trunk
-        self.rows, self.strategy, self.checkpoint, self.bn = rows, strategy, checkpoint, bn
+        self.rows, self.checkpoint, self.bn = rows, checkpoint, bn
+        self.strategy = strategy or "overl"
+        self.strategies = (strategy,) if strategy else STRATEGIES  # what budget mode may pick
         self.forward_rows, self.backward_rows, self.budget = forward_rows, backward_rows, budget
         self.choice = None  # budget mode: the memtile.rows.budget.Choice it made
         self._graph: SpatialGraph | None = None
