@@ -10,6 +10,8 @@ index into `op.inputs` of the tensor the op overwrites. For every target in ELEM
 tensor arguments come first, so `k` is also the position in `op.node.args`.
 """
 
+import torch
+
 from memtile.capture import ACTIVATION, MemGraph, OpNode, _positions
 
 ELEMENTWISE = frozenset(
@@ -18,7 +20,7 @@ ELEMENTWISE = frozenset(
         "relu.default", "hardtanh.default", "sigmoid.default", "silu.default",
         "hardswish.default", "hardsigmoid.default", "gelu.default", "tanh.default",
         "leaky_relu.default", "elu.default", "neg.default", "abs.default", "exp.default",
-        "sqrt.default", "rsqrt.default", "reciprocal.default", "clone.default",
+        "sqrt.default", "rsqrt.default", "reciprocal.default",
         "clamp.default", "clamp_min.default", "clamp_max.default", "pow.Tensor_Scalar",
         "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "maximum.default",
         "minimum.default", "add.Scalar", "sub.Scalar", "mul.Scalar", "div.Scalar",
@@ -30,8 +32,9 @@ ELEMENTWISE = frozenset(
 
 def overwritable(graph: MemGraph, op: OpNode) -> list[str]:
     """Inputs `op` may overwrite if they die at it, in `op.inputs` order: an elementwise op,
-    an activation input (not a graph input or output, not a view) with the output's dtype and
-    byte count, whose storage no other input of the op reads through a view."""
+    an activation input (not a graph input or output, not a view) with the output's dtype,
+    byte count, shape and strides (so element i sits at the same byte in both), whose storage
+    no other input of the op reads through a view."""
     if op.target not in ELEMENTWISE or not op.outputs:
         return []
     out = graph.tensors[op.outputs[0]]
@@ -42,9 +45,20 @@ def overwritable(graph: MemGraph, op: OpNode) -> list[str]:
         tensor = graph.tensors[name]
         aliased = any(graph.tensors[o].base == name for o in op.inputs if o != name)
         if (tensor.category == ACTIVATION and not tensor.is_view and not aliased
-                and tensor.dtype == out.dtype and tensor.nbytes == out.nbytes):
+                and (tensor.dtype, tensor.nbytes, tensor.shape) == (out.dtype, out.nbytes, out.shape)
+                and _strides(graph, name) == _strides(graph, out.name)):
             found.append(name)
     return found
+
+
+def _strides(graph: MemGraph, name: str) -> tuple[int, ...] | None:
+    """The strides export recorded for a tensor made by an op (None when none was recorded)."""
+    producer = graph.tensors[name].producer
+    node = graph.ops[producer].node if producer is not None else None
+    value = node.meta.get("val") if node is not None else None
+    if isinstance(value, (tuple, list)):  # output i of a multi-output op is named "<node>.<i>"
+        value = value[int(name.rsplit(".", 1)[1])]
+    return tuple(value.stride()) if isinstance(value, torch.Tensor) else None
 
 
 def inplace_pairs(graph: MemGraph, order: list[int] | None = None) -> dict[str, str]:
