@@ -29,14 +29,17 @@ from memtile.inplace import inplace_pairs, overwritable
 
 @dataclass
 class Schedule:
-    """An execution order, its LOAD and the exported order's (same in-place rule), and
-    whether the order is proven best (every segment solved exactly within the time limit)."""
+    """An execution order, its LOAD and the exported order's (same in-place rule), whether
+    the order is proven best (every segment solved exactly within the time limit), and per
+    segment of several ops its peak in the exported order and in this one: where the global
+    peak lies elsewhere (a network's stem), lowering a block's peak does not lower LOAD."""
 
     order: list[int]
     load: int
     exported_load: int
     exact: bool
     seconds: float
+    segment_peaks: list[tuple[int, int]]
 
 
 class _Effects:
@@ -245,6 +248,7 @@ def schedule(
     done, live, order, exact = 0, effects.initial_live, [], not any(
         effects.alloc[v] for v in constant
     )
+    peaks = []
     for segment in _segments(effects, ops):
         exported_peak, after, after_live = _replay(effects, segment, done, live)
         found = _search(effects, segment, done, live, width, deadline) if len(segment) > 1 else None
@@ -252,6 +256,8 @@ def schedule(
             order += found[0]
         else:
             order += segment
+        if len(segment) > 1:
+            peaks.append((exported_peak, min(exported_peak, found[1] if found else exported_peak)))
         exact = exact and (len(segment) == 1 or (found is not None and found[2]))
         done, live = after, after_live
     order = _with_constants(graph, order, constant)
@@ -259,8 +265,8 @@ def schedule(
     load = _load(graph, order, inplace)
     exported_load = _load(graph, exported, inplace)
     if load > exported_load:  # the model above missed something; trust the exported order
-        order, load, exact = exported, exported_load, False
-    return Schedule(order, load, exported_load, exact, time.perf_counter() - began)
+        order, load, exact, peaks = exported, exported_load, False, [(p, p) for p, _ in peaks]
+    return Schedule(order, load, exported_load, exact, time.perf_counter() - began, peaks)
 
 
 def best_order(graph: MemGraph, time_limit: float = 5.0, inplace: bool = False) -> list[int]:
