@@ -22,7 +22,6 @@ from torch.utils import _pytree as pytree
 
 from memtile.capture import INPUT, OUTPUT, MemGraph, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
-from memtile.measure import measure
 from memtile.planning import Plan, Problem, solve
 from memtile.runtime import outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
@@ -55,7 +54,7 @@ class ArenaProgram:
         self._constants = _constants(self.graph.program)
         self.unplanned: dict[str, str] = {}  # fx node name -> reason
         self._strides: dict[str, tuple[int, ...]] = {}  # planned tensor -> eager's strides
-        self.kernel_bytes: dict[str, int] = {}  # fx node name -> bytes its out= kernel allocated
+        self.kernel_bytes: dict[str, int] = {}  # fx node name -> scratch its out= call allocated
         variants = self._candidates()
         self.planned = self._check_kernels(variants, inputs)
         self.arena_storages = self._arena_storages()
@@ -102,6 +101,7 @@ class ArenaProgram:
     def _check_kernels(self, variants: dict, inputs: tuple) -> dict[str, outvariants.OutVariant]:
         """Run the graph once; run each candidate's out= kernel beside the functional op."""
         identical: dict[int, bool] = {}
+        output_bytes: dict[int, int] = {}
         value_of = self.graph._value_of
         keys = {name: k for k, name in enumerate(variants)}
 
@@ -127,16 +127,17 @@ class ArenaProgram:
                 key = keys[node.name]
                 outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
                 identical[key] = all(torch.equal(r, o) for r, o in zip(refs, outs))
+                output_bytes[key] = sum(r.numel() * r.element_size() for r in refs)
 
         with torch.no_grad():
-            allocated = outvariants.allocated_by_candidates(measure(example_pass))
+            kernels = outvariants.profile_candidates(example_pass)
         planned = {}
         for name, variant in variants.items():
             key = keys[name]
             if key not in identical:
                 continue
-            self.kernel_bytes[name] = allocated.get(key, 0)
-            reason = outvariants.rejection(variant, self.kernel_bytes[name], identical[key])
+            self.kernel_bytes[name] = kernels[key]
+            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], identical[key])
             if reason:
                 self.unplanned[name] = reason
             else:

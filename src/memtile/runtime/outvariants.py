@@ -5,8 +5,8 @@ given. The overload is found from the schema (same arguments, plus kwarg-only mu
 tensors), or from `SUBSTITUTES` where another op computes the same values with the same kernel
 (`relu` is `clamp_min(x, 0)` on CPU). Many `out=` overloads are generated wrappers that run the
 functional op and copy the result (convolution, batch norm): those would allocate a temporary at
-every call, so the executor runs every candidate once under the allocator profiler and rejects
-any that allocates, or whose result is not bit-identical to the functional op's.
+every call, so the executor runs every candidate once under the profiler and rejects any that
+allocates as much as its output, or whose result is not bit-identical to the functional op's.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
-from memtile.measure import Measurement
+from memtile.measure.record import _quiet_stderr
 
 aten = torch.ops.aten
 CHECK_MARK = "memtile.outcheck::"
@@ -38,6 +40,9 @@ class OutVariant:
 # bit-exact against the functional op on the example inputs before it is used.
 SUBSTITUTES: dict[str, tuple[torch._ops.OpOverload, Callable]] = {
     "aten.relu.default": (aten.clamp_min.out, lambda args, kwargs: ((args[0], 0), {})),
+    # the eval-mode batch norm of core ATen; native_batch_norm has a direct CPU out= kernel
+    "aten._native_batch_norm_legit_no_training.default": (
+        aten.native_batch_norm.out, lambda args, kwargs: ((*args[:5], False, *args[5:]), {})),
 }
 
 
@@ -72,31 +77,49 @@ def find_out_variant(overload: torch._ops.OpOverload) -> OutVariant | None:
 
 
 def run_candidate(key: int, variant: OutVariant, args: tuple, kwargs: dict, outs: tuple) -> None:
-    """Run one candidate into `outs` under its own profiler range, so `allocated_by_candidates`
-    can tell its allocations apart (all candidates share one profiler session: one session
-    per op would cost seconds on big graphs)."""
+    """Run one candidate into `outs` under its own profiler range (see `profile_candidates`)."""
     args, kwargs = variant.arguments(args, kwargs)
     kwargs.update(zip(variant.out_names, outs))
     with torch.profiler.record_function(f"{CHECK_MARK}{key}"):
         variant.overload(*args, **kwargs)
 
 
-def allocated_by_candidates(measurement: Measurement) -> dict[int, int]:
-    """Candidate key -> bytes its out= call allocated, from a `measure` around the candidates."""
+def profile_candidates(fn: Callable[[], None]) -> dict[int, int]:
+    """Run `fn` (which calls `run_candidate`) under one profiler session; key -> bytes that
+    candidate's out= call allocated. One session for all: one per op would cost seconds."""
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     allocated: dict[int, int] = {}
-    for allocation in measurement.allocations:
-        if allocation.op.startswith(CHECK_MARK):
-            key = int(allocation.op.removeprefix(CHECK_MARK))
-            allocated[key] = allocated.get(key, 0) + allocation.size
+    pending = [(root, None) for root in prof.profiler.kineto_results.experimental_event_tree()]
+    while pending:
+        event, key = pending.pop()
+        if event.name.startswith(CHECK_MARK):
+            key = int(event.name.removeprefix(CHECK_MARK))
+            allocated.setdefault(key, 0)
+        elif key is not None and event.tag == _EventType.Allocation:
+            allocated[key] += max(event.extra_fields.alloc_size, 0)
+        pending.extend((child, key) for child in event.children)
     return allocated
 
 
-def rejection(variant: OutVariant, allocated: int, identical: bool) -> str | None:
-    """Why a candidate cannot be planned, or None when it computes straight into its outs."""
+def rejection(variant: OutVariant, allocated: int, output_bytes: int,
+              identical: bool) -> str | None:
+    """Why a candidate cannot be planned, or None when it computes straight into its outs.
+
+    A generated out= wrapper allocates the whole result and copies it: at least the output's
+    bytes. Smaller scratch (batch norm's per-channel scale and shift, a reduction's scalar)
+    is allowed and kept in `ArenaProgram.kernel_bytes`.
+    """
     name = str(variant.overload)
-    if allocated:
-        return (f"{name} allocates at every call (a temporary result it copies into out=, "
-                "or scratch; bytes per op in ArenaProgram.kernel_bytes)")
+    if allocated >= output_bytes:
+        return (f"{name} allocates as much as its output at every call (it computes into a "
+                "temporary and copies it into out=)")
     if not identical:
         return f"{name} does not give bit-identical results to the functional op"
     return None
