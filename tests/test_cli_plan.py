@@ -119,3 +119,19 @@ def test_bad_options_are_one_line_exit_2(tmp_path, capsys, argv, message):
 def test_missing_csv_is_one_line_exit_2(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "absent.csv"), "--out", str(tmp_path)]) == 2
     assert "absent.csv" in _error_line(capsys)
+
+
+def test_report_section_states_the_planned_numbers(tmp_path):
+    from memtile import zoo
+    from memtile.capture import capture
+    from memtile.commands.plan import prepare_graph, report_section
+    from memtile.planning import lower_bound, naive_bytes
+    from memtile.units import format_bytes
+
+    model, inputs = zoo.get("resnet8_cifar")
+    text = report_section("resnet8_cifar", model, inputs, tmp_path)
+    problem = prepare_graph(capture(model, inputs), "resnet8_cifar").problem
+    assert f"| naive (every buffer its own bytes) | {format_bytes(naive_bytes(problem))} |" in text
+    assert f"in-place ops | {format_bytes(lower_bound(problem))} |" in text
+    assert "![memory map](memory_map.png)" in text
+    assert (tmp_path / "memory_map.png").stat().st_size > 10_000

@@ -89,8 +89,7 @@ def prepare_graph(
         }
     pairs = inplace_pairs(graph, order) if inplace else {}
     facts["inplace_pairs"] = len(pairs)
-    problem = graph.problem(order=order, shared=pairs)
-    problem.capacity = capacity
+    problem = Problem(graph.buffers(order, pairs), capacity=capacity)
     return Prepared(name, problem, facts=facts)
 
 
