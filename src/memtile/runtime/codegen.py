@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -61,6 +62,7 @@ class Program:
     outputs: tuple[object, ...]  # Var, or a constant (None, int, ...)
     clone_outputs: frozenset[str] = field(default_factory=frozenset)
 
+    @cached_property
     def dead_after(self) -> list[list[str]]:
         """For each step, the variables whose last reader it is (graph outputs never die)."""
         last: dict[str, int] = {}
@@ -92,7 +94,7 @@ def generate(program: Program) -> tuple[str, dict]:
     lines = ["def planned_program(inputs, views):"]
     if program.inputs:
         lines.append(f"    {', '.join(_local(n) for n in program.inputs)}, = inputs")
-    for step, dead in zip(program.steps, program.dead_after()):
+    for step, dead in zip(program.steps, program.dead_after):
         call = f"{emitter.constant(step.fn, 'op')}({emitter.call_arguments(step.args, step.kwargs)})"
         lines.append(f"    {_local(step.result)} = {call}  # {step.label}")
         for name, index in step.items:
@@ -123,7 +125,7 @@ def interpret(program: Program, inputs: tuple, views: tuple) -> list:
             return type(arg)(value(a) for a in arg)
         return arg
 
-    for step, dead in zip(program.steps, program.dead_after()):
+    for step, dead in zip(program.steps, program.dead_after):
         result = step.fn(*value(step.args), **{k: value(v) for k, v in step.kwargs.items()})
         env[step.result] = result
         for name, index in step.items:
