@@ -28,7 +28,7 @@ from memtile.planning.intervals import overlap_lists
 from memtile.planning.problem import BufferId, Problem, arena_of, lower_bound, size_unit
 
 # Static rank orders: keys sorted descending (W: lifetime width, A: area, T: section total).
-_ORDERS = ("WAT", "TAW", "TWA")
+_ORDERS = ("WAT", "TAW", "TWA", "TOW", "ZWT", "OWT", "WZT", "TZW", "AT", "OTW", "UWT", "LWT")
 _SLICE = 500  # nodes a search runs before the next order takes its turn
 
 
@@ -48,18 +48,18 @@ class _Instance:
             + [(bs[i].start, 1, k) for k, i in enumerate(indices)]
         )  # at equal steps ends come first: intervals are half-open
         self.lo, self.hi = [0] * n, [0] * n
-        sections: list[list[int]] = []
+        sections: list[list[int]] = []  # the live set on each stretch between events
         live: set[int] = set()
-        fresh = False
-        for _, is_start, k in events:
+        now = None
+        for t, is_start, k in events:
+            if t != now:
+                if live:
+                    sections.append(sorted(live))
+                now = t
             if is_start:
                 live.add(k)
                 self.lo[k] = len(sections)
-                fresh = True
             else:
-                if fresh:  # a new maximal set of live buffers ends here
-                    sections.append(sorted(live))
-                    fresh = False
                 live.discard(k)
                 self.hi[k] = len(sections)
         self.members = sections
@@ -71,6 +71,10 @@ class _Instance:
             "W": width,
             "A": [w * s for w, s in zip(width, self.size)],
             "T": [max(totals[self.lo[k]:self.hi[k]]) for k in range(n)],
+            "Z": self.size,
+            "L": [bs[i].start for i in indices],
+            "U": [bs[i].end for i in indices],
+            "O": [len(m) for m in self.neighbours],
         }
 
     def ranks(self, order: str) -> list[int]:
@@ -100,6 +104,7 @@ class _Search:
             for s in range(inst.lo[k], inst.hi[k] - 1):
                 self.cuts[s] += 1
         self.solution = [-1] * inst.n
+        self.failed: dict[int, tuple[int, int]] = {}  # state hash -> `previous` it failed from
 
     def run(self) -> Generator[None, None, bool]:
         """The whole search as a generator: it pauses (yields) whenever its node budget is
@@ -119,17 +124,25 @@ class _Search:
         elif self.nodes_left & 127 == 0 and time.perf_counter() > self.deadline:
             raise _Abort
         size, low, rank = self.inst.size, self.low, self.rank
+        # the outcome depends only on which buffers are left, where they may go and `previous`
+        state = hash((first, last, tuple(unplaced), tuple(map(low.__getitem__, unplaced))))
+        failed_from = self.failed.get(state)
+        if failed_from is not None and previous >= failed_from:
+            return False  # explored before, from a `previous` that allowed at least as much
         lowest_top = min(low[k] + size[k] for k in unplaced)
         candidates = sorted(
             (low[k], rank[k], k)
             for k in unplaced
             if low[k] < lowest_top and (low[k], rank[k]) > previous
         )
+        # every unplaced buffer will sit at or above the offset placed next, so a section's
+        # unplaced bytes stacked on that offset must stay within the capacity
+        ceiling = self.capacity - max(self.total[first:last])
         for offset, r, k in candidates:
-            if offset + size[k] > self.capacity:
-                break  # candidates are sorted by offset: the rest cross the capacity too
+            if offset > ceiling:
+                break  # candidates are sorted by offset: the rest fail this too
             hat, raised, span = self._place(k, offset)
-            found = self._feasible(first, last, offset, span) and (
+            found = self._feasible(span) and (
                 yield from self._descend(unplaced, first, last, k, (offset, r))
             )
             self._unplace(k, offset, raised)
@@ -137,6 +150,7 @@ class _Search:
                 return True
             if not hat:
                 break
+        self.failed[state] = previous if failed_from is None else min(previous, failed_from)
         return False
 
     def _place(self, k: int, offset: int) -> tuple[bool, list[tuple[int, int]], range]:
@@ -174,13 +188,11 @@ class _Search:
         for s in range(inst.lo[k], inst.hi[k]):
             total[s] += size
 
-    def _feasible(self, first: int, last: int, offset: int, span: range) -> bool:
-        """Spatial inference: in every section, the unplaced buffers must still stack between
-        the section's floor (their lowest `low`, and at least the current offset, which only
-        grows) and the capacity."""
-        capacity, total, members, get = self.capacity, self.total, self.inst.members, self.low.__getitem__
-        if offset + max(total[first:last]) > capacity:
-            return False
+    def _feasible(self, span: range) -> bool:
+        """Spatial inference: in every section whose floor or total changed, the unplaced
+        buffers must still stack between the floor (their lowest `low`) and the capacity."""
+        capacity, total, members = self.capacity, self.total, self.inst.members
+        get = self.low.__getitem__
         for s in span:
             if total[s] and min(map(get, members[s])) + total[s] > capacity:
                 return False
