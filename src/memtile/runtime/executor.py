@@ -105,16 +105,23 @@ class ArenaProgram:
         value_of = self.graph._value_of
         keys = {name: k for k, name in enumerate(variants)}
 
+        ops = self.ops_in_order()
+        last_read = {n: position for position, op in enumerate(ops) for n in op.node.all_input_nodes}
+
         def example_pass():
             values = self._example_values(inputs)
-            for op in self.ops_in_order():
+            for position, op in enumerate(ops):
                 node = op.node
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 result = node.target(*args, **kwargs)
-                values[node] = result
                 for user in node.users:
                     if user.target is getitem:
                         values[user] = result[user.args[1]]
+                    else:
+                        values[node] = result
+                for n in node.all_input_nodes:
+                    if last_read[n] == position:
+                        del values[n]  # free as eager would: the pass holds no more than it
                 if node.name not in variants:
                     continue
                 refs = result if isinstance(result, (tuple, list)) else (result,)
@@ -145,13 +152,11 @@ class ArenaProgram:
         return planned
 
     def _example_values(self, inputs: tuple) -> dict:
-        values = {}
         user = iter(inputs)
-        for node in self.graph.program.graph.nodes:
-            if node.op == "placeholder":
-                values[node] = self._constants.get(node.name) if node.name in self._constants \
-                    else next(user)
-        return values
+        return {
+            node: self._constants[node.name] if node.name in self._constants else next(user)
+            for node in self.graph.program.graph.nodes if node.op == "placeholder"
+        }
 
     def _arena_storages(self) -> set[str]:
         """Storages written by planned ops, less graph outputs that are returned fresh."""
