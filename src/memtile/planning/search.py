@@ -229,7 +229,8 @@ class _Search:
 def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[int] | None:
     """Offsets (in units) within `capacity`, or None if none was found in time (or none
     exists). The rank orders take turns, a slice of nodes each, each resuming where it
-    paused: search times are heavy-tailed, and one order often finishes far sooner."""
+    paused: search times are heavy-tailed, and one order often finishes far sooner than
+    the others, so more orders join as time goes on."""
     deadline = time.perf_counter() + time_limit
     if inst.n == 0:
         return []
@@ -239,9 +240,13 @@ def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[i
     runs = [search.run() for search in searches]
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * inst.n + 1000))
+    turn = 0
     try:
         while time.perf_counter() < deadline:
-            for search, run in zip(searches, runs):
+            # MiniMalloc's three orders start; one more joins every third turn
+            joined = min(len(searches), 3 + turn // 3)
+            turn += 1
+            for search, run in zip(searches[:joined], runs[:joined]):
                 search.nodes_left = _SLICE
                 try:
                     next(run)
