@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memtile.planning import Buffer, Plan, Problem, lower_bound, solve, verify
+from memtile.planning import Buffer, Plan, Problem, fits, lower_bound, solve, verify
 from memtile.planning.problem import arena_of
 from memtile.planning.search import find_within
 
@@ -97,6 +97,14 @@ def _assert_within_capacity(name: str, time_limit: float) -> None:
 @pytest.mark.parametrize("name", ["F", "K"])
 def test_search_fits_challenging_instances_within_capacity(name):
     _assert_within_capacity(name, time_limit=25.0)
+
+
+def test_search_strategy_meets_the_capacity_of_a_challenging_instance():
+    problem = _challenging("F")
+    plan = solve(problem, "search", time_limit=25.0)
+    verify(problem, plan)  # capacity included
+    assert fits(problem, plan) and plan.strategy == "search"
+    assert plan.arena_bytes == lower_bound(problem) == CAPACITY and plan.optimal
 
 
 @pytest.mark.slow

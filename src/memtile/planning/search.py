@@ -281,27 +281,22 @@ def minimize(
     problem: Problem, start: dict[BufferId, int], time_limit: float = 10.0
 ) -> dict[BufferId, int]:
     """Shrink the arena of the valid plan `start`: first within the problem's capacity if it
-    is above it, then down towards LOAD by bisection, each probe a capacity-bounded search."""
+    is above it, then LOAD itself, then by bisection between what failed and what was found;
+    each probe is a capacity-bounded search with a share of the time left."""
     deadline = time.perf_counter() + time_limit
     unit = size_unit(problem)
     best, arena = start, arena_of(problem, start)
-    low = -(-lower_bound(problem) // unit) * unit
-    probes = [problem.capacity] if problem.capacity is not None and low <= problem.capacity < arena else []
-    probes.append(low)
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            return best
-        if probes:
-            target = probes.pop(0)
-        elif low < arena:
-            target = (low + arena - unit) // 2 // unit * unit
-        else:
-            return best
+    low = -(-lower_bound(problem) // unit) * unit  # smallest arena not yet ruled out
+    probes = [(low, 0.25)]  # (target arena, share of the time left)
+    if problem.capacity is not None and low <= problem.capacity < arena:
+        probes.insert(0, (problem.capacity // unit * unit, 0.75))
+    while low < arena and time.perf_counter() < deadline:
+        target, share = probes.pop(0) if probes else ((low + arena - unit) // 2 // unit * unit, 0.5)
         if target >= arena:
             continue
-        found = find_within(problem, target, left / 2 if target > low else left / 4)
+        found = find_within(problem, target, (deadline - time.perf_counter()) * share)
         if found is None:
             low = target + unit
         else:
             best, arena = found, arena_of(problem, found)
+    return best
