@@ -44,6 +44,8 @@ CHOICES = (*STRATEGIES, "best", "all", "optimal", "search")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    model = next(a for a in parser._actions if a.dest == "model")
+    model.help = f"{model.help}, or a MiniMalloc FILE.csv (id,lower,upper,size)"
     parser.add_argument(
         "--strategy", default="all", metavar="NAME",
         help=f"one of {', '.join(CHOICES)} (default all: every heuristic, then CP-SAT)",
