@@ -7,9 +7,11 @@ by the fast estimate (ties: no recompute, shorter path, fewer partitions); the b
 applied, checked for equivalence, re-captured and re-planned, and the first that lowers the
 planned peak within the MAC budget is kept. Repeat until nothing improves or the budget is met.
 
-The objective is the planned peak, then the planned peak without the input buffers: once the
-peak sits where the input is still live (a tiled stem), later widening blocks are still worth
-tiling, because deployments often keep the input elsewhere (MCUNetV2 reports peaks without it).
+The objective is the planned peak, then the planned peak without the input buffers (once the
+peak sits where the input is still live, as at a tiled stem, later widening blocks are still
+worth tiling: deployments often keep the input elsewhere, and MCUNetV2 reports peaks without
+it), then the number of steps at that peak, so that blocks which tie at the peak are tiled one
+after another.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import fx, nn
 
 from memtile.errors import BudgetError, MemtileError
 from memtile.tiling.check import compare, equivalent
-from memtile.tiling.estimate import Collapse, estimate_peak
+from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
 from memtile.tiling.planned import PlannedPeak, planned_peak
@@ -43,7 +45,7 @@ class Candidate:
     path: FDTPath | FFMTPath
     partitions: int
     grid: tuple[int, int] | None
-    estimated: tuple[int, int]  # estimated peak with and without the inputs
+    estimated: tuple[int, int, int]  # estimated objective (see PlannedPeak.objective)
     extra_macs: int
     target: str
 
@@ -128,12 +130,16 @@ class BudgetNotMetError(BudgetError):
 def _fdt_candidates(gm: fx.GraphModule, target: str) -> list[Candidate]:
     found = []
     for path in fdt_paths_through(gm, target):
-        inner = [nbytes(node_named(gm, n)) for n in path.nodes[:-1]]
-        pairs = [a + b for a, b in itertools.pairwise(inner)] or inner
+        inner = [node_named(gm, n) for n in path.nodes[:-1]]
+        # full-width bytes live while each inner op runs; elementwise ops work in place
+        working = [nbytes(inner[0])] + [
+            nbytes(b) if is_elementwise(gm, b) else nbytes(a) + nbytes(b)
+            for a, b in itertools.pairwise(inner)
+        ]
         tail = nbytes(node_named(gm, path.tail))
         for n in (p for p in PARTITIONS if p <= path.width):
             share = -(-path.width // n) / path.width
-            extra = int(max(max(pairs) * share, inner[-1] * share + tail))
+            extra = int(max(max(working) * share, nbytes(inner[-1]) * share + tail))
             estimate = estimate_peak(gm, Collapse(frozenset(path.nodes), extra))
             found.append(Candidate("fdt", path, n, None, estimate.objective, 0, target))
     return found

@@ -3,7 +3,8 @@
 Discovery weighs hundreds of (path, method, N) candidates; exporting and planning each costs
 seconds, so candidates are ranked by this liveness estimate (execution order, views share their
 base's storage) with the candidate's path collapsed into one step that needs `extra` working
-bytes. Only the best few are applied and re-planned through capture and the planner.
+bytes. Like the planner (`memtile.inplace`), an elementwise op may write over an input that
+dies there. Only the best few are applied and re-planned through capture and the planner.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from memtile.tiling.fdt import Accumulate
 from memtile.tiling.ffmt import FFMTTiles
-from memtile.tiling.rewrite import module_of, nbytes
+from memtile.tiling.rewrite import (
+    BINARY_FUNCTIONS,
+    BINARY_METHODS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
+    module_of,
+    nbytes,
+)
 
 _VIEW_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
                  "t", "expand", "narrow", "contiguous"}
@@ -42,10 +53,11 @@ class Estimate:
     peak_without_input_bytes: int
     live: tuple[tuple[str, int], ...]
     live_without_input: tuple[tuple[str, int], ...]
+    crowding: int  # steps at the peak without inputs: blocks that tie must all be tiled
 
     @property
-    def objective(self) -> tuple[int, int]:
-        return (self.peak_bytes, self.peak_without_input_bytes)
+    def objective(self) -> tuple[int, int, int]:
+        return (self.peak_bytes, self.peak_without_input_bytes, self.crowding)
 
 
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -54,6 +66,15 @@ def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _VIEW_FUNCTIONS
     return isinstance(module_of(gm, node), _VIEW_MODULES)
+
+
+def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """May write its output over an input that dies there (as `memtile.inplace` plans it)."""
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS or node.target in BINARY_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS or node.target in BINARY_METHODS
+    return isinstance(module_of(gm, node), (*ELEMENTWISE_MODULES, _BatchNorm, Accumulate))
 
 
 def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estimate:
@@ -75,44 +96,52 @@ def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estim
             extra[step] = module.tile_bytes()
         step += 1
     macro = step_of[nodes[last_hidden]] if hidden else None
+    outputs = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
 
     def where(node: fx.Node) -> int:
         return macro if node.name in hidden else step_of[node]
 
+    def last_use(node: fx.Node) -> int:
+        if node in outputs:
+            return step
+        return max((where(u) for u in node.users if u.op != "output"), default=where(node))
+
     base: dict[fx.Node, fx.Node] = {}
-    span: dict[fx.Node, list[int]] = {}
+    members: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
+        root = node
         if node.op != "placeholder" and node.all_input_nodes and _is_view(gm, node):
-            base[node] = base.get(node.all_input_nodes[0], node.all_input_nodes[0])
-        else:
-            base[node] = node
-            span[node] = [0 if node.op == "placeholder" else where(node)] * 2
-    for node in nodes:
-        for arg in node.all_input_nodes:
-            if arg in base:
-                owner = span[base[arg]]
-                owner[1] = max(owner[1], where(node))
-    outputs = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
-    for node in outputs:
-        span[base[node]][1] = step
+            root = base[node.all_input_nodes[0]]
+        elif node.name not in hidden and is_elementwise(gm, node):
+            for arg in node.all_input_nodes:
+                owner = base.get(arg)
+                if (owner is not None and owner.op != "placeholder"
+                        and nbytes(owner) == nbytes(node)
+                        and max(last_use(m) for m in members[owner]) == where(node)):
+                    root = owner
+                    break
+        base[node] = root
+        members.setdefault(root, []).append(node)
     internal = {n for n in nodes if n.name in hidden and n not in outputs
                 and all(u.name in hidden for u in n.users)}
     live = [extra.get(s, 0) for s in range(step + 1)]
     no_input = list(live)
-    sizes = {}
-    for node, (start, end) in span.items():
-        if node in internal:
+    spans: dict[fx.Node, tuple[int, int]] = {}
+    for root, group in members.items():
+        if root in internal:
             continue
-        sizes[node] = nbytes(node)
-        for s in range(start, end + 1):
-            live[s] += sizes[node]
-            if node.op != "placeholder":
-                no_input[s] += sizes[node]
+        start = 0 if root.op == "placeholder" else where(root)
+        spans[root] = (start, max(last_use(m) for m in group))
+        for s in range(spans[root][0], spans[root][1] + 1):
+            live[s] += nbytes(root)
+            if root.op != "placeholder":
+                no_input[s] += nbytes(root)
 
     def at(step: int) -> tuple[tuple[str, int], ...]:
-        found = [(n.name, sizes[n]) for n, (a, b) in span.items() if n in sizes and a <= step <= b]
+        found = [(n.name, nbytes(n)) for n, (a, b) in spans.items() if a <= step <= b]
         return tuple(sorted(found, key=lambda item: -item[1]))
 
     peak = max(range(len(live)), key=live.__getitem__)
     peak_no_input = max(range(len(no_input)), key=no_input.__getitem__)
-    return Estimate(live[peak], no_input[peak_no_input], at(peak), at(peak_no_input))
+    return Estimate(live[peak], no_input[peak_no_input], at(peak), at(peak_no_input),
+                    no_input.count(no_input[peak_no_input]))

@@ -20,6 +20,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.rewrite import (
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_METHODS,
+    ELEMENTWISE_MODULES,
     copy_graph_module,
     erase_chain,
     finish,
@@ -30,17 +33,8 @@ from memtile.tiling.rewrite import (
     split_ranges,
 )
 
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
-    nn.GELU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_ELEMENTWISE_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
-    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout,
-}
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 _FLATTEN = {torch.flatten, "flatten"}
 
 
@@ -48,8 +42,8 @@ ACCUMULATE = "accumulate"
 
 
 class Accumulate(nn.Module):
-    """`total += partial` in place: the partial sums share one output buffer. A module of its
-    own so that capture can tell these in-place adds from the model's (see tiling.planned)."""
+    """`total += partial` in place: the partial sums share one output buffer. A named module so
+    that the accumulation shows as `fdtN.accumulate` in captures and profiles."""
 
     def forward(self, total: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
         return total.add_(partial)
@@ -115,9 +109,9 @@ def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, in
         return "depthwise", 1
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and cdim == 1:
         return "bn", 1
-    if isinstance(module, _ELEMENTWISE_MODULES) or (
-        node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS
-    ) or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
+    if isinstance(module, ELEMENTWISE_MODULES) or (
+        node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
+    ) or (node.op == "call_method" and node.target in ELEMENTWISE_METHODS):
         return "shared", cdim
     pooling = isinstance(module, _POOL_MODULES) or (
         node.op == "call_function" and node.target in _POOL_FUNCTIONS

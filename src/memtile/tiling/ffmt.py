@@ -126,22 +126,34 @@ class FFMTTiles(nn.Module):
         """(largest working set of one tile in bytes, conv MACs of all tiles), from the regions.
 
         The working set counts the trunk values live while a tile runs (its input band is a view
-        of the span's input; its result counts until copied). MACs count the output positions
-        each conv computes, so halo recompute shows; spatial.py may add a cropped border row.
+        of the span's input; its result counts until copied); like the planner, an elementwise
+        op may write over an input that dies there. MACs count the output positions each conv
+        computes, so halo recompute shows; spatial.py may add a cropped border row.
         """
         sg = self.spatial
         last = {arg: node for node in sg.order for arg in sg.ops[node].inputs}
         best, macs = 0, 0
         for out, _ in self.tiles:
             need = sg.regions(out, self.in_hw)
+            size = {n: self.pixel_bytes[n.name] * _area(r) for n, r in need.items()
+                    if n is not sg.input}
             live = 0
             for node in sg.order:
-                live += self.pixel_bytes[node.name] * _area(need[node])
                 macs += self.pixel_macs.get(node.name, 0) * _area(need[node])
+                dying = [a for a in dict.fromkeys(sg.ops[node].inputs)
+                         if last.get(a) is node and a is not sg.input]
+                if self._overwrites(node, dying, size):
+                    continue
+                live += size[node]
                 best = max(best, live)
-                live -= sum(self.pixel_bytes[a.name] * _area(need[a]) for a in set(sg.ops[node].inputs)
-                            if last.get(a) is node and a is not sg.input)
+                live -= sum(size[a] for a in dying)
         return best, macs
+
+    def _overwrites(self, node: fx.Node, dying: list[fx.Node], size: dict) -> bool:
+        """An elementwise node whose output can take the bytes of an input that dies there."""
+        op = self.spatial.ops[node]
+        elementwise = op.kind == "pointwise" and node.target is not torch.cat
+        return elementwise and any(size[a] == size[node] for a in dying)
 
     def tile_bytes(self) -> int:
         return self.costs[0]

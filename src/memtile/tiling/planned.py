@@ -1,11 +1,11 @@
-"""Planned peak of a (tiled) model: capture, in-place writes as the rewrite performs them, plan.
+"""Planned peak of a (tiled) model: capture, schedule, in-place sharing, plan.
 
-Capture lowers to functional ATen, so FFMT's `out[..., tile] = value` appears as `copy` +
-`slice_scatter`, each a new full-size tensor, and FDT's `total.add_(partial)` as a new `add`.
-The rewritten model writes in place, so those tensors share the storage they write into
-(`MemGraph.buffers(shared=...)`); without that the planner would charge every tile a second
-copy of the output. Only the rewrite's own writes are merged, so an untiled model's planned
-peak is the one `memtile plan` reports.
+The same pipeline as `memtile plan` (best schedule, elementwise ops overwriting inputs that die
+there, best heuristic plan), so an untiled model's planned peak is the one `memtile plan`
+reports. One addition: capture lowers to functional ATen, so FFMT's `out[..., tile] = value`
+appears as `copy` + `slice_scatter`, each a new full-size tensor; the rewritten model writes in
+place, so those share the output buffer. Without that the planner would charge every tile a
+second copy of the output.
 """
 
 from __future__ import annotations
@@ -17,27 +17,24 @@ import torch
 from torch import nn
 
 from memtile.capture import INPUT, MemGraph, capture
+from memtile.inplace import inplace_pairs
 from memtile.planning import Plan, Problem, solve
-from memtile.tiling.fdt import ACCUMULATE
+from memtile.schedule import schedule
 
 ALIGNMENT = 64
+SCHEDULE_SECONDS = 2.0
 
 
 def inplace_writes(g: MemGraph) -> dict[str, str]:
     """Storage -> storage it is written into: `slice_scatter` results and the `copy` feeding them
-    share the scattered-into base when that base dies at the scatter (an in-place slice write);
-    an FDT accumulation shares the running total when the total dies there."""
+    share the scattered-into base when that base dies at the scatter (an in-place slice write).
+    Data dependencies fix these positions, so any schedule keeps them valid."""
     last_use: dict[str, int] = {}
     for tensor in g.tensors.values():
         if tensor.consumers:
             last_use[tensor.base] = max(last_use.get(tensor.base, -1), *tensor.consumers)
     shared: dict[str, str] = {}
     for op in g.ops:
-        if op.target == "aten.add.Tensor" and op.module_path.endswith(f".{ACCUMULATE}"):
-            total = g.tensors[op.inputs[0]].base
-            if last_use.get(total) == op.index:
-                shared[op.outputs[0]] = total
-            continue
         if op.target != "aten.slice_scatter.default" or len(op.inputs) < 2:
             continue
         base = g.tensors[op.inputs[0]].base
@@ -61,18 +58,31 @@ class PlannedPeak:
     macs: int
     problem: Problem
     plan: Plan
+    crowding: int  # steps whose live bytes (without inputs) reach their maximum
 
     @property
-    def objective(self) -> tuple[int, int]:
-        return (self.arena_bytes, self.arena_without_input_bytes)
+    def objective(self) -> tuple[int, int, int]:
+        """What discovery lowers: the arena, then the arena without inputs, then how many steps
+        share the highest LOAD (several blocks at one peak must each be tiled before it drops)."""
+        return (self.arena_bytes, self.arena_without_input_bytes, self.crowding)
 
 
 def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPeak:
     g = capture(model, tuple(inputs))
-    shared = inplace_writes(g)
-    problem = g.problem(alignment=ALIGNMENT, shared=shared)
+    order = schedule(g, time_limit=SCHEDULE_SECONDS, inplace=True).order
+    shared = {**inplace_pairs(g, order), **inplace_writes(g)}
+    problem = g.problem(alignment=ALIGNMENT, order=order, shared=shared)
     plan = solve(problem, "best")
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
     rest = Problem([b for b in problem.buffers if b.id not in inputs_only], alignment=ALIGNMENT)
     without = solve(rest, "best").arena_bytes if rest.buffers else 0
-    return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan)
+    return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan,
+                       _crowding(rest))
+
+
+def _crowding(problem: Problem) -> int:
+    live = [0] * (max((b.end for b in problem.buffers), default=0) + 1)
+    for buffer in problem.buffers:
+        for step in range(buffer.start, buffer.end):
+            live[step] += buffer.size
+    return live.count(max(live))

@@ -7,13 +7,28 @@ copies, and hand back a new GraphModule; these helpers keep that bookkeeping in 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from memtile.errors import UnsupportedOpError
+
+# Ops whose output element i depends only on input element i (per-channel constants allowed).
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
+    nn.GELU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
+)
+ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
+    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout,
+}
+ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
+BINARY_METHODS = {"add", "add_", "mul", "mul_"}
 
 
 def to_graph_module(model: nn.Module) -> fx.GraphModule:
