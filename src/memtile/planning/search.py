@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from bisect import bisect_right
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from memtile.planning.intervals import overlap_lists
 from memtile.planning.problem import BufferId, Problem, arena_of, lower_bound, size_unit
@@ -109,7 +109,19 @@ class _Search:
     def run(self) -> Generator[None, None, bool]:
         """The whole search as a generator: it pauses (yields) whenever its node budget is
         spent, so that several searches can take turns without starting over."""
-        return (yield from self._dfs(list(range(self.inst.n)), 0, len(self.inst.members), (-1, -1)))
+        return (yield from self._start(list(range(self.inst.n)), 0, len(self.inst.members)))
+
+    def _start(self, unplaced: list[int], first: int, last: int) -> Generator[None, None, bool]:
+        """Search for a placement of `unplaced` (sections [first, last)) from scratch."""
+        return (yield from self._dfs(unplaced, first, last, (-1, -1)))
+
+    def _tick(self) -> Generator[None, None, None]:
+        """Count a node; pause when the budget is spent, stop at the deadline."""
+        self.nodes_left -= 1
+        if self.nodes_left < 0:
+            yield
+        elif self.nodes_left & 127 == 0 and time.perf_counter() > self.deadline:
+            raise _Abort
 
     def _dfs(
         self, unplaced: list[int], first: int, last: int, previous: tuple[int, int]
@@ -118,11 +130,7 @@ class _Search:
         (offset, rank) of the last placement, which canonical order may not go below."""
         if not unplaced:
             return True
-        self.nodes_left -= 1
-        if self.nodes_left < 0:
-            yield
-        elif self.nodes_left & 127 == 0 and time.perf_counter() > self.deadline:
-            raise _Abort
+        yield from self._tick()
         size, low, rank = self.inst.size, self.low, self.rank
         # the outcome depends only on which buffers are left, where they may go and `previous`
         state = hash((first, last, tuple(unplaced), tuple(map(low.__getitem__, unplaced))))
@@ -143,7 +151,10 @@ class _Search:
                 break  # candidates are sorted by offset: the rest fail this too
             hat, raised, span = self._place(k, offset)
             found = self._feasible(span) and (
-                yield from self._descend(unplaced, first, last, k, (offset, r))
+                yield from self._descend(
+                    unplaced, first, last, k,
+                    lambda rest, r=r, offset=offset: self._dfs(rest, first, last, (offset, r)),
+                )
             )
             self._unplace(k, offset, raised)
             if found:
@@ -199,10 +210,12 @@ class _Search:
         return True
 
     def _descend(
-        self, unplaced: list[int], first: int, last: int, k: int, previous: tuple[int, int]
+        self, unplaced: list[int], first: int, last: int, k: int,
+        go_on: Callable[[list[int]], Generator[None, None, bool]],
     ) -> Generator[None, None, bool]:
-        """Recurse on the rest; where k was the last unplaced buffer spanning a section
-        boundary, solve the now independent sides one after the other."""
+        """Go on with the rest after placing k (`go_on`); but where k was the last unplaced
+        buffer spanning a section boundary, solve the now independent sides one after the
+        other, each from scratch."""
         inst, cuts = self.inst, self.cuts
         rest = [j for j in unplaced if j != k]
         bounds = [first]
@@ -212,18 +225,82 @@ class _Search:
                 bounds.append(s + 1)
         try:
             if len(bounds) == 1:
-                return (yield from self._dfs(rest, first, last, previous))
+                return (yield from go_on(rest))
             bounds.append(last)
             groups: list[list[int]] = [[] for _ in bounds]
             for j in rest:
                 groups[bisect_right(bounds, inst.lo[j]) - 1].append(j)
             for g, group in enumerate(groups[:-1]):
-                if group and not (yield from self._dfs(group, bounds[g], bounds[g + 1], (-1, -1))):
+                if group and not (yield from self._start(group, bounds[g], bounds[g + 1])):
                     return False
             return True
         finally:
             for s in range(inst.lo[k], inst.hi[k] - 1):
                 cuts[s] += 1
+
+
+class _SkylineSearch(_Search):
+    """The same packings, branched differently: at the lowest offset P where an unplaced
+    buffer can go, take one buffer that can sit at P and either place it there or declare
+    it *stuck* (it will sit higher, on a neighbour placed later). The buffer is chosen
+    dynamically from the section with the most unplaced bytes, so that the tightest part of
+    the timeline is packed first; the rank order only breaks ties."""
+
+    def __init__(
+        self, inst: _Instance, capacity: int, rank: list[int], nodes: int, deadline: float
+    ) -> None:
+        super().__init__(inst, capacity, rank, nodes, deadline)
+        self.stuck = [False] * inst.n  # declined at its current `low`; waits to be raised
+        self.dead: set[int] = set()  # hashes of states with no completion
+
+    def _start(self, unplaced: list[int], first: int, last: int) -> Generator[None, None, bool]:
+        return (yield from self._dfs(unplaced, first, last))
+
+    def _dfs(self, unplaced: list[int], first: int, last: int) -> Generator[None, None, bool]:
+        if not unplaced:
+            return True
+        yield from self._tick()
+        inst, low, stuck, total = self.inst, self.low, self.stuck, self.total
+        free = [j for j in unplaced if not stuck[j]]
+        if not free:
+            return False  # every buffer waits for a neighbour to be placed first
+        lowest = min(map(low.__getitem__, free))
+        if lowest + max(total[first:last]) > self.capacity:
+            return False  # everything left sits at or above `lowest`
+        size = inst.size
+        if any(stuck[j] and low[j] + size[j] <= lowest for j in unplaced):
+            return False  # dominated: that stuck buffer's spot below is still free
+        state = hash((first, last, tuple(unplaced), tuple(map(low.__getitem__, unplaced)),
+                      tuple(map(stuck.__getitem__, unplaced))))
+        if state in self.dead:
+            return False
+        lo, hi, rank = inst.lo, inst.hi, self.rank
+        k = min(
+            (j for j in free if low[j] == lowest),
+            key=lambda j: (-max(total[lo[j]:hi[j]]), rank[j]),
+        )
+        hat, raised, span = self._place(k, lowest)
+        freed = [j for j, _ in raised if stuck[j]]  # raised: they may sit on k now
+        for j in freed:
+            stuck[j] = False
+        found = self._feasible(span) and (
+            yield from self._descend(
+                unplaced, first, last, k, lambda rest: self._dfs(rest, first, last)
+            )
+        )
+        for j in freed:
+            stuck[j] = True
+        self._unplace(k, lowest, raised)
+        if found:
+            return True
+        if hat:  # without an unplaced neighbour, k can only be better off at `lowest`
+            stuck[k] = True
+            found = yield from self._dfs(unplaced, first, last)
+            stuck[k] = False
+            if found:
+                return True
+        self.dead.add(state)
+        return False
 
 
 def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[int] | None:
@@ -236,15 +313,19 @@ def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[i
         return []
     if max(inst.keys["T"]) > capacity:
         return None  # LOAD itself is above the capacity
-    searches = [_Search(inst, capacity, inst.ranks(order), 0, deadline) for order in _ORDERS]
+    searches = [
+        kind(inst, capacity, inst.ranks(order), 0, deadline)
+        for order in _ORDERS
+        for kind in (_SkylineSearch, _Search)
+    ]
     runs = [search.run() for search in searches]
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * inst.n + 1000))
     turn = 0
     try:
         while time.perf_counter() < deadline:
-            # MiniMalloc's three orders start; one more joins every third turn
-            joined = min(len(searches), 3 + turn // 3)
+            # both searches under MiniMalloc's three orders start; one more joins every third
+            joined = min(len(searches), 6 + turn // 3)
             turn += 1
             for search, run in zip(searches[:joined], runs[:joined]):
                 search.nodes_left = _SLICE
