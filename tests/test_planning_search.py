@@ -1,6 +1,7 @@
 """The MiniMalloc-style search: exact against brute force, and the challenging instances."""
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memtile.planning import Buffer, Plan, Problem, fits, lower_bound, solve, verify
-from memtile.planning.problem import arena_of
-from memtile.planning.search import find_within
+from memtile.planning.problem import arena_of, size_unit
+from memtile.planning.search import _Instance, _Search, _SkylineSearch, find_within
 
 CHALLENGING = Path(__file__).resolve().parents[2] / "shared" / "data" / "minimalloc-challenging"
 CAPACITY = 1048576
@@ -60,6 +61,25 @@ def test_search_finds_the_optimum_and_proves_nothing_smaller_fits(problem):
     assert found is not None and _checked(problem, found) <= optimum
     if optimum > 0:
         assert find_within(problem, optimum - 1, time_limit=10.0) is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems(), st.sampled_from(["WAT", "TAW", "ZT"]))
+def test_both_search_kinds_alone_are_exact(problem, order):
+    """Each search of the portfolio, run to the end on its own, finds a plan at the optimum
+    and proves that one unit less is impossible: no pruning rule loses a packing."""
+    optimum = brute_force_optimum(problem)
+    unit = size_unit(problem)
+    sized = [i for i, b in enumerate(problem.buffers) if b.size]
+    instance = _Instance(problem, sized, unit)
+    for kind in (_Search, _SkylineSearch):
+        checks = [(optimum, True), (optimum - unit, False)] if optimum else [(0, True)]
+        for capacity, feasible in checks:
+            search = kind(instance, capacity // unit, instance.ranks(order), 10**9,
+                          time.perf_counter() + 10)
+            with pytest.raises(StopIteration) as done:
+                next(search.run())
+            assert done.value.value is feasible, (kind.__name__, capacity)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

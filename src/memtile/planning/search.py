@@ -1,20 +1,28 @@
 """A search for plans within a capacity, for instances where heuristics and CP-SAT fall short.
 
-The ideas are MiniMalloc's (Moffitt, ASPLOS 2023); the code is ours:
+The first ideas are MiniMalloc's (Moffitt, ASPLOS 2023); the code is ours:
 
-- *Sections*: the distinct sets of buffers live together (one per maximal clique of the
-  interval graph). Two buffers conflict iff they share a section.
+- *Sections*: the set of buffers live on each stretch of time between two events; two
+  buffers conflict iff they share a section.
 - *Canonical solutions*: buffers are placed bottom-up, each at the lowest offset its placed
   neighbours allow, in non-decreasing (offset, rank) order, so each packing is generated once.
 - *Dominance*: a buffer is never placed at or above the lowest top any unplaced buffer could
   reach, since that one would fit beneath it.
 - *Spatial inference*: in every section, the unplaced buffers must still stack on top of the
-  section's floor within the capacity; otherwise the branch is cut.
+  section's floor (and of the offset placed next) within the capacity; else the branch is cut.
 - *Hatless pruning*: a buffer with no unplaced neighbour constrains nobody, so if the branch
   with it placed fails, other choices at that node fail too.
 - *Decomposition*: when no unplaced buffer spans the boundary between two sections, the two
   sides are independent and are solved one after the other, never re-exploring a solved side.
-- *Restarts*: several static rank orders are tried in turn under a node budget that doubles.
+
+Ours on top:
+
+- *Memo*: states (buffers left, their lowest offsets, ...) whose subtree failed are
+  remembered by hash, and not explored again when another path reaches them.
+- *Skyline branching* (`_SkylineSearch`): the same packings, enumerated by a binary choice on
+  one buffer at the lowest free offset, picked from the fullest section (see the class).
+- *Portfolio*: both searches under several rank orders take turns, each resuming where it
+  paused, since search times are heavy-tailed.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from collections.abc import Callable, Generator
 from memtile.planning.intervals import overlap_lists
 from memtile.planning.problem import BufferId, Problem, arena_of, lower_bound, size_unit
 
-# Static rank orders: keys sorted descending (W: lifetime width, A: area, T: section total).
+# Static rank orders, keys sorted descending: W lifetime width, A area, T largest section
+# total, Z size, O number of conflicts, L start, U end. MiniMalloc's three come first.
 _ORDERS = ("WAT", "TAW", "TWA", "TOW", "ZWT", "OWT", "WZT", "TZW", "AT", "OTW", "UWT", "LWT")
-_SLICE = 500  # nodes a search runs before the next order takes its turn
+_SLICE = 500  # nodes a search runs before the next one takes its turn
 
 
 class _Abort(Exception):
@@ -88,7 +97,8 @@ class _Instance:
 
 
 class _Search:
-    """One depth-first search under one rank order, a capacity, a node budget and a deadline."""
+    """MiniMalloc's canonical depth-first search under one rank order, a capacity, a node
+    budget and a deadline; also the shared state and moves of `_SkylineSearch`."""
 
     def __init__(
         self, inst: _Instance, capacity: int, rank: list[int], nodes: int, deadline: float
@@ -305,9 +315,9 @@ class _SkylineSearch(_Search):
 
 def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[int] | None:
     """Offsets (in units) within `capacity`, or None if none was found in time (or none
-    exists). The rank orders take turns, a slice of nodes each, each resuming where it
-    paused: search times are heavy-tailed, and one order often finishes far sooner than
-    the others, so more orders join as time goes on."""
+    exists). The searches take turns, a slice of nodes each, each resuming where it paused:
+    search times are heavy-tailed, and one search often finishes far sooner than the others,
+    so more join as time goes on."""
     deadline = time.perf_counter() + time_limit
     if inst.n == 0:
         return []
@@ -320,7 +330,7 @@ def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[i
     ]
     runs = [search.run() for search in searches]
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 4 * inst.n + 1000))
+    sys.setrecursionlimit(max(limit, 20 * inst.n + 1000))  # a frame or two per decision
     turn = 0
     try:
         while time.perf_counter() < deadline:
