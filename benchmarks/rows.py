@@ -95,7 +95,8 @@ def run_side(model: nn.Module, x: torch.Tensor, steps: int, params=None) -> tupl
         side.timed_step(x, seed=k)
     m = side.measured_step(x, seed=steps)
     return {"peak_bytes": m.peak_bytes, "activation_bytes": m.breakdown["activations"],
-            "step_s": statistics.median(side.seconds), "losses": side.losses}, side
+            "step_s": statistics.median(side.seconds) if side.seconds else m.seconds,
+            "losses": side.losses}, side
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -283,8 +284,8 @@ def main() -> int:
           "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
           "command": " ".join(["python", *sys.argv])})
     methods = args.methods.split(",")
-    for net in args.nets.split(","):
-        for config in args.configs.split(","):
+    for net in filter(None, args.nets.split(",")):
+        for config in filter(None, args.configs.split(",")):
             batch, res = (int(v) for v in config.split("x"))
             bench_config(net, batch, res, methods, args.steps, args.target, emit)
     if args.max_res:

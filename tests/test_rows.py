@@ -261,3 +261,26 @@ def test_train_command_refuses_batchnorm_with_bn_error(capsys):
 
     assert main(["train", "resnet8_cifar", "--bn", "error"]) == 2
     assert "BatchNorm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_checkpoint_inside_bands_with_in_place_relu(strategy):
+    # torchvision's ReLU(inplace=True) must not overwrite a checkpointed segment's input
+    trunk = torchvision_trunk("resnet18")
+    x = torch.randn(1, 3, 97, 33)
+    errors = row_errors(trunk, x, rows=3, strategy=strategy, bn="frozen", checkpoint=True)
+    assert_exact(errors, 1e-5)
+
+
+def test_2ps_stores_each_kept_row_once():
+    from memtile.rows.engine import Engine
+
+    graph = RowCentric(torchvision_trunk("vgg11"), bn="frozen").graph
+    engine = Engine(graph, (128, 64), "2ps", 1, 64, False)
+    ones = {v: 1 for v in [graph.input, *graph.order]}
+    per_band = sum(hi - lo for keep in engine.backward_plan.keep for v, (lo, hi) in keep.items()
+                   if v is not graph.input and hi > lo)
+    stored = engine.kept.bytes(ones)
+    total_rows = sum(engine.sizes[v][0] for v in graph.order)
+    assert stored < per_band  # thin bands: deep layers' boundaries overlap and are merged
+    assert stored <= total_rows

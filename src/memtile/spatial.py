@@ -12,6 +12,7 @@ interval per spatial axis (H, W). A `Band` is a tensor holding the region of a n
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Container
@@ -74,6 +75,7 @@ _POINTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.mish, F.sigmoid, F.tanh,
 }
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 _POINTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "clamp",
     "clamp_", "contiguous",
@@ -174,11 +176,13 @@ class SpatialGraph:
     # ---- execution ------------------------------------------------------------------------
 
     def compute(self, node: fx.Node, out: Region, inputs: list[Band],
-                sizes: dict[fx.Node, Size]) -> torch.Tensor:
+                sizes: dict[fx.Node, Size], out_of_place: bool = False) -> torch.Tensor:
         """Run `node` for output region `out`, given bands of its inputs that cover what it reads.
 
         Zero (or -inf for max pooling) padding is added only where the read window leaves the
-        true extent of the input tensor.
+        true extent of the input tensor. `out_of_place` runs in-place ops (ReLU(inplace=True),
+        +=, relu_) without writing into their input, e.g. when that input must stay intact for
+        a checkpoint's recompute.
         """
         op = self.ops[node]
         if op.kind == "local":
@@ -190,10 +194,16 @@ class SpatialGraph:
         args = fx.node.map_arg(node.args, lambda n: cropped[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped[n])
         if node.op == "call_module":
-            return op.module(*args, **kwargs)
+            module = op.module
+            if out_of_place and getattr(module, "inplace", False):
+                module = copy.copy(module)
+                module.inplace = False
+            return module(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+            name = node.target.rstrip("_") if out_of_place else node.target
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        target = _OUT_OF_PLACE.get(node.target, node.target) if out_of_place else node.target
+        return target(*args, **kwargs)
 
     def run_band(self, out: Region, x: torch.Tensor, x_region: Region,
                  in_size: Size | None = None) -> torch.Tensor:

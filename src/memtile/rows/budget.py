@@ -38,11 +38,20 @@ class Choice:
     measured_bytes: int | None = None
 
 
-def row_bytes(module: RowCentric, x: torch.Tensor) -> dict[fx.Node, int]:
+@dataclass(frozen=True)
+class RowBytes:
     """Bytes of one row (whole batch, all channels, full width) of every node's output.
 
-    In-place ops count 0: they reuse their input's storage.
+    `held` counts in-place ops as 0 (they reuse their input's storage, so autograd holds no new
+    tensor for them); `real` is the size of the rows themselves (what copying them costs).
     """
+
+    real: dict[fx.Node, int]
+    held: dict[fx.Node, int]
+
+
+def row_bytes(module: RowCentric, x: torch.Tensor) -> RowBytes:
+    """Row sizes of every node, from a fake-tensor shape pass (no real compute)."""
     graph = module.graph
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     ShapeProp(graph.gm, fake_mode=mode).propagate(mode.from_tensor(x))
@@ -50,8 +59,9 @@ def row_bytes(module: RowCentric, x: torch.Tensor) -> dict[fx.Node, int]:
     for node in [graph.input, *graph.order]:
         meta = node.meta["tensor_meta"]
         n, c, _, w = meta.shape
-        out[node] = 0 if _in_place(graph.gm, node) else n * c * w * meta.dtype.itemsize
-    return out
+        out[node] = n * c * w * meta.dtype.itemsize
+    held = {v: 0 if _in_place(graph.gm, v) else b for v, b in out.items()}
+    return RowBytes(out, held)
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -81,11 +91,12 @@ def _computed(plan: Plan, per_row: dict[fx.Node, int]) -> int:
     return sum(per_row[v] * _rows(r) for band in plan.bands for v, r in band.new.items())
 
 
-def estimate(engine: Engine, per_row: dict[fx.Node, int], param_bytes: int, largest_param: int,
+def estimate(engine: Engine, sizes: RowBytes, param_bytes: int, largest_param: int,
              input_grad: bool) -> Choice:
     """Estimated peak of one trunk step (forward + backward) and its work, for an engine."""
+    per_row = sizes.held
     graph, fwd, bwd = engine.graph, engine.forward_plan, engine.backward_plan
-    full = {v: per_row[v] * engine.sizes[v][0] for v in per_row}
+    full = {v: sizes.real[v] * engine.sizes[v][0] for v in per_row}
     # no_grad forward: a node's output and its inputs are live together
     fwd_peak = max(per_row[v] * _rows(b.value[v])
                    + sum(per_row[a] * _rows(b.value[a]) for a in graph.ops[v].inputs)
@@ -94,8 +105,7 @@ def estimate(engine: Engine, per_row: dict[fx.Node, int], param_bytes: int, larg
     grads_in_flight = 2 * max(per_row[v] * _rows(b.value[v]) for b in bwd.bands
                               for v in graph.order)
     bwd_peak = max(_held(bwd, per_row)) + grads_in_flight
-    stores = sum(per_row[v] * _rows(r) for keep in bwd.keep for v, r in keep.items()
-                 if v is not graph.input)
+    stores = engine.kept.bytes(sizes.real)
     peak = (2 * full[graph.output] + param_bytes + largest_param + stores
             + (full[graph.input] if input_grad else 0) + max(fwd_peak, bwd_peak))
     return Choice(engine.strategy, len(fwd.bands), len(bwd.bands), peak,

@@ -139,6 +139,46 @@ def _kept_key(node: fx.Node) -> tuple[str, fx.Node]:
     return ("kept", node)
 
 
+@dataclass
+class KeptRows:
+    """Where 2PS keeps boundary rows between forward and backward: one buffer per segment.
+
+    The boundaries a node leaves after consecutive bands overlap when the node lags behind the
+    bands (deep layers), so overlapping boundaries are merged into segments and every row is
+    stored once; each band's boundary is a view of its segment.
+    """
+
+    wanted: dict[fx.Node, list[tuple[int, Rows]]]  # node -> (segment, rows)
+    segment_of: dict[tuple[fx.Node, int], tuple[int, int]]  # (node, band) -> (segment, lo)
+    last_used_by: dict[int, list[tuple[fx.Node, int]]]  # band -> segments free after it
+
+    @classmethod
+    def of(cls, graph: SpatialGraph, plan: Plan) -> KeptRows:
+        wanted, segment_of, last_used_by = {}, {}, {}
+        for v in graph.order:
+            segs: list[list[int]] = []  # [lo, hi, first band]
+            mine: dict[int, int] = {}  # band -> segment
+            for i, keep in enumerate(plan.keep):
+                lo, hi = keep.get(v, (0, 0))
+                if hi <= lo:
+                    continue
+                if segs and lo <= segs[-1][1]:
+                    segs[-1][1] = max(segs[-1][1], hi)
+                else:
+                    segs.append([lo, hi, i])
+                mine[i] = len(segs) - 1
+            for k, (lo, hi, first) in enumerate(segs):
+                # backward band first + 1 is the last (in backward order) to read the segment
+                last_used_by.setdefault(first + 1, []).append((v, k))
+            if segs:
+                wanted[v] = [(k, (lo, hi)) for k, (lo, hi, _) in enumerate(segs)]
+            segment_of.update({(v, i): (k, segs[k][0]) for i, k in mine.items()})
+        return cls(wanted, segment_of, last_used_by)
+
+    def bytes(self, per_row: dict[fx.Node, int]) -> int:
+        return sum(per_row[v] * (hi - lo) for v, segs in self.wanted.items() for _, (lo, hi) in segs)
+
+
 class BandRunner:
     """Runs the nodes of one band from an environment of tensors (image slice, kept rows)."""
 
@@ -149,6 +189,7 @@ class BandRunner:
         return (rows, (0, self.sizes[node][1]))
 
     def run(self, nodes: list[fx.Node], env: Env, free: bool, keep: Container = (),
+            out_of_place: bool = False,
             after: Callable[[fx.Node, torch.Tensor | None, torch.Tensor], None] | None = None
             ) -> None:
         """Compute `nodes` into `env`; with `free`, drop each value (not in `keep`) after its
@@ -165,7 +206,8 @@ class BandRunner:
                 parts.append(env.pop(_kept_key(v)))
             if not _empty(new):
                 inputs = [(env[a], self.region(a, band.value[a])) for a in graph.ops[v].inputs]
-                parts.append(graph.compute(v, self.region(v, new), inputs, self.sizes))
+                parts.append(graph.compute(v, self.region(v, new), inputs, self.sizes,
+                                           out_of_place))
             if parts:
                 env[v] = parts[0] if len(parts) == 1 else torch.cat(parts, -2)
                 if after is not None:
@@ -189,7 +231,7 @@ class BandRunner:
 
             def segment(*tensors, seg=seg, ins=ins, outs=outs):
                 local = dict(zip(ins, tensors))
-                self.run(seg, local, free=False)
+                self.run(seg, local, free=False, out_of_place=True)  # inputs stay intact
                 return tuple(local[v] for v in outs)
 
             results = torch_checkpoint(segment, *[env[key] for key in ins], use_reentrant=False)
@@ -211,6 +253,7 @@ class Engine:
         make = two_phase_plan if strategy == "2ps" else overl_plan
         self.forward_plan, self.backward_plan = (
             make(graph, self.sizes, _split(cap, n)) for n in (forward_bands, backward_bands))
+        self.kept = KeptRows.of(graph, self.backward_plan)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -219,7 +262,7 @@ class Engine:
         graph = self.graph
         out: list[torch.Tensor | None] = [None]
         stores: dict[tuple[fx.Node, int], torch.Tensor] = {}
-        wanted = self._backward_boundaries() if self.strategy == "2ps" else {}
+        wanted = self.kept.wanted
         kept: Env = {}
         for i, band in enumerate(self.forward_plan.bands):
             runner = BandRunner(graph, self.sizes, band)
@@ -244,14 +287,6 @@ class Engine:
             del env
         return out[0], {"stores": stores}
 
-    def _backward_boundaries(self) -> dict[fx.Node, list[tuple[int, Rows]]]:
-        wanted: dict[fx.Node, list[tuple[int, Rows]]] = {}
-        for i, keep in enumerate(self.backward_plan.keep):
-            for v, rows in keep.items():
-                if not _empty(rows) and v is not self.graph.input:
-                    wanted.setdefault(v, []).append((i, rows))
-        return wanted
-
     # ---- backward -----------------------------------------------------------------------
 
     def backward(self, x: torch.Tensor, state: dict, grad_out: torch.Tensor,
@@ -275,7 +310,10 @@ class Engine:
                 leaves = {}
                 for v in graph.order:
                     if band.new[v][0] > band.value[v][0]:
-                        leaf = stores.pop((v, i - 1)).requires_grad_()
+                        seg, lo = self.kept.segment_of[(v, i - 1)]
+                        rows = plan.keep[i - 1][v]
+                        leaf = _rows(stores[(v, seg)], (rows[0] - lo, rows[1] - lo))
+                        leaf = leaf.detach().requires_grad_()
                         env[_kept_key(v)] = leaves[v] = leaf
                 roots_at = {v: rows for v, rows in [(graph.output, band.new[graph.output]),
                                                     *((v, plan.keep[i][v]) for v in carried)]
@@ -299,6 +337,8 @@ class Engine:
                                 if leaf.grad is not None})
                 if input_grad and x_leaf.grad is not None:
                     _rows(grad_x, xr).add_(x_leaf.grad)
+                for key in self.kept.last_used_by.get(i, ()):
+                    del stores[key]
         return grad_x, [s.grad for s in shadows]
 
 
@@ -340,7 +380,7 @@ def _write_rows(out: torch.Tensor | None, t: torch.Tensor, rows: Rows, height: i
 
 
 def _copy_into(stores: dict, wanted, v: fx.Node, t: torch.Tensor, rows: Rows) -> None:
-    """Copy the rows of `t` (covering `rows`) that fall inside each wanted boundary of `v`."""
+    """Copy the rows of `t` (covering `rows`) that fall inside each kept segment of `v`."""
     for i, (lo, hi) in wanted:
         a, b = max(lo, rows[0]), min(hi, rows[1])
         if b <= a:
