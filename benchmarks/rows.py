@@ -89,14 +89,20 @@ def trunk_step_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return measure(step).peak_bytes, sum(p.numel() * p.element_size() for p in params)
 
 
-def run_side(model: nn.Module, x: torch.Tensor, steps: int, params=None) -> tuple[dict, Side]:
+def run_side(model: nn.Module, x: torch.Tensor, steps: int,
+             params=None) -> tuple[dict, list[torch.Tensor | None]]:
+    """Timed steps, then one measured step; also the first step's gradients (same weights
+    on every side, so the only ones worth comparing)."""
     side = Side(model, params if params is not None else list(model.parameters()))
+    first = None
     for k in range(steps):
         side.timed_step(x, seed=k)
+        if k == 0:
+            first = [g.clone() if g is not None else None for g in side.grads()]
     m = side.measured_step(x, seed=steps)
     return {"peak_bytes": m.peak_bytes, "activation_bytes": m.breakdown["activations"],
             "step_s": statistics.median(side.seconds) if side.seconds else m.seconds,
-            "losses": side.losses}, side
+            "losses": side.losses}, first
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -111,10 +117,8 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
     base_grads = None
     common = {"net": net, "batch": batch, "resolution": res}
     if "ordinary" in methods:
-        result, side = run_side(frozen_copy(model), x, steps)
-        base_grads = [g.clone() if g is not None else None for g in side.grads()]
+        result, base_grads = run_side(frozen_copy(model), x, steps)
         emit({**common, "method": "ordinary", **result})
-        del side
     if "checkpoint" in methods:
         # as a user would write it first; torchvision's in-place ReLUs break it at segment
         # boundaries, so then again with them made out-of-place
@@ -153,24 +157,34 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
         else:
             continue
         choose_s = time.perf_counter() - start
-        result, side = run_side(row, x, steps, params)
+        result, first = run_side(row, x, steps, params)
         fwd, bwd = row.trunk.band_counts()
         emit({**common, "method": strategy, **result, "forward_rows": fwd, "backward_rows": bwd,
               "trunk_budget_bytes": budget, "target": fraction, "trunk_ordinary_peak_bytes": trunk_peak,
               "budget_measured_trunk_bytes": row.trunk.choice.measured_bytes,
               "choose_s": choose_s,
-              "grad_max_rel_error": None if base_grads is None else grad_error(
-                  side.grads(), base_grads)})
+              "grad_max_rel_error": None if base_grads is None or first is None
+              else grad_error(first, base_grads)})
 
 
 def step_peak(model: nn.Module, x: torch.Tensor) -> int:
     return run_side(model, x, 0)[0]["peak_bytes"]
 
 
-def max_resolution(net: str, budget: int, start: int, emit, step: int = 32) -> None:
-    """Largest square resolution (multiple of `step`) whose measured whole step fits, each way."""
+def max_resolution(net: str, budget: int, start: int, emit, step: int = 32,
+                   ordinary: int | None = None) -> None:
+    """Largest square resolution (multiple of `step`) whose measured whole step fits, each way.
+
+    `ordinary` skips the ordinary search with a result already measured (and emitted) before.
+    """
     model, _ = zoo.get(net, batch=1, input_shape=(3, 64, 64))
-    # ordinary: fit peak = a + b * R^2 on two measured points, then verify downwards
+    if ordinary is None:
+        ordinary = _max_ordinary(model, net, budget, start, emit, step)
+    _max_row(model, net, budget, ordinary, emit, step)
+
+
+def _max_ordinary(model: nn.Module, net: str, budget: int, start: int, emit, step: int) -> int:
+    # fit peak = a + b * R^2 on two measured points, then verify downwards
     points = [(r, step_peak(frozen_copy(model), torch.randn(1, 3, r, r))) for r in (start // 2, start)]
     (r1, p1), (r2, p2) = points
     b = (p2 - p1) / (r2 * r2 - r1 * r1)
@@ -183,8 +197,11 @@ def max_resolution(net: str, budget: int, start: int, emit, step: int = 32) -> N
         if peak <= budget:
             break
         res -= step
-    ordinary = res
-    # row-centric: budget mode gets what the step leaves for the trunk, tried at 2x, 2.5x, ...
+    return res
+
+
+def _max_row(model: nn.Module, net: str, budget: int, ordinary: int, emit, step: int) -> None:
+    # budget mode gets what the step leaves for the trunk, tried at 2x, 2.5x, ... the ordinary
     for factor in (2.0, 2.5, 3.0):
         res = int(ordinary * factor) // step * step
         copy_ = frozen_copy(model)
@@ -266,6 +283,8 @@ def main() -> int:
     parser.add_argument("--max-res", action="store_true", help="largest resolution search")
     parser.add_argument("--max-res-net", default="resnet50")
     parser.add_argument("--max-res-start", type=int, default=512)
+    parser.add_argument("--max-res-ordinary", type=int, default=None,
+                        help="ordinary largest resolution measured before: search rows only")
     parser.add_argument("--budget", type=parse_bytes, default=parse_bytes("4GiB"))
     parser.add_argument("--out", type=Path, default=Path("rows.jsonl"))
     parser.add_argument("--table", type=Path, default=None, help="print the table of a results file")
@@ -289,7 +308,8 @@ def main() -> int:
             batch, res = (int(v) for v in config.split("x"))
             bench_config(net, batch, res, methods, args.steps, args.target, emit)
     if args.max_res:
-        max_resolution(args.max_res_net, args.budget, args.max_res_start, emit)
+        max_resolution(args.max_res_net, args.budget, args.max_res_start, emit,
+                       ordinary=args.max_res_ordinary)
     return 0
 
 
