@@ -15,7 +15,7 @@ _LAZY = {
     "MemGraph": "memtile.capture",
     "measure": "memtile.measure",
     "Measurement": "memtile.measure",
-    "plan": "memtile.planning",
+    "plan": "memtile.planner",
     "PlannedModule": "memtile.runtime",
     "tile": "memtile.tiling",
     "RowCentric": "memtile.rows",

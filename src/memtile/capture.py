@@ -160,7 +160,7 @@ class MemGraph:
         `order` is an execution order (a permutation of op indices; default: exported order).
         `shared` maps a storage to the storage it overwrites in place; the pair becomes one buffer.
         """
-        position = _positions(order, self.num_steps)
+        position = positions(order, self.num_steps)
         shared = shared or {}
         intervals: dict[str, list[int]] = {}
         for base, users in self.storage_users().items():
@@ -275,7 +275,8 @@ def _root(name: str, shared: dict[str, str]) -> str:
     return name
 
 
-def _positions(order: list[int] | None, count: int) -> list[int]:
+def positions(order: list[int] | None, count: int) -> list[int]:
+    """Op index -> its step in `order` (the exported order when None); checks the permutation."""
     if order is None:
         return list(range(count))
     if sorted(order) != list(range(count)):

@@ -12,7 +12,7 @@ tensor arguments come first, so `k` is also the position in `op.node.args`.
 
 import torch
 
-from memtile.capture import ACTIVATION, MemGraph, OpNode, _positions
+from memtile.capture import ACTIVATION, MemGraph, OpNode, positions
 
 ELEMENTWISE = frozenset(
     f"aten.{name}"
@@ -64,7 +64,7 @@ def _strides(graph: MemGraph, name: str) -> tuple[int, ...] | None:
 def inplace_pairs(graph: MemGraph, order: list[int] | None = None) -> dict[str, str]:
     """`{output: input}` for every op (run in `order`) that overwrites an input whose storage,
     through any view, has no reader after it; the first such input in `op.inputs` is taken."""
-    position = _positions(order, graph.num_steps)
+    position = positions(order, graph.num_steps)
     last_read: dict[str, int] = {}
     for base, users in graph.storage_users().items():
         readers = [position[c] for name in users for c in graph.tensors[name].consumers]

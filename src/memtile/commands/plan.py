@@ -76,23 +76,17 @@ def prepare_graph(
     capacity: int | None = None,
 ) -> Prepared:
     """The problem of a captured graph after the best schedule and in-place pairs."""
-    from memtile.inplace import inplace_pairs
-    from memtile.schedule import schedule
+    from memtile.planner import prepare
 
-    exported = graph.problem()
-    facts = {"exported_load_bytes": lower_bound(exported), "ops": graph.num_steps}
-    order = None
-    if reorder:
-        result = schedule(graph, time_limit=time_limit, inplace=inplace)
-        order = result.order
+    ready = prepare(graph, reorder, inplace, time_limit, capacity=capacity)
+    facts = {"exported_load_bytes": lower_bound(graph.problem()), "ops": graph.num_steps}
+    if ready.schedule is not None:
         facts["schedule"] = {
-            "reordered": order != list(range(graph.num_steps)), "exact": result.exact,
-            "seconds": round(result.seconds, 3),
+            "reordered": ready.order != list(range(graph.num_steps)),
+            "exact": ready.schedule.exact, "seconds": round(ready.schedule.seconds, 3),
         }
-    pairs = inplace_pairs(graph, order) if inplace else {}
-    facts["inplace_pairs"] = len(pairs)
-    problem = Problem(graph.buffers(order, pairs), capacity=capacity)
-    return Prepared(name, problem, facts=facts)
+    facts["inplace_pairs"] = ready.inplace_count
+    return Prepared(name, ready.problem, facts=facts)
 
 
 def _prepare(args: argparse.Namespace, capacity: int | None) -> Prepared:
