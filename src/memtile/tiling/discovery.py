@@ -232,6 +232,7 @@ def tile(
     current, now = original, before
     steps: list[TileStep] = []
     rejected: list[str] = []
+    history = [(current, now)]
     while len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget):
         accepted = None
         for candidate in _candidates(current, methods, mac_limit - now.macs, rejected)[:TRIES]:
@@ -239,10 +240,15 @@ def tile(
             if accepted is not None:
                 steps.append(_step(candidate, current, accepted[1]))
                 current, now = accepted
+                history.append(accepted)
                 say(f"{candidate.describe()}: planned peak {now.arena_bytes} B")
                 break
         if accepted is None:
             break
+    # steps that only thinned a tied peak, and never led to a lower one, are dropped
+    keep = next(i for i, (_, p) in enumerate(history) if p.objective[:2] == now.objective[:2])
+    current, now = history[keep]
+    steps = steps[:keep]
     error, scale = compare(model, current, inputs)
     rejected = list(dict.fromkeys(rejected))
     report = TileReport(
