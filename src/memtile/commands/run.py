@@ -86,8 +86,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
             eager_peak = measure(model, *inputs).peak_bytes
         got = planned(*inputs)  # allocates this thread's arena
         call_peak = measure(planned, *inputs).peak_bytes
-        eager_ms = _latencies(model, inputs, threads, iters)
-        planned_ms = _latencies(planned, inputs, threads, iters)
+        eager_ms, planned_ms = _latencies((model, planned), inputs, threads, iters)
     finally:
         torch.set_num_threads(previous)
     return {
@@ -107,27 +106,31 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     }
 
 
-def _latencies(fn, inputs: tuple, threads: int, iters: int) -> list[float]:
-    """Milliseconds per call, from `threads` threads each making `iters` calls after 2 warm-ups."""
-    times: list[list[float]] = [[] for _ in range(threads)]
+def _latencies(fns: tuple, inputs: tuple, threads: int, iters: int) -> list[list[float]]:
+    """Milliseconds per call of each fn, from `threads` threads each making `iters` rounds after
+    2 warm-up rounds; a round calls every fn once, so load changes on a shared machine hit
+    eager and planned alike."""
+    times: list[list[list[float]]] = [[[] for _ in fns] for _ in range(threads)]
     barrier = threading.Barrier(threads)
 
     def serve(slot: int) -> None:
         with torch.no_grad():
             for _ in range(2):
-                fn(*inputs)
+                for fn in fns:
+                    fn(*inputs)
             barrier.wait()
             for _ in range(iters):
-                began = time.perf_counter()
-                fn(*inputs)
-                times[slot].append((time.perf_counter() - began) * 1e3)
+                for k, fn in enumerate(fns):
+                    began = time.perf_counter()
+                    fn(*inputs)
+                    times[slot][k].append((time.perf_counter() - began) * 1e3)
 
     workers = [threading.Thread(target=serve, args=(i,)) for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    return [t for slot in times for t in slot]
+    return [[t for slot in times for t in slot[k]] for k in range(len(fns))]
 
 
 def _p95(values: list[float]) -> float:
