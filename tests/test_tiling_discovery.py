@@ -24,9 +24,17 @@ def mlp(widths=(100, 1000, 10)) -> nn.Module:
     return nn.Sequential(*layers[:-1]).eval()
 
 
-def test_fdt_discovery_halves_the_dense_widening_mlp_with_no_extra_macs():
+@pytest.fixture(scope="module")
+def tiled_mlp():
+    """FDT discovery on the dense-widening MLP 100 -> 1000 -> 10 (shared: exports are slow)."""
+    torch.manual_seed(0)
     model, x = mlp(), torch.randn(1, 100)
     tiled, report = tile(model, x, methods=("fdt",))
+    return model, x, tiled, report
+
+
+def test_fdt_discovery_halves_the_dense_widening_mlp_with_no_extra_macs(tiled_mlp):
+    model, x, tiled, report = tiled_mlp
     assert report.peak_after_bytes <= report.peak_before_bytes / 2
     assert report.macs_after == report.macs_before == count_macs(tiled, [x])
     assert [step.method for step in report.steps] == ["fdt"] * len(report.steps)
@@ -35,12 +43,13 @@ def test_fdt_discovery_halves_the_dense_widening_mlp_with_no_extra_macs():
     assert equivalent(error, scale) and report.max_abs_error == error
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
-    widths=st.lists(st.sampled_from([4, 16, 64, 256]), min_size=2, max_size=4),
-    residual=st.booleans(), size=st.sampled_from([8, 16]),
+    widths=st.lists(st.sampled_from([4, 16, 64, 256]), min_size=2, max_size=3),
+    residual=st.booleans(), size=st.sampled_from([8, 12]),
+    methods=st.sampled_from([("fdt",), ("ffmt",), ("fdt", "ffmt")]),
 )
-def test_discovery_never_returns_a_higher_planned_peak(widths, residual, size):
+def test_discovery_never_returns_a_higher_planned_peak(widths, residual, size, methods):
     layers: list[nn.Module] = []
     channels = 3
     for width in widths:
@@ -58,27 +67,27 @@ def test_discovery_never_returns_a_higher_planned_peak(widths, residual, size):
             return y + x if residual else y
 
     model, x = Net().eval(), torch.randn(1, 3, size, size)
-    tiled, report = tile(model, x, max_mac_overhead=0.5)
+    tiled, report = tile(model, x, max_mac_overhead=0.2, methods=methods)
     before = planned_peak(model, [x]).arena_bytes
     assert report.peak_before_bytes == before
     assert report.peak_after_bytes <= before
     assert planned_peak(tiled, [x]).arena_bytes == report.peak_after_bytes
-    assert report.macs_after <= report.macs_before * 1.5
+    assert report.macs_after <= report.macs_before * 1.2
     error, scale = compare(model, tiled, [x])
     assert equivalent(error, scale)
     peaks = [report.peak_before_bytes] + [step.peak_bytes for step in report.steps]
-    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+    assert peaks == sorted(peaks, reverse=True)
 
 
 def test_nothing_to_tile_returns_the_same_peak_and_no_steps():
-    model, x = mlp((640, 128, 128, 8)), torch.randn(1, 640)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval(), torch.randn(1, 3, 16, 16)
     tiled, report = tile(model, x)
     assert report.steps == [] and report.peak_after_bytes == report.peak_before_bytes
     assert equivalent(*compare(model, tiled, [x]))
 
 
 def test_an_unreachable_budget_raises_with_the_best_found():
-    model, x = mlp(), torch.randn(1, 100)
+    model, x = mlp((10, 100, 5)), torch.randn(1, 10)
     with pytest.raises(BudgetNotMetError, match="budget of 64 B") as caught:
         tile(model, x, budget=64, methods=("fdt",))
     report = caught.value.report
@@ -87,9 +96,8 @@ def test_an_unreachable_budget_raises_with_the_best_found():
     assert planned_peak(caught.value.model, [x]).arena_bytes == report.peak_after_bytes
 
 
-def test_a_met_budget_stops_the_search_early():
-    model, x = mlp(), torch.randn(1, 100)
-    _, full = tile(model, x, methods=("fdt",))
+def test_a_met_budget_stops_the_search_early(tiled_mlp):
+    model, x, _, full = tiled_mlp
     budget = full.steps[0].peak_bytes
     _, report = tile(model, x, budget=budget, methods=("fdt",))
     assert report.budget_met and len(report.steps) == 1 and report.peak_after_bytes <= budget
@@ -135,6 +143,7 @@ def test_models_that_cannot_be_exported_or_traced_raise_memtile_errors():
         tile(mlp(), torch.randn(1, 100), methods=("magic",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v1_025_vww", "mobilenet_v2_035_144"])
 def test_zoo_models_tile_equivalently_and_lower_the_peak(name):
     model, inputs = zoo.get(name, batch=1)

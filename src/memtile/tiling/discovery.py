@@ -37,6 +37,7 @@ TARGETS = 4  # largest buffers at the peak considered per round
 TRIES = 3  # candidates applied and re-planned per round
 SPAN_NEAREST = 2  # nearest cuts per side of a target tried as span ends
 MAX_STEPS = 16
+MAX_THINNING = 3  # consecutive steps that only lower the number of steps at a tied peak
 
 
 @dataclass
@@ -233,7 +234,8 @@ def tile(
     steps: list[TileStep] = []
     rejected: list[str] = []
     history = [(current, now)]
-    while len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget):
+    while (len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget)
+           and _thinning(history) < MAX_THINNING):
         accepted = None
         for candidate in _candidates(current, methods, mac_limit - now.macs, rejected)[:TRIES]:
             accepted = _try(candidate, current, original, inputs, now, mac_limit, rejected)
@@ -263,6 +265,12 @@ def tile(
             "--max-mac-overhead", current, report,
         )
     return current, report
+
+
+def _thinning(history: list[tuple[fx.GraphModule, PlannedPeak]]) -> int:
+    """How many of the last steps left both peaks where they were."""
+    peaks = [planned.objective[:2] for _, planned in history]
+    return len(peaks) - 1 - peaks.index(peaks[-1])
 
 
 def _try(candidate: Candidate, current: fx.GraphModule, original: fx.GraphModule,
