@@ -211,8 +211,8 @@ def report_section(name: str, model, inputs, out: Path) -> str:
 
 `PlannedModule` runs `{name}` with every planned op writing into its offset of one
 {format_bytes(s['arena_bytes'])} arena (planned), built in {s['build_seconds']:.1f} s.
-Median of {s['iters']} calls, one thread; peaks measured at the allocator (the planned peak
-includes the arena).
+Median of {s['iters']} calls, one thread, eager and planned interleaved; peaks measured at the
+allocator (the planned peak includes the arena).
 
 | | eager | planned |
 |---|---|---|

@@ -231,7 +231,8 @@ class PlannedModule(nn.Module):
     them); with `False` outputs are views of the arena, overwritten by this thread's next call.
     `on_new_shape="error"` raises InputShapeError for inputs shaped unlike the example;
     `"replan"` captures and plans the new shape once and caches it beside the first.
-    The model's weights are read at call time, but graph structure is fixed at construction.
+    Inference only: calls run under no_grad. Build it on the device it will run on (the arena
+    and the captured weights live there); the graph and plan are fixed at construction.
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
