@@ -11,6 +11,7 @@ from torch import nn
 from memtile import zoo
 from memtile.errors import ExportError, MemtileError, UnsupportedOpError
 from memtile.measure import measure
+from memtile.runtime import PlannedModule
 from memtile.tiling import BudgetNotMetError, tile
 from memtile.tiling.check import compare, equivalent
 from memtile.tiling.macs import count_macs
@@ -103,7 +104,7 @@ def test_a_met_budget_stops_the_search_early(tiled_mlp):
     assert report.budget_met and len(report.steps) == 1 and report.peak_after_bytes <= budget
 
 
-def test_resnet8_ffmt_lowers_planned_and_measured_peak():
+def test_resnet8_ffmt_lowers_planned_measured_and_planned_module_peaks():
     model, inputs = zoo.get("resnet8_cifar", batch=1)
     tiled, report = tile(model, inputs, max_mac_overhead=0.1)
     assert report.peak_after_bytes < report.peak_before_bytes
@@ -112,6 +113,9 @@ def test_resnet8_ffmt_lowers_planned_and_measured_peak():
     assert equivalent(report.max_abs_error, report.output_scale)
     with torch.no_grad():
         assert measure(tiled, *inputs).peak_bytes < measure(model, *inputs).peak_bytes
+        planned, original = PlannedModule(tiled, inputs), PlannedModule(model, inputs)
+        assert planned.arena_bytes < original.arena_bytes
+        assert equivalent(*compare(model, planned, inputs))
 
 
 @torch.fx.wrap
