@@ -152,7 +152,7 @@ def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.
     order = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
     position = {n: i for i, n in enumerate(order)}
     node = node_named(gm, target)
-    smaller = [c for c in cuts(gm) if shape(c) is not None and len(shape(c)) == 4
+    eligible = [c for c in cuts(gm) if shape(c) is not None and len(shape(c)) == 4
                and nbytes(c) <= nbytes(node) and c is not node]
 
     def choose(side: list[fx.Node]) -> list[fx.Node]:
@@ -162,8 +162,8 @@ def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.
             smallest.setdefault(tuple(shape(cut)[-2:]), cut)
         return list(dict.fromkeys([*nearest, *smallest.values()]))
 
-    return (choose([c for c in smaller if position[c] < position[node]]),
-            choose([c for c in smaller if position[c] > position[node]]))
+    return (choose([c for c in eligible if position[c] < position[node]]),
+            choose([c for c in eligible if position[c] > position[node]]))
 
 
 def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> list[Candidate]:
