@@ -65,7 +65,7 @@ class MemGraph:
         self.program = program
         self.ops: list[OpNode] = []
         self.tensors: dict[str, TensorInfo] = {}
-        self._value_of: dict[fx.Node, object] = {}  # fx node -> tensor name or tuple of names
+        self.value_of: dict[fx.Node, object] = {}  # fx node -> its tensor name (a tuple if several)
         self._build()
 
     # ---- construction -------------------------------------------------------------------
@@ -77,10 +77,10 @@ class MemGraph:
         for node in self.program.graph.nodes:
             if node.op == "placeholder":
                 category = INPUT if node.name in user_inputs else PARAMETER
-                self._value_of[node] = self._add_tensor(node.name, node.meta["val"], category)
+                self.value_of[node] = self._add_tensor(node.name, node.meta["val"], category)
             elif node.op == "call_function" and node.target is operator.getitem:
                 parent, index = node.args
-                self._value_of[node] = self._value_of[parent][index]
+                self.value_of[node] = self.value_of[parent][index]
             elif node.op == "call_function":
                 self._add_op(node)
             elif node.op == "output":
@@ -119,7 +119,7 @@ class MemGraph:
                 self.tensors[name].producer = index
         for name in set(inputs):
             self.tensors[name].consumers.append(index)
-        self._value_of[node] = tuple(names) if multiple else names[0]
+        self.value_of[node] = tuple(names) if multiple else names[0]
         self.ops.append(
             OpNode(index, node.name, _target_name(node), _module_path(node), inputs,
                    [n for n in names if n], node)
@@ -131,12 +131,12 @@ class MemGraph:
         if schema is None or not schema.returns or schema.returns[0].alias_info is None:
             return None
         first = node.args[0] if node.args else None
-        name = self._value_of.get(first) if isinstance(first, fx.Node) else None
+        name = self.value_of.get(first) if isinstance(first, fx.Node) else None
         return name if isinstance(name, str) else None
 
     def _tensor_names(self, args) -> list[str]:
         found: list[str] = []
-        fx.node.map_arg(args, lambda n: found.extend(_flatten(self._value_of.get(n))))
+        fx.node.map_arg(args, lambda n: found.extend(_flatten(self.value_of.get(n))))
         return found
 
     # ---- the memory picture -------------------------------------------------------------

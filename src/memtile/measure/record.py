@@ -41,12 +41,12 @@ def record(fn: Callable, args: tuple, kwargs: dict, model: nn.Module | None):
         activities.append(ProfilerActivity.CUDA)
     prof = profile(activities=activities, profile_memory=True)
     with _module_ranges(model):
-        with _quiet_stderr():
+        with quiet_stderr():
             prof.start()
         try:
             result = fn(*args, **kwargs)
         finally:
-            with _quiet_stderr():
+            with quiet_stderr():
                 prof.stop()
     events = list(_allocations(prof.profiler.kineto_results.experimental_event_tree()))
     events.sort(key=lambda e: e.time_ns)
@@ -122,7 +122,7 @@ def _module_ranges(model: nn.Module | None):
 
 
 @contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence the profiler's start/stop lines, which kineto writes straight to file descriptor 2."""
     sys.stderr.flush()
     saved = os.dup(2)

@@ -10,7 +10,6 @@ allocates) run as ordinary calls, and their results are freed as soon as their l
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from dataclasses import dataclass
 from operator import getitem
@@ -20,8 +19,9 @@ from torch import fx, nn
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
 from torch.utils import _pytree as pytree
 
-from memtile.capture import INPUT, OUTPUT, MemGraph, capture
+from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
+from memtile.planner import prepare
 from memtile.planning import Plan, Problem, solve
 from memtile.runtime import outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
@@ -49,7 +49,8 @@ class ArenaProgram:
                  schedule_seconds: float):
         self.graph = capture(model, inputs)
         self.device = inputs[0].device if inputs else torch.device("cpu")
-        self.order = _schedule(self.graph, schedule_seconds)
+        prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
+        self.order = prepared.order
         self.copy_outputs = copy_outputs
         self._constants = _constants(self.graph.program)
         self.unplanned: dict[str, str] = {}  # fx node name -> reason
@@ -59,7 +60,7 @@ class ArenaProgram:
         self.planned = self._check_kernels(variants, inputs)
         self.arena_storages = self._arena_storages()
         self.shared = {
-            out: source for out, source in _inplace(self.graph, self.order).items()
+            out: source for out, source in prepared.shared.items()
             if out in self.arena_storages and source in self.arena_storages
         }
         self.problem = Problem(
@@ -102,7 +103,7 @@ class ArenaProgram:
         """Run the graph once; run each candidate's out= kernel beside the functional op."""
         identical: dict[int, bool] = {}
         output_bytes: dict[int, int] = {}
-        value_of = self.graph._value_of
+        value_of = self.graph.value_of
         keys = {name: k for k, name in enumerate(variants)}
 
         ops = self.ops_in_order()
@@ -173,7 +174,7 @@ class ArenaProgram:
     # ---- the program ---------------------------------------------------------------------
 
     def _program(self) -> Program:
-        graph, value_of = self.graph, self.graph._value_of
+        graph, value_of = self.graph, self.graph.value_of
         root = {name: _root(name, self.shared) for name in self.arena_storages}
         index_of: dict[str, int] = {}
 
@@ -332,24 +333,6 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
-
-
-def _schedule(graph: MemGraph, seconds: float) -> list[int]:
-    """The op order: `memtile.schedule.best_order` when that module exists, else the export's."""
-    if importlib.util.find_spec("memtile.schedule") is None:
-        return list(range(graph.num_steps))
-    from memtile.schedule import best_order
-
-    return list(best_order(graph, time_limit=seconds, inplace=True))
-
-
-def _inplace(graph: MemGraph, order: list[int]) -> dict[str, str]:
-    """Output storage -> input storage it may overwrite (`memtile.inplace`, when it exists)."""
-    if importlib.util.find_spec("memtile.inplace") is None:
-        return {}
-    from memtile.inplace import inplace_pairs
-
-    return dict(inplace_pairs(graph, order))
 
 
 def _constants(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from memtile.measure.record import _quiet_stderr
+from memtile.measure.record import quiet_stderr
 
 aten = torch.ops.aten
 CHECK_MARK = "memtile.outcheck::"
@@ -88,12 +88,12 @@ def profile_candidates(fn: Callable[[], None]) -> dict[int, int]:
     """Run `fn` (which calls `run_candidate`) under one profiler session; key -> bytes that
     candidate's out= call allocated. One session for all: one per op would cost seconds."""
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
+    with quiet_stderr():
         prof.start()
     try:
         fn()
     finally:
-        with _quiet_stderr():
+        with quiet_stderr():
             prof.stop()
     allocated: dict[int, int] = {}
     pending = [(root, None) for root in prof.profiler.kineto_results.experimental_event_tree()]
