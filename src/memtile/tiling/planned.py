@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from memtile.capture import INPUT, MemGraph, capture
-from memtile.inplace import inplace_pairs
+from memtile.planner import ALIGNMENT, plan_graph
 from memtile.planning import Plan, Problem, solve
-from memtile.schedule import schedule
 
-ALIGNMENT = 64
 SCHEDULE_SECONDS = 2.0
 
 
@@ -69,10 +67,8 @@ class PlannedPeak:
 
 def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPeak:
     g = capture(model, tuple(inputs))
-    order = schedule(g, time_limit=SCHEDULE_SECONDS, inplace=True).order
-    shared = {**inplace_pairs(g, order), **inplace_writes(g)}
-    problem = g.problem(alignment=ALIGNMENT, order=order, shared=shared)
-    plan = solve(problem, "best")
+    planned = plan_graph(g, "best", SCHEDULE_SECONDS, extra_shared=inplace_writes(g))
+    problem, plan = planned.problem, planned.plan
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
     rest = Problem([b for b in problem.buffers if b.id not in inputs_only], alignment=ALIGNMENT)
     without = solve(rest, "best").arena_bytes if rest.buffers else 0
