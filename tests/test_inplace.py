@@ -54,7 +54,7 @@ def test_inplace_input_names_the_overwritten_argument(resnet18):
     for op in marked:
         k = inplace_input(op, pairs)
         assert op.inputs[k] == pairs[op.outputs[0]]
-        assert resnet18._value_of[op.node.args[k]] == op.inputs[k]
+        assert resnet18.value_of[op.node.args[k]] == op.inputs[k]
 
 
 class Reuse(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.spatial import SpatialGraph, Window, band_region, split
 
-SETTINGS = settings(max_examples=50, deadline=None,
+SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
