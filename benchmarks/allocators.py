@@ -8,7 +8,7 @@ straight-line program vs a dictionary-walking interpreter.
 
     .venv/bin/python benchmarks/allocators.py [--iters-b1 10] [--iters-b8 3] [--install]
 
-Prints the markdown for benchmarks/allocators.md (command, machine and date included).
+Prints the markdown for the Run section of BENCHMARKS.md (command, machine and date included).
 """
 
 from __future__ import annotations

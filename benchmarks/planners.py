@@ -8,7 +8,7 @@ exported program without in-place sharing or reordering.
 
 ExecuTorch is optional (the `bench` extra); without it that column says why. Run:
 
-    OMP_NUM_THREADS=1 python benchmarks/planners.py --out benchmarks/planners.md
+    OMP_NUM_THREADS=1 python benchmarks/planners.py --out /tmp/planners.md
 """
 
 import argparse
