@@ -182,13 +182,19 @@ class MemGraph:
         """The planning problem of this graph (see `buffers`)."""
         return Problem(self.buffers(order, shared), alignment=alignment)
 
-    def load(self, order: list[int] | None = None, shared: dict[str, str] | None = None) -> int:
-        """LOAD: the largest total bytes of buffers live at one step (unaligned)."""
+    def live_bytes(
+        self, order: list[int] | None = None, shared: dict[str, str] | None = None
+    ) -> list[int]:
+        """Bytes of live buffers (unaligned) at every step."""
         live = [0] * (self.num_steps + 1)
         for buffer in self.buffers(order, shared):
             for step in range(buffer.start, buffer.end):
                 live[step] += buffer.size
-        return max(live)
+        return live
+
+    def load(self, order: list[int] | None = None, shared: dict[str, str] | None = None) -> int:
+        """LOAD: the largest total bytes of buffers live at one step (unaligned)."""
+        return max(self.live_bytes(order, shared))
 
     def live_at(self, step: int, order: list[int] | None = None) -> list[Buffer]:
         """Buffers live at one step, largest first: what makes the peak there."""
@@ -197,10 +203,7 @@ class MemGraph:
 
     def peak_step(self, order: list[int] | None = None) -> int:
         """The first step at which LOAD is reached."""
-        live = [0] * (self.num_steps + 1)
-        for buffer in self.buffers(order):
-            for step in range(buffer.start, buffer.end):
-                live[step] += buffer.size
+        live = self.live_bytes(order)
         return live.index(max(live))
 
     @property
