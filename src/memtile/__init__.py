@@ -22,7 +22,18 @@ _LAZY = {
     "zoo": "memtile.zoo",
 }
 
-__all__ = ["MemtileError", *_LAZY]
+__all__ = [
+    "Measurement",
+    "MemGraph",
+    "MemtileError",
+    "PlannedModule",
+    "RowCentric",
+    "capture",
+    "measure",
+    "plan",
+    "tile",
+    "zoo",
+]
 
 
 def __getattr__(name: str):

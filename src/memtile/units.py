@@ -25,10 +25,10 @@ def parse_bytes(text: str | int) -> int:
     value = float(match.group(1)) * _UNITS[unit]
     if value < 0:
         raise MemtileError(f"byte size {text!r} is negative")
-    return int(round(value))
+    return round(value)
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """Print bytes in binary units with three significant digits: 6.42 MiB."""
     n = float(n)
     sign = "-" if n < 0 else ""
