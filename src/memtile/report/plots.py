@@ -27,8 +27,13 @@ def timeline(measurement, path: str | Path, title: str, labels: int = 4) -> Path
             (times[step], live[step]), textcoords="offset points", xytext=(8, -28),
             color="tab:red", fontsize=8,
         )
-    for allocation in sorted(measurement.allocations, key=lambda a: -a.size)[:labels]:
+    placed: list[float] = []
+    span = (times[-1] - times[0]) if times else 1.0
+    for allocation in sorted(measurement.allocations, key=lambda a: -a.size):
         x, y = times[allocation.start], live[allocation.start]
+        if len(placed) == labels or any(abs(x - p) < 0.06 * span for p in placed):
+            continue  # labels of allocations made close together would print over each other
+        placed.append(x)
         ax.annotate(
             f"{allocation.size / MIB:.2f} MiB {allocation.module or allocation.op}",
             (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7, color="0.3",
