@@ -234,3 +234,12 @@ def test_planning_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_live_bytes_is_the_profile_load_is_the_maximum_of():
+    from memtile.planning import live_bytes
+
+    buffers = [Buffer("a", 10, 0, 2), Buffer("b", 5, 1, 3), Buffer("c", 7, 3, 4)]
+    assert live_bytes(buffers) == [10, 15, 5, 7, 0]
+    assert max(live_bytes(buffers)) == lower_bound(Problem(buffers, alignment=1))
+    assert live_bytes([]) == [0]

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from memtile.errors import ExportError
-from memtile.planning import Buffer, Problem
+from memtile.planning import Buffer, Problem, live_bytes
 
 INPUT, PARAMETER, ACTIVATION, OUTPUT = "input", "parameter", "activation", "output"
 
@@ -186,11 +186,7 @@ class MemGraph:
         self, order: list[int] | None = None, shared: dict[str, str] | None = None
     ) -> list[int]:
         """Bytes of live buffers (unaligned) at every step."""
-        live = [0] * (self.num_steps + 1)
-        for buffer in self.buffers(order, shared):
-            for step in range(buffer.start, buffer.end):
-                live[step] += buffer.size
-        return live
+        return live_bytes(self.buffers(order, shared))
 
     def load(self, order: list[int] | None = None, shared: dict[str, str] | None = None) -> int:
         """LOAD: the largest total bytes of buffers live at one step (unaligned)."""

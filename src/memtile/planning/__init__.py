@@ -19,6 +19,7 @@ from memtile.planning.problem import (
     Plan,
     Problem,
     arena_of,
+    live_bytes,
     lower_bound,
     naive_bytes,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "best_heuristic",
     "check_capacity",
     "fits",
+    "live_bytes",
     "lower_bound",
     "naive_bytes",
     "solve",

@@ -7,6 +7,7 @@ recorded allocation trace, or a MiniMalloc CSV.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,17 @@ def arena_of(problem: Problem, offsets: dict[BufferId, int]) -> int:
     return max(
         (offsets[b.id] + problem.aligned_size(b) for b in problem.buffers), default=0
     )
+
+
+def live_bytes(buffers: Iterable[Buffer]) -> list[int]:
+    """Unaligned bytes live at each step, from step 0 to the last buffer's end: the memory
+    profile that LOAD is the maximum of and that pictures and peak searches read."""
+    buffers = list(buffers)
+    live = [0] * (max((b.end for b in buffers), default=0) + 1)
+    for buffer in buffers:
+        for step in range(buffer.start, buffer.end):
+            live[step] += buffer.size
+    return live
 
 
 def lower_bound(problem: Problem) -> int:

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 from matplotlib.collections import PatchCollection
 from matplotlib.patches import Rectangle
 
+from memtile.planning import live_bytes
+
 MIB = 1024 * 1024
 
 
@@ -56,10 +58,7 @@ def memory_map(problem, plan, path: str | Path, title: str) -> Path:
         PatchCollection(rectangles, facecolor="tab:blue", edgecolor="white", linewidth=0.3, alpha=0.8)
     )
     steps = max((b.end for b in problem.buffers), default=1)
-    live = [0] * (steps + 1)
-    for buffer in problem.buffers:
-        for step in range(buffer.start, buffer.end):
-            live[step] += buffer.size
+    live = live_bytes(problem.buffers)
     peak_step = live.index(max(live))
     ax.axvline(peak_step + 0.5, color="tab:red", linestyle="--", linewidth=0.8)
     ax.axhline(plan.arena_bytes / MIB, color="black", linewidth=0.8)

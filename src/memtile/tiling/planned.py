@@ -18,7 +18,7 @@ from torch import nn
 
 from memtile.capture import INPUT, MemGraph, capture
 from memtile.planner import ALIGNMENT, plan_graph
-from memtile.planning import Plan, Problem, solve
+from memtile.planning import Plan, Problem, live_bytes, solve
 
 SCHEDULE_SECONDS = 2.0
 
@@ -77,8 +77,5 @@ def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPea
 
 
 def _crowding(problem: Problem) -> int:
-    live = [0] * (max((b.end for b in problem.buffers), default=0) + 1)
-    for buffer in problem.buffers:
-        for step in range(buffer.start, buffer.end):
-            live[step] += buffer.size
+    live = live_bytes(problem.buffers)
     return live.count(max(live))
