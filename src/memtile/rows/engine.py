@@ -17,6 +17,7 @@ gradients on ordinary parameters.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Container, Hashable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -201,20 +202,51 @@ class BandRunner:
         last_use = {a: v for v in nodes for a in graph.ops[v].inputs} if free else {}
         for v in nodes:
             value, new = band.value[v], band.new[v]
-            parts = []
+            fresh = None
             if new[0] > value[0]:
-                parts.append(env.pop(_kept_key(v)))
-            if not _empty(new):
-                inputs = [(env[a], self.region(a, band.value[a])) for a in graph.ops[v].inputs]
-                parts.append(graph.compute(v, self.region(v, new), inputs, self.sizes,
-                                           out_of_place))
-            if parts:
-                env[v] = parts[0] if len(parts) == 1 else torch.cat(parts, -2)
-                if after is not None:
-                    after(v, None if _empty(new) else parts[-1], env[v])
+                env[v] = self._join(v, env.pop(_kept_key(v)), env, out_of_place)
+                if not _empty(new):
+                    fresh = _rows(env[v], (new[0] - value[0], new[1] - value[0]))
+            elif not _empty(new):
+                env[v] = fresh = self._compute(v, env, out_of_place)
+            if v in env and after is not None:
+                after(v, fresh, env[v])
             for a in graph.ops[v].inputs:
                 if last_use.get(a) is v and a not in keep:
                     env.pop(a, None)
+
+    def _compute(self, v: fx.Node, env: Env, out_of_place: bool) -> torch.Tensor:
+        inputs = [(env[a], self.region(a, self.band.value[a])) for a in self.graph.ops[v].inputs]
+        return self.graph.compute(v, self.region(v, self.band.new[v]), inputs, self.sizes,
+                                  out_of_place)
+
+    def _join(self, v: fx.Node, kept: torch.Tensor, env: Env, out_of_place: bool) -> torch.Tensor:
+        """`v`'s kept rows followed by its new rows, in one buffer written once.
+
+        Concatenating would leave autograd holding the new rows twice (saved by the op that
+        made them, and inside the joined copy a consumer saves). An in-place elementwise op
+        (ReLU(inplace=True)) is instead run on its input's rows copied into the buffer, so the
+        buffer is the only copy; any other op's result is copied in and, unless its own
+        backward saved it, freed.
+        """
+        new = self.band.new[v]
+        if _empty(new):
+            return kept
+        graph, k, n = self.graph, kept.shape[-2], new[1] - new[0]
+        inputs = graph.ops[v].inputs
+        into_buffer = joins_in_place(graph, v)
+        if into_buffer:
+            src = _rows(env[inputs[0]], _shift(new, self.band.value[inputs[0]][0]))
+        else:
+            src = self._compute(v, env, out_of_place)
+        buf = src.new_empty(*src.shape[:-2], k + n, src.shape[-1])
+        _rows(buf, (0, k)).copy_(kept)
+        part = _rows(buf, (k, k + n))
+        part.copy_(src)
+        if into_buffer:
+            del src  # the op below writes into the buffer, which is private to this band
+            graph.compute(v, self.region(v, new), [(part, self.region(v, new))], self.sizes)
+        return buf
 
     def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
         """Compute all nodes in about sqrt(n) segments, each recomputed during backward."""
@@ -366,6 +398,26 @@ def _split(n: int, parts: int) -> list[Rows]:
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that writes into its input (ReLU(inplace=True), +=, relu_) owns no new storage."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.target in (operator.iadd, operator.imul) or node.kwargs.get("inplace") is True
+
+
+def joins_in_place(graph: SpatialGraph, v: fx.Node) -> bool:
+    """Whether 2PS can run `v` in place on the buffer that joins its kept and new rows: an
+    in-place op with one input that nothing else reads (so no one sees it left unmodified)."""
+    inputs = graph.ops[v].inputs
+    return len(inputs) == 1 and graph.consumers[inputs[0]] == [v] and in_place(graph.gm, v)
+
+
+def _shift(rows: Rows, origin: int) -> Rows:
+    return (rows[0] - origin, rows[1] - origin)
 
 
 def _rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
