@@ -1,11 +1,13 @@
 """`PlannedModule`: a model run from one arena, every planned intermediate at a fixed offset.
 
 Construction captures the model (core ATen), orders its ops (`memtile.schedule` when present),
-finds which outputs may overwrite an input in place (`memtile.inplace` when present), runs the
-graph once on the example inputs to check each op's `out=` kernel (see `outvariants`), plans
-the arena (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call
-then runs each planned op into its view of the arena; unplanned ops (no out= kernel, or one that
-allocates) run as ordinary calls, and their results are freed as soon as their last reader ran.
+finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
+each tensor's memory format (`layout`: channels_last where convolutions can then write into the
+arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
+kernel (see `outvariants`), plans the arena (`memtile.planning.solve`) and compiles the
+straight-line program (`codegen`). A call then runs each planned op into its view of the arena;
+unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and their results
+are freed as soon as their last reader ran.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.planner import prepare
 from memtile.planning import Plan, Problem, solve
-from memtile.runtime import outvariants
+from memtile.runtime import convolution, outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
+from memtile.runtime.layout import LAYOUTS, channels_last_strides, channels_last_tensors, root
 from memtile.units import format_bytes
 
 ALIGNMENT = 64
@@ -46,17 +49,22 @@ class ArenaProgram:
     """One input signature's plan: the graph, the arena layout and the compiled program."""
 
     def __init__(self, model: nn.Module, inputs: tuple, strategy: str, copy_outputs: bool,
-                 schedule_seconds: float):
+                 schedule_seconds: float, layout: str = "auto", pack_weights: bool = True):
         self.graph = capture(model, inputs)
         self.device = inputs[0].device if inputs else torch.device("cpu")
         prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
         self.order = prepared.order
         self.copy_outputs = copy_outputs
+        self.layout = layout
         self._constants = _constants(self.graph.program)
         self.unplanned: dict[str, str] = {}  # fx node name -> reason
-        self._strides: dict[str, tuple[int, ...]] = {}  # planned tensor -> eager's strides
+        self._strides: dict[str, tuple[int, ...]] = {}  # produced tensor -> strides in a call
+        self._restride: set[str] = set()  # tensors whose functional op returns other strides
         self.kernel_bytes: dict[str, int] = {}  # fx node name -> scratch its out= call allocated
-        variants = self._candidates()
+        variants = self._candidates(pack_weights)
+        self.channels_last = channels_last_tensors(
+            self.graph, prepared.shared, layout,
+            any(v.overload is convolution.INTO for v in variants.values()))
         self.planned = self._check_kernels(variants, inputs)
         self.arena_storages = self._arena_storages()
         self.shared = {
@@ -76,13 +84,21 @@ class ArenaProgram:
     def arena_bytes(self) -> int:
         return self.plan.arena_bytes
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed convolution weights this program keeps (see `convolution`)."""
+        return sum(v.packed_bytes for v in self.planned.values())
+
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
 
     # ---- which ops are planned -----------------------------------------------------------
 
-    def _candidates(self) -> dict[str, outvariants.OutVariant]:
-        """fx node name -> out= variant, for ops that make new storage and have one."""
+    def _candidates(self, pack_weights: bool) -> dict[str, outvariants.OutVariant]:
+        """fx node name -> out= variant, for ops that make new storage and have one.
+
+        Convolutions are computed into the arena by oneDNN unless `layout="eager"`, where they
+        go through ATen's `convolution.out` (which the measurement then rejects)."""
         variants = {}
         for op in self.graph.ops:
             node = op.node
@@ -90,6 +106,14 @@ class ArenaProgram:
                 continue
             if any(self.graph.tensors[t].is_view for t in op.outputs):
                 self.unplanned[node.name] = "returns a view of an input"
+                continue
+            if convolution.is_convolution(node) and self.layout != "eager":
+                reason = convolution.unsupported(node, self.device)
+                if reason:
+                    self.unplanned[node.name] = reason
+                else:
+                    weight = self._constants.get(node.args[1].name)
+                    variants[node.name] = convolution.variant(node, weight, pack_weights)
                 continue
             variant = (outvariants.find_out_variant(node.target)
                        if isinstance(node.target, torch._ops.OpOverload) else None)
@@ -101,9 +125,8 @@ class ArenaProgram:
 
     def _check_kernels(self, variants: dict, inputs: tuple) -> dict[str, outvariants.OutVariant]:
         """Run the graph once; run each candidate's out= kernel beside the functional op."""
-        identical: dict[int, bool] = {}
+        errors: dict[int, float] = {}
         output_bytes: dict[int, int] = {}
-        value_of = self.graph.value_of
         keys = {name: k for k, name in enumerate(variants)}
 
         ops = self.ops_in_order()
@@ -114,7 +137,14 @@ class ArenaProgram:
             for position, op in enumerate(ops):
                 node = op.node
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-                result = node.target(*args, **kwargs)
+                variant = variants.get(node.name)
+                reference = args
+                if variant is not None and variant.overload is convolution.INTO:
+                    # oneDNN reorders an NCHW input itself; compare with eager on the same layout
+                    reference = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+                result = node.target(*reference, **kwargs)
+                if not op.is_view:
+                    result = self._to_call_layout(node, result)
                 for user in node.users:
                     if user.target is getitem:
                         values[user] = result[user.args[1]]
@@ -129,12 +159,11 @@ class ArenaProgram:
                 if not all(is_dense(r) for r in refs):
                     self.unplanned[node.name] = "its output is not dense"
                     continue
-                self._strides.update(zip(_names(value_of[node]), (r.stride() for r in refs)))
                 outs = tuple(torch.empty_strided(r.shape, r.stride(), dtype=r.dtype,
                                                  device=r.device) for r in refs)
                 key = keys[node.name]
                 outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
-                identical[key] = all(torch.equal(r, o) for r, o in zip(refs, outs))
+                errors[key] = max(outvariants.relative_error(r, o) for r, o in zip(refs, outs))
                 output_bytes[key] = sum(r.numel() * r.element_size() for r in refs)
 
         with torch.no_grad():
@@ -142,15 +171,37 @@ class ArenaProgram:
         planned = {}
         for name, variant in variants.items():
             key = keys[name]
-            if key not in identical:
+            if key not in errors:
                 continue
             self.kernel_bytes[name] = kernels[key]
-            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], identical[key])
+            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], errors[key])
             if reason:
                 self.unplanned[name] = reason
             else:
                 planned[name] = variant
         return planned
+
+    def _to_call_layout(self, node: fx.Node, result):
+        """The op's result in the strides a planned call gives it: channels_last for the tensors
+        `layout` chose, eager's (the captured ones) for the others; a tensor whose functional
+        op returns other strides is noted in `_restride` (an unplanned op's result is converted)."""
+        several = isinstance(result, (tuple, list))
+        eager = node.meta["val"] if several else (node.meta["val"],)
+        converted = []
+        for name, value, fake in zip(_names(self.graph.value_of[node]), result if several
+                                     else (result,), eager):
+            if name is None or not isinstance(value, torch.Tensor) or not is_dense(value):
+                converted.append(value)
+                continue
+            stride = (channels_last_strides(value.shape) if name in self.channels_last
+                      else value.stride() if self.layout == "eager" else fake.stride())
+            if value.stride() != stride:
+                self._restride.add(name)
+                value = torch.empty_strided(value.shape, stride, dtype=value.dtype,
+                                            device=value.device).copy_(value)
+            self._strides[name] = stride
+            converted.append(value)
+        return type(result)(converted) if several else converted[0]
 
     def _example_values(self, inputs: tuple) -> dict:
         user = iter(inputs)
@@ -175,7 +226,7 @@ class ArenaProgram:
 
     def _program(self) -> Program:
         graph, value_of = self.graph, self.graph.value_of
-        root = {name: _root(name, self.shared) for name in self.arena_storages}
+        roots = {name: root(name, self.shared) for name in self.arena_storages}
         index_of: dict[str, int] = {}
 
         def destination(name: str):
@@ -184,7 +235,7 @@ class ArenaProgram:
                 return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
             if name not in index_of:
                 index_of[name] = len(self.views)
-                self.views.append(ViewSpec(self.plan.offsets[root[name]], tensor.nbytes,
+                self.views.append(ViewSpec(self.plan.offsets[roots[name]], tensor.nbytes,
                                            tensor.shape, self._strides[name], tensor.dtype))
             return ArenaView(index_of[name])
 
@@ -197,13 +248,23 @@ class ArenaProgram:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
             fn = node.target
             variant = self.planned.get(node.name)
+            restride = {}  # variable -> tensor, for an unplanned op's results in other strides
             if variant is not None:
                 args, kwargs = variant.arguments(args, kwargs)
                 kwargs.update({out: destination(name)
                                for out, name in zip(variant.out_names, _names(value_of[node]))})
                 fn = variant.overload
-            items = tuple((u.name, u.args[1]) for u in node.users if u.target is getitem)
-            steps.append(Step(fn, args, kwargs, node.name, items, str(node.target)))
+            elif not op.is_view:
+                restride = {var: name for var, name in _output_variables(node, value_of)
+                            if name in self._restride}
+            natural = {var: f"{var}__natural" for var in restride}
+            items = tuple((natural.get(u.name, u.name), u.args[1])
+                          for u in node.users if u.target is getitem)
+            steps.append(Step(fn, args, kwargs, natural.get(node.name, node.name), items,
+                              str(node.target)))
+            steps.extend(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
+                              label="restride to the planned layout")
+                         for var, name in restride.items())
         output = next(n for n in graph.program.graph.nodes if n.op == "output")
         flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], reference))
         inputs = tuple(n.name for n in graph.program.graph.nodes
@@ -234,19 +295,31 @@ class PlannedModule(nn.Module):
     `"replan"` captures and plans the new shape once and caches it beside the first.
     Inference only: calls run under no_grad. Build it on the device it will run on (the arena
     and the captured weights live there); the graph and plan are fixed at construction.
+
+    `layout` picks the memory format of planned 4-D activations. "auto" (default): channels_last
+    when some convolution can be computed into the arena (CPU with oneDNN, float32, not
+    transposed), so convolutions run from the arena too; outputs then differ from eager by float
+    rounding (convolutions sum in another order: about 1e-6 of an output's magnitude per
+    convolution, so deep networks reach ~1e-5 relative). "channels_last" forces it; "eager"
+    keeps eager's layout: bit-exact outputs, convolutions unplanned. `pack_weights` reorders
+    each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
+    held) instead of at every call.
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
                  copy_outputs: bool = True, on_new_shape: str = "error",
-                 schedule_seconds: float = 5.0):
+                 schedule_seconds: float = 5.0, layout: str = "auto", pack_weights: bool = True):
         super().__init__()
         if on_new_shape not in ON_NEW_SHAPE:
             raise MemtileError(f"on_new_shape must be one of {ON_NEW_SHAPE}, got {on_new_shape!r}")
+        if layout not in LAYOUTS:
+            raise MemtileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
             else tuple(example_inputs)
         self.model = model
         self.strategy, self.copy_outputs, self.on_new_shape = strategy, copy_outputs, on_new_shape
         self.schedule_seconds = schedule_seconds
+        self.layout, self.pack_weights = layout, pack_weights
         self._example = _signature(inputs)
         self._programs = {self._example: self._build(inputs)}
         self._lock = threading.Lock()
@@ -255,7 +328,7 @@ class PlannedModule(nn.Module):
     def _build(self, inputs: tuple) -> ArenaProgram:
         with torch.no_grad():
             return ArenaProgram(self.model, inputs, self.strategy, self.copy_outputs,
-                                self.schedule_seconds)
+                                self.schedule_seconds, self.layout, self.pack_weights)
 
     @property
     def main(self) -> ArenaProgram:
@@ -265,6 +338,11 @@ class PlannedModule(nn.Module):
     @property
     def arena_bytes(self) -> int:
         return self.main.arena_bytes
+
+    @property
+    def packed_bytes(self) -> int:
+        """Packed convolution weights held beside the model's own (example-shape program)."""
+        return self.main.packed_bytes
 
     @property
     def unplanned_ops(self) -> list[tuple[str, str]]:
@@ -373,9 +451,21 @@ def _names(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def _root(name: str, shared: dict[str, str]) -> str:
-    while name in shared:
-        name = shared[name]
-    return name
+def _output_variables(node: fx.Node, value_of: dict) -> list[tuple[str, str]]:
+    """(program variable, tensor name) of each tensor output of a node."""
+    if not isinstance(value_of[node], tuple):
+        return [(node.name, value_of[node])] if value_of[node] else []
+    return [(u.name, value_of[u]) for u in node.users if u.target is getitem and value_of[u]]
+
+
+@dataclass(frozen=True)
+class Restride:
+    """Copy an unplanned op's result into the strides the planned ops after it were given."""
+
+    stride: tuple[int, ...]
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tensor.shape, self.stride, dtype=tensor.dtype,
+                                   device=tensor.device).copy_(tensor)
 
 

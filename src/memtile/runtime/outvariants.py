@@ -6,7 +6,9 @@ tensors), or from `SUBSTITUTES` where another op computes the same values with t
 (`relu` is `clamp_min(x, 0)` on CPU). Many `out=` overloads are generated wrappers that run the
 functional op and copy the result (convolution, batch norm): those would allocate a temporary at
 every call, so the executor runs every candidate once under the profiler and rejects any that
-allocates as much as its output, or whose result is not bit-identical to the functional op's.
+allocates as much as its output, or whose result is not bit-identical to the functional op's
+(within a stated tolerance for oneDNN convolutions, which may pick another algorithm). Convolutions have no direct out= kernel in ATen; they are
+computed into the arena through oneDNN instead (`convolution`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ CHECK_MARK = "memtile.outcheck::"
 class OutVariant:
     """How to run one functional op into given tensors: `overload(*args, **kwargs, **outs)`."""
 
-    overload: torch._ops.OpOverload
+    overload: Callable  # an ATen out= overload, or `convolution.INTO`
     out_names: tuple[str, ...]  # the overload's out= keyword names, one per output
     rewrite: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # functional args -> its args
+    packed_bytes: int = 0  # constants it keeps in another format (packed convolution weights)
+    tolerance: float = 0.0  # largest difference from the functional op, relative to its magnitude
+    scratch_bytes: int = 0  # a fixed workspace it may allocate per call however small its output
 
     def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return self.rewrite(args, kwargs) if self.rewrite else (args, dict(kwargs))
@@ -108,18 +113,31 @@ def profile_candidates(fn: Callable[[], None]) -> dict[int, int]:
     return allocated
 
 
+def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    """max |expected - got| / max |expected| (0 when equal, inf when only one is finite)."""
+    if torch.equal(expected, got):
+        return 0.0
+    if expected.is_floating_point():
+        scale = float(expected.abs().max())
+        return float((expected - got).abs().max()) / scale if scale > 0 else float("inf")
+    return float("inf")
+
+
 def rejection(variant: OutVariant, allocated: int, output_bytes: int,
-              identical: bool) -> str | None:
+              error: float) -> str | None:
     """Why a candidate cannot be planned, or None when it computes straight into its outs.
 
     A generated out= wrapper allocates the whole result and copies it: at least the output's
-    bytes. Smaller scratch (batch norm's per-channel scale and shift, a reduction's scalar)
-    is allowed and kept in `ArenaProgram.kernel_bytes`.
+    bytes. Smaller scratch (batch norm's per-channel scale and shift, a reduction's scalar,
+    oneDNN's fixed workspace) is allowed and kept in `ArenaProgram.kernel_bytes`. `error` is
+    `relative_error` against the functional op: 0 (bit-exact) unless the variant states a
+    tolerance.
     """
     name = str(variant.overload)
-    if allocated >= output_bytes:
+    if allocated >= output_bytes + variant.scratch_bytes:
         return (f"{name} allocates as much as its output at every call (it computes into a "
                 "temporary and copies it into out=)")
-    if not identical:
-        return f"{name} does not give bit-identical results to the functional op"
+    if error > variant.tolerance:
+        return (f"{name} differs from the functional op by {error:.3g} of its magnitude "
+                f"(allowed: {variant.tolerance:g})")
     return None

@@ -1,0 +1,56 @@
+"""The memory format of each planned tensor (layout propagation).
+
+Convolutions write straight into the arena only when their destination is channels_last (see
+`convolution`), so the 4-D activations that flow between convolutions, elementwise ops, batch
+norm, pooling and cat are held in channels_last. Every other tensor keeps eager's strides:
+graph inputs (the caller's), graph outputs (returned in the eager layout), any storage a view op
+reads (flatten before a classifier: a view of a channels_last buffer is not eager's view, so its
+source stays NCHW), and a chain of tensors that overwrite each other in place takes one layout
+for all of them.
+
+Channels_last changes the order in which a convolution sums its terms, so outputs differ from
+eager NCHW by float rounding (measured: about 1e-6 of the output's magnitude per convolution);
+`layout="eager"` keeps eager's layout and bit-exact outputs, with convolutions left unplanned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memtile.capture import ACTIVATION, MemGraph
+
+LAYOUTS = ("auto", "channels_last", "eager")
+
+
+def channels_last_tensors(graph: MemGraph, shared: dict[str, str], layout: str,
+                          plannable_convolution: bool) -> set[str]:
+    """Storages (base tensor names) held in channels_last under `layout`.
+
+    "auto" is channels_last when some convolution can be computed into the arena, else eager.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "eager" or (layout == "auto" and not plannable_convolution):
+        return set()
+    read_by_view = {graph.tensors[name].base for op in graph.ops if op.is_view for name in op.inputs}
+    eligible = {
+        name for name, tensor in graph.tensors.items()
+        if not tensor.is_view and tensor.category == ACTIVATION and len(tensor.shape) == 4
+        and name not in read_by_view
+    }
+    chains: dict[str, list[str]] = {}
+    for name, tensor in graph.tensors.items():
+        if not tensor.is_view:
+            chains.setdefault(root(name, shared), []).append(name)
+    return {name for chain in chains.values() if all(m in eligible for m in chain) for name in chain}
+
+
+def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+
+
+def root(name: str, shared: dict[str, str]) -> str:
+    """The storage an in-place chain ends in (`shared` maps a tensor to the one it overwrites)."""
+    while name in shared:
+        name = shared[name]
+    return name
