@@ -4,11 +4,15 @@
 intra-op thread (the MemoMalloc setting: allocator contention shows between requests, not inside
 one). `--allocator NAME` re-runs the command with a general-purpose allocator preloaded
 (`LD_PRELOAD`), so eager can be compared against jemalloc, tcmalloc or mimalloc.
+`--layout` is the planned module's (`PlannedModule(layout=...)`); `--eager-layout
+channels_last` runs eager on a channels_last copy of the model (its input converted inside each
+call), to separate what the layout gains from what planning gains.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import os
 import statistics
@@ -23,6 +27,7 @@ from rich.table import Table
 
 from memtile.commands.common import add_model_arguments, console, load_model, print_json
 from memtile.errors import MemtileError
+from memtile.runtime.layout import LAYOUTS
 from memtile.units import format_bytes
 
 HELP = "run a model eagerly and from its planned arena: latency, measured peak, output difference"
@@ -36,6 +41,7 @@ ALLOCATORS = {
 }
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
 ACTIVE = "MEMTILE_ALLOCATOR"  # set in the re-executed child, so it does not re-execute again
+EAGER_LAYOUTS = ("contiguous", "channels_last")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc",
                         help="general-purpose allocator to preload (default glibc: none)")
     parser.add_argument("--strategy", default="best", help="planning strategy (default best)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="planned activations' memory format (default auto: channels_last "
+                             "when convolutions can then run from the arena)")
+    parser.add_argument("--eager-layout", choices=EAGER_LAYOUTS, default="contiguous",
+                        help="eager model's memory format (default contiguous, as given)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
 
 
@@ -57,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     model, inputs = load_model(args)
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "allocator": args.allocator, "allocator_loaded": allocator_loaded(args.allocator),
-               **compare(model, inputs, args.threads, args.iters, args.strategy)}
+               **compare(model, inputs, args.threads, args.iters, args.strategy, args.layout,
+                         args.eager_layout)}
     if args.json:
         print_json(summary)
     else:
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int = 20,
-            strategy: str = "best") -> dict:
+            strategy: str = "best", layout: str = "auto", eager_layout: str = "contiguous") -> dict:
     """Eager vs planned on the same inputs: median/p95 ms per call, measured peaks, max |diff|.
 
     The planned peak is the arena plus what a warm planned call allocates (unplanned ops and
@@ -74,22 +86,26 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     """
     from memtile.measure import measure
     from memtile.runtime import PlannedModule
+    from memtile.runtime.outvariants import relative_error
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         started = time.perf_counter()
-        planned = PlannedModule(model, inputs, strategy=strategy)
+        planned = PlannedModule(model, inputs, strategy=strategy, layout=layout)
         build_seconds = time.perf_counter() - started
+        eager = model if eager_layout == "contiguous" else ChannelsLast(model)
         with torch.no_grad():
-            expected = model(*inputs)
-            eager_peak = measure(model, *inputs).peak_bytes
+            expected = eager(*inputs)
+            eager_peak = measure(eager, *inputs).peak_bytes
         got = planned(*inputs)  # allocates this thread's arena
         call_peak = measure(planned, *inputs).peak_bytes
-        eager_ms, planned_ms = _latencies((model, planned), inputs, threads, iters)
+        eager_ms, planned_ms = _latencies((eager, planned), inputs, threads, iters)
     finally:
         torch.set_num_threads(previous)
     return {
+        "layout": layout,
+        "eager_layout": eager_layout,
         "threads": threads,
         "iters": iters,
         "eager_ms": statistics.median(eager_ms),
@@ -100,10 +116,25 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "eager_peak_bytes": eager_peak,
         "planned_peak_bytes": planned.arena_bytes + call_peak,
         "max_abs_diff": float((expected - got).abs().max()),
+        "max_rel_diff": relative_error(expected, got),
+        "packed_weight_bytes": planned.packed_bytes,
         "planned_ops": len(planned.main.planned),
         "unplanned_ops": [{"op": op, "reason": reason} for op, reason in planned.unplanned_ops],
         "build_seconds": build_seconds,
     }
+
+
+class ChannelsLast(torch.nn.Module):
+    """Eager in channels_last: a copy of the model with 4-D weights in channels_last, its 4-D
+    inputs converted inside each call (a caller hands NCHW tensors, as to the planned module)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.model(*(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4
+                            else x for x in inputs))
 
 
 def _latencies(fns: tuple, inputs: tuple, threads: int, iters: int) -> list[list[float]]:
@@ -178,7 +209,8 @@ def _rerun_with(args: argparse.Namespace) -> int:
     env["LD_PRELOAD"] = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
     argv = [sys.executable, "-m", "memtile.cli", "run", args.model, "--batch", str(args.batch),
             "--threads", str(args.threads), "--iters", str(args.iters), "--allocator",
-            args.allocator, "--strategy", args.strategy]
+            args.allocator, "--strategy", args.strategy, "--layout", args.layout,
+            "--eager-layout", args.eager_layout]
     if args.input_shape:
         argv += ["--input-shape", ",".join(map(str, args.input_shape))]
     if args.json:
@@ -189,7 +221,8 @@ def _rerun_with(args: argparse.Namespace) -> int:
 def table(summary: dict) -> Table:
     grid = Table(title=f"memtile run: {summary['model']} (batch {summary['batch']}, "
                        f"{summary['threads']} thread(s), allocator {summary['allocator']})")
-    for column in ("", "eager", "planned"):
+    for column in ("", f"eager ({summary['eager_layout']})",
+                   f"planned (layout {summary['layout']})"):
         grid.add_column(column)
     grid.add_row("median ms per call", f"{summary['eager_ms']:.2f}", f"{summary['planned_ms']:.2f}")
     grid.add_row("p95 ms per call", f"{summary['eager_p95_ms']:.2f}",
@@ -197,7 +230,9 @@ def table(summary: dict) -> Table:
     grid.add_row("measured peak", format_bytes(summary["eager_peak_bytes"]),
                  format_bytes(summary["planned_peak_bytes"]))
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
-    grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g}")
+    grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
+    grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g} "
+                 f"({summary['max_rel_diff']:.3g} of the output's magnitude)")
     for entry in summary["unplanned_ops"]:
         grid.add_row(f"unplanned: {entry['op']}", "", entry["reason"])
     return grid
@@ -220,9 +255,12 @@ allocator (the planned peak includes the arena).
 | p95 ms per call | {s['eager_p95_ms']:.2f} | {s['planned_p95_ms']:.2f} |
 | measured peak | {format_bytes(s['eager_peak_bytes'])} | {format_bytes(s['planned_peak_bytes'])} |
 
-Outputs differ by at most {s['max_abs_diff']:.3g} (0 means bit-exact). {s['planned_ops']} ops run
-from the arena; these run outside it, because ATen has no out= kernel for them that writes
-straight into a given buffer (measured when the module was built):
+Outputs differ by at most {s['max_abs_diff']:.3g}, {s['max_rel_diff']:.3g} of the output's
+magnitude (0 means bit-exact; planned convolutions run in channels_last through oneDNN, which
+rounds differently from eager's NCHW). {s['planned_ops']} ops run from the arena (convolutions
+with weights packed once: {format_bytes(s['packed_weight_bytes'])} held beside the model's);
+these run outside it, because no kernel for them writes straight into a given buffer (measured
+when the module was built):
 
 {unplanned}
 """
