@@ -2,11 +2,14 @@
 
 For resnet50, mobilenet_v2 and vgg16 at batch 1 and 8 with 1 and 2 serving threads (each with one
 intra-op thread), every allocator runs `memtile run MODEL --json` in its own process with the
-library preloaded; the planned numbers are the glibc run's. Then, to explain the gaps: minor page
-faults and allocator bytes per call (eager vs planned), and the per-op cost of the generated
-straight-line program vs a dictionary-walking interpreter.
+library preloaded; the planned numbers are the glibc run's. One more glibc process runs eager in
+channels_last (`--eager-layout channels_last`), the layout the planned module computes
+convolutions in, so that what the layout gains shows apart from what planning gains. Then, to
+explain the gaps: minor page faults and allocator bytes per call (eager vs planned), and the
+per-op cost of the generated straight-line program vs a dictionary-walking interpreter.
 
     .venv/bin/python benchmarks/allocators.py [--iters-b1 10] [--iters-b8 3] [--install]
+        [--models resnet50,vgg16] [--configs 1x1,8x2]   # batch x threads; default all four
 
 Prints the markdown for the Run section of BENCHMARKS.md (command, machine and date included).
 """
@@ -53,45 +56,73 @@ def ensure_allocators(install: bool) -> list[str]:
     return usable
 
 
-def memtile_run(model: str, batch: int, threads: int, iters: int, allocator: str) -> dict:
+CHANNELS_LAST = "glibc channels_last"  # the eager channels_last run's key among a row's runs
+
+
+def memtile_run(model: str, batch: int, threads: int, iters: int, allocator: str,
+                eager_layout: str = "contiguous") -> dict:
     argv = [sys.executable, "-m", "memtile.cli", "run", model, "--batch", str(batch),
-            "--threads", str(threads), "--iters", str(iters), "--allocator", allocator, "--json"]
+            "--threads", str(threads), "--iters", str(iters), "--allocator", allocator,
+            "--eager-layout", eager_layout, "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
-def matrix(allocators: list[str], iters: dict[int, int]) -> list[dict]:
+def matrix(allocators: list[str], iters: dict[int, int], models: list[str],
+           configs: list[tuple[int, int]]) -> list[dict]:
     rows = []
-    for model in MODELS:
-        for batch in BATCHES:
-            for threads in THREADS:
-                runs = {a: memtile_run(model, batch, threads, iters[batch], a) for a in allocators}
-                rows.append({"model": model, "batch": batch, "threads": threads, "runs": runs})
-                print(f"<!-- done {model} b{batch} t{threads} -->", file=sys.stderr, flush=True)
+    for model in models:
+        for batch, threads in configs:
+            runs = {a: memtile_run(model, batch, threads, iters[batch], a) for a in allocators}
+            runs[CHANNELS_LAST] = memtile_run(model, batch, threads, iters[batch], "glibc",
+                                              "channels_last")
+            rows.append({"model": model, "batch": batch, "threads": threads, "runs": runs})
+            print(f"<!-- done {model} b{batch} t{threads} -->", file=sys.stderr, flush=True)
     return rows
 
 
 def latency_table(rows: list[dict], allocators: list[str]) -> str:
     head = " | ".join(f"eager {a}" for a in allocators)
     lines = [
-        (f"| model | batch | threads | {head} | planned | planned / eager glibc | "
-         "planned / best allocator | peak eager | peak planned (arena) |"),
-        "|---" * (6 + len(allocators)) + "|---|",
+        (f"| model | batch | threads | {head} | eager glibc channels_last | planned | "
+         "planned / eager glibc | planned / best allocator | planned / eager channels_last |"),
+        "|---" * (8 + len(allocators)) + "|",
     ]
     for row in rows:
         runs = row["runs"]
         cells = " | ".join(f"{runs[a]['eager_ms']:.1f} ({runs[a]['eager_p95_ms']:.1f})"
-                           for a in allocators)
-        planned = runs["glibc"]
+                           for a in [*allocators, CHANNELS_LAST])
+        planned, channels_last = runs["glibc"], runs[CHANNELS_LAST]
         best = min(runs[a]["eager_ms"] for a in allocators)
         lines.append(
             f"| {row['model']} | {row['batch']} | {row['threads']} | {cells} | "
             f"{planned['planned_ms']:.1f} ({planned['planned_p95_ms']:.1f}) | "
             f"{planned['planned_ms'] / runs['glibc']['eager_ms']:.3f} | "
-            f"{planned['planned_ms'] / best:.3f} | {format_bytes(planned['eager_peak_bytes'])} | "
-            f"{format_bytes(planned['planned_peak_bytes'])} "
-            f"({format_bytes(planned['arena_bytes'])}) |"
+            f"{planned['planned_ms'] / best:.3f} | "
+            f"{channels_last['planned_ms'] / channels_last['eager_ms']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def peak_table(rows: list[dict]) -> str:
+    """Measured peaks (deterministic): eager in both layouts, planned with its arena, and the
+    packed convolution weights the planned module holds beside the model's."""
+    lines = [("| model | batch | peak eager | peak eager channels_last | peak planned (arena) | "
+              "packed weights | unplanned ops | max rel. diff |"), "|---" * 8 + "|"]
+    seen = set()
+    for row in rows:
+        if (row["model"], row["batch"]) in seen:
+            continue
+        seen.add((row["model"], row["batch"]))
+        planned, channels_last = row["runs"]["glibc"], row["runs"][CHANNELS_LAST]
+        unplanned = ", ".join(f"`{e['op']}`" for e in planned["unplanned_ops"]) or "none"
+        lines.append(
+            f"| {row['model']} | {row['batch']} | {format_bytes(planned['eager_peak_bytes'])} | "
+            f"{format_bytes(channels_last['eager_peak_bytes'])} | "
+            f"{format_bytes(planned['planned_peak_bytes'])} "
+            f"({format_bytes(planned['arena_bytes'])}) | "
+            f"{format_bytes(planned['packed_weight_bytes'])} | {unplanned} | "
+            f"{planned['max_rel_diff']:.2g} |")
     return "\n".join(lines)
 
 
@@ -115,6 +146,11 @@ def target_check(rows: list[dict], allocators: list[str]) -> str:
                      f" vs eager {format_bytes(planned['eager_peak_bytes'])}: "
                      f"{'met' if peak_ok else 'MISSED'}")
     return "\n".join(lines)
+
+
+def configs(text: str) -> list[tuple[int, int]]:
+    """"1x1,8x2" -> [(1, 1), (8, 2)]: batch x serving threads."""
+    return [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
 
 
 def faults_and_bytes(model_name: str, batch: int, calls: int = 3) -> dict:
@@ -183,19 +219,27 @@ def main() -> None:
     parser.add_argument("--iters-b1", type=int, default=10, help="timed calls per thread, batch 1")
     parser.add_argument("--iters-b8", type=int, default=3, help="timed calls per thread, batch 8")
     parser.add_argument("--install", action="store_true", help="apt-get install missing allocators")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
+    parser.add_argument("--configs", type=configs,
+                        default=[(b, t) for b in BATCHES for t in THREADS],
+                        help="batch x threads, comma-separated (default 1x1,1x2,8x1,8x2)")
     args = parser.parse_args()
     allocators = ensure_allocators(args.install)
+    models = args.models.split(",")
     started = time.time()
-    rows = matrix(allocators, {1: args.iters_b1, 8: args.iters_b8})
-    diagnostics = [faults_and_bytes(m, 8) for m in MODELS]
+    rows = matrix(allocators, {1: args.iters_b1, 8: args.iters_b8}, models, args.configs)
+    diagnostics = [faults_and_bytes(m, 8) for m in models]
     overhead = interpreter_overhead()
     command = " ".join(["python", "benchmarks/allocators.py", *sys.argv[1:]])
     print(f"# Allocators vs the planned executor\n\n`{command}` on {machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - started:.0f} s. "
           f"Median (p95) ms per call; {args.iters_b1} (batch 1) or {args.iters_b8} (batch 8) timed "
-          "calls per thread after 2 warm-ups; each serving thread has one intra-op thread. "
-          "Peaks measured at the allocator; the planned peak includes its arena.\n")
+          "calls per thread after 2 warm-ups, eager and planned interleaved round by round; each "
+          "serving thread has one intra-op thread. The last ratio is from the channels_last "
+          "process's own interleaved planned timing.\n")
     print(latency_table(rows, allocators))
+    print("\nMeasured peaks (at the allocator; the planned peak includes its arena):\n")
+    print(peak_table(rows))
     print("\n## Targets\n")
     print(target_check(rows, allocators))
     print("\n## Why: page faults and allocator traffic per call (batch 8, 1 thread, glibc)\n")
