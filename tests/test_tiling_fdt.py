@@ -9,9 +9,9 @@ from torch import fx, nn
 from memtile import zoo
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.check import compare, equivalent
-from memtile.tiling.fdt import apply_fdt, fdt_path, fdt_paths_through
+from memtile.tiling.fdt import PartialSum, apply_fdt, fdt_path, fdt_paths_through
 from memtile.tiling.macs import count_macs
-from memtile.tiling.rewrite import nbytes, propagate_shapes
+from memtile.tiling.rewrite import module_of, nbytes, propagate_shapes
 
 ACTIVATIONS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Identity]
 
@@ -105,7 +105,7 @@ def test_fdt_dense_widening_mlp(parts):
     tiled = check_split(model, torch.randn(1, 100), "_0", parts)
     tails = [m for name, m in tiled.named_modules() if name.endswith("_tail")]
     assert len(tails) == parts
-    assert sum(m.bias is not None for m in tails) == 1  # bias added once
+    assert sum(getattr(m, "bias", None) is not None for m in tails) == 1  # bias added once
 
 
 class InvertedResidual(nn.Module):
@@ -162,7 +162,8 @@ def test_fdt_through_global_pool_and_flatten_to_classifier():
         nn.Linear(40, 5),
     ).eval()
     tiled = check_split(model, torch.randn(2, 3, 9, 9), "_0", 5)
-    assert sum(1 for n in tiled.graph.nodes if str(n.target).endswith("accumulate")) == 4
+    partial_sums = [n for n in tiled.graph.nodes if isinstance(module_of(tiled, n), PartialSum)]
+    assert len(partial_sums) == 4  # partitions 1..4 multiply into partition 0's output
 
 
 def test_fdt_refuses_training_mode_batchnorm():

@@ -12,13 +12,18 @@ peak sits where the input is still live, as at a tiled stem, later widening bloc
 worth tiling: deployments often keep the input elsewhere, and MCUNetV2 reports peaks without
 it), then the number of steps at that peak, so that blocks which tie at the peak are tiled one
 after another.
+
+Two kinds of candidate look past one block: FDT over every block that ties at a peak at once (one
+block alone would leave the peak where it is, so the greedy step would prefer a recomputing FFMT
+span over all of them), and a finer split (more partitions, a finer grid) of an earlier step whose
+buffers make the peak now, rebuilt by replaying the accepted steps from there.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import fx, nn
@@ -26,7 +31,7 @@ from torch import fx, nn
 from memtile.errors import BudgetError, MemtileError
 from memtile.tiling.check import compare, equivalent
 from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
-from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through
+from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
 from memtile.tiling.planned import PlannedPeak, planned_peak
 from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape, to_graph_module
@@ -43,28 +48,47 @@ MAX_THINNING = 3  # consecutive steps that only lower the number of steps at a t
 @dataclass
 class Candidate:
     method: str  # "fdt" or "ffmt"
-    path: FDTPath | FFMTPath
+    paths: tuple[FDTPath | FFMTPath, ...]  # disjoint paths split the same way
     partitions: int
     grid: tuple[int, int] | None
     estimated: tuple[int, int, int]  # estimated objective (see PlannedPeak.objective)
     extra_macs: int
     target: str
+    redo: int | None = None  # index of the accepted step this one re-splits
 
     @property
     def ops(self) -> tuple[str, ...]:
-        return self.path.nodes
+        return tuple(name for path in self.paths for name in path.nodes)
 
     def key(self) -> tuple:
         return (*self.estimated, self.extra_macs > 0, len(self.ops), self.partitions)
 
-    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        if self.method == "fdt":
-            return apply_fdt(gm, self.path, self.partitions)
-        return apply_ffmt(gm, self.path, self.grid)
+    def apply(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[frozenset[str], ...]]:
+        """The rewritten copy of `gm` and, per path, the names of the nodes it made."""
+        made = []
+        for path in self.paths:
+            names = {n.name for n in gm.graph.nodes}
+            gm = (apply_fdt(gm, path, self.partitions) if self.method == "fdt"
+                  else apply_ffmt(gm, path, self.grid))
+            made.append(frozenset(n.name for n in gm.graph.nodes) - names)
+        return gm, tuple(made)
 
     def describe(self) -> str:
         split = f"{self.grid[0]}x{self.grid[1]}" if self.grid else str(self.partitions)
-        return f"{self.method} {split} over {self.ops[0]}..{self.ops[-1]} ({len(self.ops)} ops)"
+        where = f"{self.ops[0]}..{self.ops[-1]} ({len(self.ops)} ops"
+        where += f" in {len(self.paths)} paths)" if len(self.paths) > 1 else ")"
+        redo = " (finer split of an earlier step)" if self.redo is not None else ""
+        return f"{self.method} {split} over {where}{redo}"
+
+
+@dataclass
+class _Applied:
+    """An accepted candidate, the graph it was applied to and the node names it made."""
+
+    candidate: Candidate
+    before: fx.GraphModule
+    made: tuple[frozenset[str], ...]  # per path
+    number: int  # 1-based number of the report step that set this split
 
 
 @dataclass
@@ -79,6 +103,7 @@ class TileStep:
     ops: list[str]
     peak_bytes: int
     macs: int
+    replaces: int | None = None  # 1-based number of the earlier step this one re-splits
 
 
 @dataclass
@@ -128,22 +153,41 @@ class BudgetNotMetError(BudgetError):
         self.report = report
 
 
-def _fdt_candidates(gm: fx.GraphModule, target: str) -> list[Candidate]:
+def _fdt_extra(gm: fx.GraphModule, path: FDTPath, partitions: int) -> int:
+    """Working bytes of one FDT partition beyond the path's input and output (see Collapse)."""
+    inner = [node_named(gm, n) for n in path.nodes[:-1]]
+    # full-width bytes live while each inner op runs; elementwise ops work in place
+    working = [nbytes(inner[0])] + [
+        nbytes(b) if is_elementwise(gm, b) else nbytes(a) + nbytes(b)
+        for a, b in itertools.pairwise(inner)
+    ]
+    tail = node_named(gm, path.tail)
+    partial = 0 if multiplies_into(gm, tail) else nbytes(tail)
+    share = -(-path.width // partitions) / path.width
+    return int(max(max(working) * share, nbytes(inner[-1]) * share + partial))
+
+
+def _fdt_candidates(gm: fx.GraphModule, paths: Sequence[FDTPath], target: str,
+                    fewest: int = 1) -> list[Candidate]:
+    """FDT over all of `paths` at once, for every partition count above `fewest`."""
     found = []
-    for path in fdt_paths_through(gm, target):
-        inner = [node_named(gm, n) for n in path.nodes[:-1]]
-        # full-width bytes live while each inner op runs; elementwise ops work in place
-        working = [nbytes(inner[0])] + [
-            nbytes(b) if is_elementwise(gm, b) else nbytes(a) + nbytes(b)
-            for a, b in itertools.pairwise(inner)
-        ]
-        tail = nbytes(node_named(gm, path.tail))
-        for n in (p for p in PARTITIONS if p <= path.width):
-            share = -(-path.width // n) / path.width
-            extra = int(max(max(working) * share, nbytes(inner[-1]) * share + tail))
-            estimate = estimate_peak(gm, Collapse(frozenset(path.nodes), extra))
-            found.append(Candidate("fdt", path, n, None, estimate.objective, 0, target))
+    for n in (p for p in PARTITIONS if fewest < p <= min(path.width for path in paths)):
+        collapses = [Collapse(frozenset(path.nodes), _fdt_extra(gm, path, n)) for path in paths]
+        estimate = estimate_peak(gm, *collapses)
+        found.append(Candidate("fdt", tuple(paths), n, None, estimate.objective, 0, target))
     return found
+
+
+def _tied_fdt_paths(gm: fx.GraphModule, names: frozenset[str]) -> list[FDTPath]:
+    """Disjoint FDT paths through any of the storages `names` (the blocks tied at a peak)."""
+    paths: list[FDTPath] = []
+    used: set[str] = set()
+    for name in sorted(names):
+        for path in fdt_paths_through(gm, name):
+            if used.isdisjoint(path.nodes):
+                paths.append(path)
+                used.update(path.nodes)
+    return paths
 
 
 def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -180,7 +224,7 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
                     tiles = FFMTTiles(trunk, shape(start), out, grid)
                     collapse = Collapse(frozenset(path.nodes), tiles.tile_bytes())
                     found.append(Candidate(
-                        "ffmt", path, grid[0] * grid[1], grid,
+                        "ffmt", (path,), grid[0] * grid[1], grid,
                         estimate_peak(gm, collapse).objective, tiles.conv_macs() - whole, target,
                     ))
             except MemtileError as error:
@@ -189,7 +233,7 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
 
 
 def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
-                reasons: list[str]) -> list[Candidate]:
+                reasons: list[str], applied: Sequence[_Applied]) -> list[Candidate]:
     estimate = estimate_peak(gm)
     producers: list[str] = []
     for live in (estimate.live, estimate.live_without_input):
@@ -198,12 +242,53 @@ def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
     found: list[Candidate] = []
     for target in producers:
         if "fdt" in methods:
-            found += _fdt_candidates(gm, target)
+            found += [c for path in fdt_paths_through(gm, target)
+                      for c in _fdt_candidates(gm, [path], target)]
         if "ffmt" in methods:
             found += _ffmt_candidates(gm, target, reasons)
-    better = {(c.method, c.path, c.partitions, c.grid): c for c in found
+        found += _finer_candidates(gm, target, applied)
+    tied = _tied_fdt_paths(gm, estimate.at_peaks) if "fdt" in methods else []
+    if len(tied) > 1:
+        found += _fdt_candidates(gm, tied, tied[0].head)
+    better = {(c.method, c.paths, c.partitions, c.grid, c.redo): c for c in found
               if c.estimated < estimate.objective and c.extra_macs <= mac_room}
     return sorted(better.values(), key=Candidate.key)
+
+
+def _finer_candidates(gm: fx.GraphModule, target: str,
+                      applied: Sequence[_Applied]) -> list[Candidate]:
+    """Finer splits of the accepted step that made `target`: more FDT partitions, or a grid
+    with more FFMT tiles. Estimated on `gm` with the step's nodes collapsed to one step."""
+    step = next((i for i, a in enumerate(applied) if any(target in m for m in a.made)), None)
+    if step is None:
+        return []
+    done, before = applied[step].candidate, applied[step].before
+    present = frozenset(n.name for n in gm.graph.nodes)
+    regions = [made & present for made in applied[step].made]
+    if not all(regions):  # a later step rewrote part of it
+        return []
+    if done.method == "fdt":
+        found = []
+        for c in _fdt_candidates(before, done.paths, target, fewest=done.partitions):
+            collapses = [Collapse(region, _fdt_extra(before, path, c.partitions))
+                         for region, path in zip(regions, done.paths, strict=True)]
+            found.append(replace(c, estimated=estimate_peak(gm, *collapses).objective,
+                                 target=target, redo=step))
+        return found
+    region, path = regions[0], done.paths[0]
+    source, end = node_named(before, path.source), node_named(before, path.nodes[-1])
+    trunk = extract(before, path)
+    now = FFMTTiles(trunk, shape(source), shape(end), done.grid).conv_macs()
+    found = []
+    for grid in GRIDS:
+        if (grid[0] < done.grid[0] or grid[1] < done.grid[1] or grid == done.grid
+                or grid[0] > shape(end)[-2] or grid[1] > shape(end)[-1]):
+            continue
+        tiles = FFMTTiles(trunk, shape(source), shape(end), grid)
+        estimate = estimate_peak(gm, Collapse(region, tiles.tile_bytes()))
+        found.append(Candidate("ffmt", (path,), grid[0] * grid[1], grid, estimate.objective,
+                               tiles.conv_macs() - now, target, step))
+    return found
 
 
 def tile(
@@ -233,16 +318,19 @@ def tile(
     current, now = original, before
     steps: list[TileStep] = []
     rejected: list[str] = []
+    applied: list[_Applied] = []
     history = [(current, now)]
     while (len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget)
            and _thinning(history) < MAX_THINNING):
         accepted = None
-        for candidate in _candidates(current, methods, mac_limit - now.macs, rejected)[:TRIES]:
-            accepted = _try(candidate, current, original, inputs, now, mac_limit, rejected)
+        candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
+        for candidate in candidates[:TRIES]:
+            accepted = _try(candidate, current, applied, len(steps) + 1, original, inputs,
+                            now, mac_limit, rejected)
             if accepted is not None:
-                steps.append(_step(candidate, current, accepted[1]))
-                current, now = accepted
-                history.append(accepted)
+                steps.append(_step(candidate, current, accepted[1], applied))
+                current, now, applied = accepted
+                history.append((current, now))
                 say(f"{candidate.describe()}: planned peak {now.arena_bytes} B")
                 break
         if accepted is None:
@@ -273,13 +361,30 @@ def _thinning(history: list[tuple[fx.GraphModule, PlannedPeak]]) -> int:
     return len(peaks) - 1 - peaks.index(peaks[-1])
 
 
-def _try(candidate: Candidate, current: fx.GraphModule, original: fx.GraphModule,
-         inputs: tuple[torch.Tensor, ...], now: PlannedPeak, mac_limit: int,
-         rejected: list[str]) -> tuple[fx.GraphModule, PlannedPeak] | None:
+def _rebuild(candidate: Candidate, number: int, current: fx.GraphModule,
+             applied: list[_Applied], inputs: tuple[torch.Tensor, ...],
+             ) -> tuple[fx.GraphModule, list[_Applied]]:
+    """Apply a candidate (report step `number`); one that re-splits an accepted step replays
+    the accepted steps after it."""
+    start = len(applied) if candidate.redo is None else candidate.redo
+    gm = current if candidate.redo is None else applied[start].before
+    done = list(applied[:start])
+    for step, step_number in [(candidate, number),
+                              *((a.candidate, a.number) for a in applied[start + 1:])]:
+        tiled, made = step.apply(gm)
+        done.append(_Applied(step, gm, made, step_number))
+        gm = propagate_shapes(tiled, inputs)
+    return gm, done
+
+
+def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied], number: int,
+         original: fx.GraphModule, inputs: tuple[torch.Tensor, ...], now: PlannedPeak,
+         mac_limit: int, rejected: list[str],
+         ) -> tuple[fx.GraphModule, PlannedPeak, list[_Applied]] | None:
     """Apply, check and re-plan one candidate; None (with the reason recorded) if it fails."""
     try:
-        tiled = propagate_shapes(candidate.apply(current), inputs)
-    except MemtileError as error:
+        tiled, done = _rebuild(candidate, number, current, applied, inputs)
+    except (MemtileError, KeyError) as error:  # KeyError: a replayed step's node is gone
         rejected.append(f"{candidate.describe()}: {error}")
         return None
     error, scale = compare(original, tiled, inputs)
@@ -294,11 +399,13 @@ def _try(candidate: Candidate, current: fx.GraphModule, original: fx.GraphModule
         rejected.append(f"{candidate.describe()}: planned peak {planned.arena_bytes} B "
                         f"({planned.arena_without_input_bytes} B without inputs) is no better")
         return None
-    return tiled, planned
+    return tiled, planned, done
 
 
-def _step(candidate: Candidate, before: fx.GraphModule, planned: PlannedPeak) -> TileStep:
+def _step(candidate: Candidate, before: fx.GraphModule, planned: PlannedPeak,
+          applied: list[_Applied]) -> TileStep:
     target = candidate.target
+    replaces = applied[candidate.redo].number if candidate.redo is not None else None
     return TileStep(target, nbytes(node_named(before, target)), candidate.method, candidate.partitions,
                     list(candidate.grid) if candidate.grid else None, list(candidate.ops),
-                    planned.arena_bytes, planned.macs)
+                    planned.arena_bytes, planned.macs, replaces)

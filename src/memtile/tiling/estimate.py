@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from memtile.tiling.fdt import Accumulate
+from memtile.tiling.fdt import Accumulate, PartialSum
 from memtile.tiling.ffmt import FFMTTiles
 from memtile.tiling.rewrite import (
     BINARY_FUNCTIONS,
@@ -54,6 +54,7 @@ class Estimate:
     live: tuple[tuple[str, int], ...]
     live_without_input: tuple[tuple[str, int], ...]
     crowding: int  # steps at the peak without inputs: blocks that tie must all be tiled
+    at_peaks: frozenset[str]  # storages live at any step that reaches either peak
 
     @property
     def objective(self) -> tuple[int, int, int]:
@@ -74,32 +75,35 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in ELEMENTWISE_FUNCTIONS or node.target in BINARY_FUNCTIONS
     if node.op == "call_method":
         return node.target in ELEMENTWISE_METHODS or node.target in BINARY_METHODS
-    return isinstance(module_of(gm, node), (*ELEMENTWISE_MODULES, _BatchNorm, Accumulate))
+    return isinstance(module_of(gm, node), (*ELEMENTWISE_MODULES, _BatchNorm, Accumulate,
+                                                  PartialSum))
 
 
-def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estimate:
-    """Estimated peak bytes of running `gm` in graph order (shapes must be propagated)."""
+def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
+    """Estimated peak bytes of running `gm` in graph order (shapes must be propagated), with
+    each of the (disjoint) `collapses` run as one step."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
-    hidden = collapse.nodes if collapse else frozenset()
-    last_hidden = max((i for i, n in enumerate(nodes) if n.name in hidden), default=-1)
+    group = {name: c for c in collapses for name in c.nodes}
+    last_of = {group[n.name]: i for i, n in enumerate(nodes) if n.name in group}
     step_of: dict[fx.Node, int] = {}
+    macro: dict[Collapse, int] = {}
     extra: dict[int, int] = {}
     step = 0
     for index, node in enumerate(nodes):
-        if node.name in hidden and index != last_hidden:
+        collapse = group.get(node.name)
+        if collapse is not None and index != last_of[collapse]:
             continue
         step_of[node] = step
-        module = module_of(gm, node)
-        if index == last_hidden:
+        if collapse is not None:
+            macro[collapse] = step
             extra[step] = collapse.extra
-        elif isinstance(module, FFMTTiles):
+        elif isinstance(module := module_of(gm, node), FFMTTiles):
             extra[step] = module.tile_bytes()
         step += 1
-    macro = step_of[nodes[last_hidden]] if hidden else None
     outputs = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
 
     def where(node: fx.Node) -> int:
-        return macro if node.name in hidden else step_of[node]
+        return macro[group[node.name]] if node.name in group else step_of[node]
 
     def last_use(node: fx.Node) -> int:
         if node in outputs:
@@ -112,7 +116,7 @@ def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estim
         root = node
         if node.op != "placeholder" and node.all_input_nodes and _is_view(gm, node):
             root = base[node.all_input_nodes[0]]
-        elif node.name not in hidden and is_elementwise(gm, node):
+        elif node.name not in group and is_elementwise(gm, node):
             for arg in node.all_input_nodes:
                 owner = base.get(arg)
                 if (owner is not None and owner.op != "placeholder"
@@ -122,16 +126,16 @@ def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estim
                     break
         base[node] = root
         members.setdefault(root, []).append(node)
-    internal = {n for n in nodes if n.name in hidden and n not in outputs
-                and all(u.name in hidden for u in n.users)}
+    internal = {n for n in nodes if n.name in group and n not in outputs
+                and all(group.get(u.name) is group[n.name] for u in n.users)}
     live = [extra.get(s, 0) for s in range(step + 1)]
     no_input = list(live)
     spans: dict[fx.Node, tuple[int, int]] = {}
-    for root, group in members.items():
+    for root, members_of_root in members.items():
         if root in internal:
             continue
         start = 0 if root.op == "placeholder" else where(root)
-        spans[root] = (start, max(last_use(m) for m in group))
+        spans[root] = (start, max(last_use(m) for m in members_of_root))
         for s in range(spans[root][0], spans[root][1] + 1):
             live[s] += nbytes(root)
             if root.op != "placeholder":
@@ -143,5 +147,8 @@ def estimate_peak(gm: fx.GraphModule, collapse: Collapse | None = None) -> Estim
 
     peak = max(range(len(live)), key=live.__getitem__)
     peak_no_input = max(range(len(no_input)), key=no_input.__getitem__)
+    tied = [s for s in range(len(live))
+            if live[s] == live[peak] or no_input[s] == no_input[peak_no_input]]
     return Estimate(live[peak], no_input[peak_no_input], at(peak), at(peak_no_input),
-                    no_input.count(no_input[peak_no_input]))
+                    no_input.count(no_input[peak_no_input]),
+                    frozenset(name for s in tied for name, _ in at(s)))

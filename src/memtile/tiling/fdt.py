@@ -3,10 +3,13 @@
 A path is `head -> channel-local ops -> tail`: the head (conv with groups=1, or linear) is split
 by output channels, each channel-local op (BN in eval, activation, depthwise conv, pooling,
 flatten of a 1x1 map) keeps its slice, and the tail (conv or linear) reads only its
-input-channel slice and yields a partial sum of the full output. Partial sums accumulate in place
-(`Accumulate`, an `add_`) into the first partition's output, which alone carries the tail's bias. Every weight is
-used exactly once, so the rewrite adds no conv/linear MACs; the wide intermediates exist one
-partition at a time.
+input-channel slice and yields a partial sum of the full output. The first partition's output,
+which alone carries the tail's bias, is the accumulator. When the tail is a matrix product
+(linear, or 1x1 conv with stride 1 and no padding) each later partition multiplies straight into
+it (`PartialSum`, a GEMM with beta=1 and `out=` the accumulator), so no partial-sum buffer the
+size of the output exists; other tails compute the partial and add it in place (`Accumulate`).
+Every weight is used exactly once, so the rewrite adds no conv/linear MACs; the wide
+intermediates exist one partition at a time.
 """
 
 from __future__ import annotations
@@ -47,6 +50,37 @@ class Accumulate(nn.Module):
 
     def forward(self, total: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
         return total.add_(partial)
+
+
+class PartialSum(nn.Module):
+    """`total += weight @ x` in place for a matrix-product tail (linear, 1x1 conv): a GEMM with
+    beta=1 writing into the accumulator, so the partial sum never has a buffer of its own
+    (`addmm` with `out=`, which exports as `addmm` over a view of `total`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().reshape(weight.shape[0], -1).clone(),
+                                   requires_grad=weight.requires_grad)
+
+    def forward(self, total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if total.dim() == 4:  # (1, C, H, W) output of a 1x1 conv: (out, in) @ (in, H*W)
+            out = total.view(total.shape[1], -1)
+            torch.addmm(out, self.weight, x.reshape(x.shape[1], -1), out=out)
+        else:  # linear: (rows, in) @ (in, out)
+            out = total.view(-1, total.shape[-1])
+            torch.addmm(out, x.reshape(-1, x.shape[-1]), self.weight.t(), out=out)
+        return total
+
+
+def multiplies_into(gm: fx.GraphModule, tail: fx.Node) -> bool:
+    """A tail whose partial sums `PartialSum` can write straight into the accumulator: linear,
+    or a 1x1 conv at batch 1 (one GEMM, which capture counts as `addmm`)."""
+    module = module_of(gm, tail)
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and shape(tail)[0] == 1 and module.groups == 1
+            and all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+            and module.padding in ((0, 0), "valid") and module.padding_mode == "zeros")
 
 
 @dataclass(frozen=True)
@@ -260,10 +294,14 @@ def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphMod
                     args = fx.map_arg(mid.args, lambda n, p=previous, v=value: v if n is p else n)
                     value = graph.create_node(mid.op, mid.target, args, dict(mid.kwargs))
             tail_part = _slice_mixer(tail_module, lo, hi, output=False, bias=part == 0)
-            partial = call(f"p{part}_tail", tail_part, value)
-            accumulated = partial if accumulated is None else graph.call_module(
-                f"{prefix}.{ACCUMULATE}", (accumulated, partial)
-            )
+            if accumulated is None:
+                accumulated = call(f"p{part}_tail", tail_part, value)
+            elif multiplies_into(gm, tail):
+                container.add_module(f"p{part}_tail", PartialSum(tail_part.weight))
+                accumulated = graph.call_module(f"{prefix}.p{part}_tail", (accumulated, value))
+            else:
+                partial = call(f"p{part}_tail", tail_part, value)
+                accumulated = graph.call_module(f"{prefix}.{ACCUMULATE}", (accumulated, partial))
     tail.replace_all_uses_with(accumulated)
     erase_chain(gm, [head, *mids, tail])
     return finish(gm)

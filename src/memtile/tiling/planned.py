@@ -5,7 +5,9 @@ there, best heuristic plan), so an untiled model's planned peak is the one `memt
 reports. One addition: capture lowers to functional ATen, so FFMT's `out[..., tile] = value`
 appears as `copy` + `slice_scatter`, each a new full-size tensor; the rewritten model writes in
 place, so those share the output buffer. Without that the planner would charge every tile a
-second copy of the output.
+second copy of the output. Likewise FDT's `PartialSum` multiplies each partition straight into
+the accumulator (`addmm` with `out=` it), which capture shows as an `addmm` making a new tensor
+from a view of the accumulator: that result shares the accumulator's buffer.
 """
 
 from __future__ import annotations
@@ -16,27 +18,35 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memtile.capture import INPUT, MemGraph, capture
+from memtile.capture import INPUT, PARAMETER, MemGraph, capture
 from memtile.planner import ALIGNMENT, plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
 SCHEDULE_SECONDS = 2.0
+_ACCUMULATE = "aten.addmm.default"
+_WRITES_INTO = {"aten.slice_scatter.default", _ACCUMULATE}
 
 
 def inplace_writes(g: MemGraph) -> dict[str, str]:
     """Storage -> storage it is written into: `slice_scatter` results and the `copy` feeding them
-    share the scattered-into base when that base dies at the scatter (an in-place slice write).
-    Data dependencies fix these positions, so any schedule keeps them valid."""
+    share the scattered-into base when that base dies at the scatter (an in-place slice write);
+    an `addmm` result shares the base of its `self` operand (a GEMM accumulating into it) when
+    that base dies there and has its size. Data dependencies fix these positions, so any
+    schedule keeps them valid."""
     last_use: dict[str, int] = {}
     for tensor in g.tensors.values():
         if tensor.consumers:
             last_use[tensor.base] = max(last_use.get(tensor.base, -1), *tensor.consumers)
     shared: dict[str, str] = {}
     for op in g.ops:
-        if op.target != "aten.slice_scatter.default" or len(op.inputs) < 2:
+        if op.target not in _WRITES_INTO or len(op.inputs) < 2:
             continue
         base = g.tensors[op.inputs[0]].base
-        if last_use.get(base) != op.index or g.tensors[base].category == INPUT:
+        if last_use.get(base) != op.index or g.tensors[base].category in (INPUT, PARAMETER):
+            continue
+        if op.target == _ACCUMULATE:
+            if g.tensors[base].nbytes == g.tensors[op.outputs[0]].nbytes:
+                shared[op.outputs[0]] = base
             continue
         shared[op.outputs[0]] = base
         source = g.tensors[op.inputs[1]]
