@@ -1,6 +1,7 @@
 """Row-centric training: OverL and 2PS give the gradients of ordinary training."""
 
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
@@ -88,14 +89,31 @@ def test_plain_stack_float64_is_tighter(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("forward_rows,backward_rows,checkpoint",
-                         [(1, 5, False), (6, 2, False), (3, 4, True), (2, 25, True)])
-def test_separate_band_counts_and_checkpoint(strategy, forward_rows, backward_rows, checkpoint):
+@pytest.mark.parametrize("forward_rows,backward_rows,checkpoint,taper",
+                         [(1, 5, False, 0.0), (6, 2, False, 0.0), (3, 4, True, 0.0),
+                          (2, 25, True, 0.0), (2, 7, False, 3.0), (3, 12, True, 3.0)])
+def test_separate_band_counts_and_checkpoint(strategy, forward_rows, backward_rows, checkpoint,
+                                             taper):
     trunk = plain_stack()
     x = torch.randn(2, 3, 97, 21)
     errors = row_errors(trunk, x, rows=3, strategy=strategy, forward_rows=forward_rows,
-                        backward_rows=backward_rows, checkpoint=checkpoint)
+                        backward_rows=backward_rows, checkpoint=checkpoint, taper=taper)
     assert_exact(errors, 1e-5)
+
+
+@pytest.mark.parametrize("n,parts,taper", [(97, 7, 3.0), (512, 13, 3.0), (10, 10, 3.0),
+                                           (97, 5, 0.0)])
+def test_tapered_split_covers_rows_with_shrinking_bands(n, parts, taper):
+    from memtile.rows.engine import _split
+
+    bands = _split(n, parts, taper)
+    assert len(bands) == parts and bands[0][0] == 0 and bands[-1][1] == n
+    assert all(a[1] == b[0] for a, b in pairwise(bands))
+    sizes = [hi - lo for lo, hi in bands]
+    assert min(sizes) >= 1
+    assert all(a >= b - 1 for a, b in pairwise(sizes))  # never grows (up to rounding)
+    if n >= 4 * parts:
+        assert sizes[0] / sizes[-1] == pytest.approx(1 + taper, rel=0.35)
 
 
 TORCHVISION = [("vgg11", (2, 3)), ("resnet18", (2, 3, 4)), ("mobilenet_v2", (2, 4))]
@@ -284,3 +302,83 @@ def test_2ps_stores_each_kept_row_once():
     total_rows = sum(engine.sizes[v][0] for v in graph.order)
     assert stored < per_band  # thin bands: deep layers' boundaries overlap and are merged
     assert stored <= total_rows
+
+
+def relu_stack(layers: int = 6) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*(m for _ in range(layers)
+                           for m in (nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.ReLU(True))))
+
+
+def test_2ps_band_holds_each_joined_node_once():
+    # A 2PS node whose consumer reads kept rows was joined by torch.cat: backward then held
+    # the new rows twice (ReLU's saved result and the copy the next conv saved), about two
+    # ordinary layers' rows per band per layer, measured 1.85x ordinary/bands for this stack.
+    # Joined in one buffer that ReLU writes in place, a band holds each layer's rows once,
+    # plus two gradients in flight: (6 + 2) / 6 = 1.33x, and a halo row or two.
+    from memtile.rows.budget import row_bytes
+    from memtile.rows.engine import Engine, RowFunction
+
+    trunk, x, bands = relu_stack(), torch.randn(1, 16, 256, 64), 4
+    params = list(trunk.parameters())
+    ordinary = trunk_step_peak(trunk, x)
+    row = RowCentric(trunk, rows=bands, strategy="2ps")
+    engine = Engine(row.graph, (256, 64), "2ps", bands, bands, False)
+    sizes = row_bytes(row, x)
+    fixed = (engine.kept.bytes(sizes.real) + 2 * sizes.real[row.graph.output] * 256
+             + sum(p.numel() * p.element_size() for p in params))
+    from memtile.measure import measure
+
+    def step():
+        y = RowFunction.apply(engine, x, *params)
+        torch.autograd.grad(y, params, torch.ones_like(y))
+
+    band = measure(step).peak_bytes - fixed
+    assert band <= 1.5 * ordinary / bands
+
+
+def deep_narrow_output() -> nn.Module:
+    """Ten full-resolution layers and a 4-row output: few bands possible, so a band is big
+    and checkpointing inside it is what saves memory."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(10) for m in (nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())]
+    return nn.Sequential(*layers, nn.AvgPool2d(16))
+
+
+def test_budget_mode_picks_checkpoint_when_only_that_fits():
+    from memtile.rows.budget import TAPERS, Choice, configure, measure_step
+
+    trunk, x = deep_narrow_output(), torch.randn(2, 8, 64, 32)
+    row = RowCentric(trunk, rows="auto", budget=1)
+    height = row.graph.output_size((64, 32))[0]
+    assert height == 4
+
+    def best(checkpoint: bool) -> int:
+        return min(measure_step(row, x, Choice(s, f, b, 0, 0, checkpoint, t))
+                   for s in ("overl", "2ps") for t in TAPERS[s]
+                   for b in range(1, height + 1) for f in range(1, b + 1))
+
+    plain, checkpointed = best(False), best(True)
+    assert checkpointed < plain  # so a budget between them only checkpointing meets
+    row.budget = (plain + checkpointed) // 2
+    choice = configure(row, x)
+    assert choice.checkpoint and row.checkpoint
+    assert choice.measured_bytes <= row.budget
+    assert trunk_step_peak(row, x) <= row.budget
+
+
+def test_budget_mode_uses_no_more_bands_than_output_rows():
+    from memtile.rows.budget import Choice, candidates, configure, measure_step
+
+    trunk = torchvision_trunk("resnet18")
+    x = torch.randn(1, 3, 96, 64)
+    row = RowCentric(trunk, rows="auto", budget=1, strategy="2ps", bn="frozen")
+    height = row.graph.output_size((96, 64))[0]
+    assert height == 3
+    # the tightest budget anything meets: the most bands, checkpointed
+    row.budget = min(measure_step(row, x, Choice("2ps", height, height, 0, 0, True, taper))
+                     for taper in (0.0, 3.0))
+    for choice in candidates(row, x, 10 * row.budget):
+        assert choice.forward_rows <= height and choice.backward_rows <= height
+    choice = configure(row, x)
+    assert choice.backward_rows <= height and choice.measured_bytes <= row.budget

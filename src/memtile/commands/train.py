@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=("overl", "2ps"), default=None,
                         help="default: overl, or with --rows auto the one budget mode picks")
     parser.add_argument("--checkpoint", action="store_true",
-                        help="also checkpoint segments inside each band")
+                        help="also checkpoint segments inside each band (with --rows auto, "
+                             "budget mode adds it when it needs to)")
     parser.add_argument("--bn", choices=("frozen", "error"), default="frozen",
                         help="BatchNorm: frozen running statistics on both sides (default), or "
                              "refuse models that have it")
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
                      rows=rows, strategy=args.strategy,
                      forward_rows=args.forward_rows, backward_rows=args.backward_rows,
-                     checkpoint=args.checkpoint, bn="frozen", budget=args.budget)
+                     checkpoint=args.checkpoint or None, bn="frozen", budget=args.budget)
     result["model"] = args.model
     result["bn"] = "frozen" if norms else "none"
     if args.json:

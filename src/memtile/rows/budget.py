@@ -10,7 +10,6 @@ fits; if even that fails, `BudgetError` says what was measured.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,24 +18,31 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from memtile.errors import BudgetError
-from memtile.rows.engine import Engine, Plan, RowFunction, max_bands
+from memtile.rows.engine import Engine, Plan, RowFunction, checkpoint_segments, in_place
 from memtile.rows.module import RowCentric
 from memtile.units import format_bytes
 
 MEASURED_RETRIES = 3
 MEASURE_ANYWAY = 1.5  # measure the best guess when the estimate misses by less than this factor
+TAPERS = {"2ps": (0.0, 3.0), "overl": (0.0,)}  # backward band tapers tried (see Engine)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A configuration, its estimated step peak and its work (elements computed, all bands)."""
+    """A configuration, its estimated step peak and its cost (see `estimate`)."""
 
     strategy: str
     forward_rows: int
     backward_rows: int
     estimate_bytes: int
     work: int
+    checkpoint: bool = False
+    taper: float = 0.0
     measured_bytes: int | None = None
+
+    def cost(self, least_work: int) -> tuple[float, int]:
+        """Sort key for speed: work to 2%, then fewer bands (each has a fixed overhead)."""
+        return (round(self.work / max(least_work, 1) / 0.02), self.forward_rows + self.backward_rows)
 
 
 @dataclass(frozen=True)
@@ -61,31 +67,31 @@ def row_bytes(module: RowCentric, x: torch.Tensor) -> RowBytes:
         meta = node.meta["tensor_meta"]
         n, c, _, w = meta.shape
         out[node] = n * c * w * meta.dtype.itemsize
-    held = {v: 0 if _in_place(graph.gm, v) else b for v, b in out.items()}
+    held = {v: 0 if in_place(graph.gm, v) else b for v, b in out.items()}
     return RowBytes(out, held)
-
-
-def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An op that writes into its input (ReLU(inplace=True), +=, relu_) owns no new storage."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_")
-    return node.target in (operator.iadd, operator.imul)
 
 
 def _rows(rows: tuple[int, int]) -> int:
     return max(rows[1] - rows[0], 0)
 
 
-def _held(plan: Plan, per_row: dict[fx.Node, int]) -> list[int]:
-    """Bytes of every node's rows in each band: what a band with grad keeps for backward.
-
-    A 2PS node that joins kept rows to its new rows holds both parts and their concatenation.
-    """
-    return [sum(per_row[v] * (_rows(r) + (_rows(band.new[v]) if r[0] < band.new.get(v, r)[0]
-                                          else 0))
-                for v, r in band.value.items()) for band in plan.bands]
+def _held(engine: Engine, per_row: RowBytes) -> list[int]:
+    """Bytes a backward band keeps for its backward: every node's rows in the band (2PS joins
+    kept and new rows in one buffer); with checkpointing, the values that cross segments plus
+    the largest segment, recomputed."""
+    out = []
+    for band in engine.backward_plan.bands:
+        rows = {v: per_row.held[v] * _rows(r) for v, r in band.value.items()}
+        if not engine.checkpoint:
+            out.append(sum(rows.values()))
+            continue
+        segments = checkpoint_segments(engine.graph.order)
+        crossing = 0
+        for k, seg in enumerate(segments):
+            later = {a for s in segments[k + 1:] for v in s for a in engine.graph.ops[v].inputs}
+            crossing += sum(per_row.real[v] * _rows(band.value[v]) for v in seg if v in later)
+        out.append(crossing + max(sum(rows[v] for v in seg) for seg in segments))
+    return out
 
 
 def _computed(plan: Plan, per_row: dict[fx.Node, int]) -> int:
@@ -94,7 +100,12 @@ def _computed(plan: Plan, per_row: dict[fx.Node, int]) -> int:
 
 def estimate(engine: Engine, sizes: RowBytes, param_bytes: int, largest_param: int,
              input_grad: bool) -> Choice:
-    """Estimated peak of one trunk step (forward + backward) and its work, for an engine."""
+    """Estimated peak of one trunk step (forward + backward) and its work.
+
+    Work counts computed rows like time: the no-grad forward once, a backward band three
+    times (recompute with grad, then about twice that for its backward), once more with
+    checkpointing.
+    """
     per_row = sizes.held
     graph, fwd, bwd = engine.graph, engine.forward_plan, engine.backward_plan
     full = {v: sizes.real[v] * engine.sizes[v][0] for v in per_row}
@@ -102,23 +113,26 @@ def estimate(engine: Engine, sizes: RowBytes, param_bytes: int, largest_param: i
     fwd_peak = max(per_row[v] * _rows(b.value[v])
                    + sum(per_row[a] * _rows(b.value[a]) for a in graph.ops[v].inputs)
                    for b in fwd.bands for v in graph.order)
-    # backward band: everything the band keeps, plus two gradients of its largest node in flight
+    # backward band: the stores not yet used up, what the band keeps, and two gradients of
+    # its largest node in flight
     grads_in_flight = 2 * max(per_row[v] * _rows(b.value[v]) for b in bwd.bands
                               for v in graph.order)
-    bwd_peak = max(_held(bwd, per_row)) + grads_in_flight
-    stores = engine.kept.bytes(sizes.real)
-    peak = (2 * full[graph.output] + param_bytes + largest_param + stores
-            + (full[graph.input] if input_grad else 0) + max(fwd_peak, bwd_peak))
-    return Choice(engine.strategy, len(fwd.bands), len(bwd.bands), peak,
-                  _computed(fwd, per_row) + _computed(bwd, per_row))
+    count = len(bwd.bands)
+    alive = engine.kept.alive(sizes.real, count)
+    bwd_peak = max(a + h for a, h in zip(alive, _held(engine, sizes))) + grads_in_flight
+    peak = (2 * full[graph.output] + param_bytes + largest_param
+            + (full[graph.input] if input_grad else 0)
+            + max(engine.kept.bytes(sizes.real) + fwd_peak, bwd_peak))
+    recompute = 4 if engine.checkpoint else 3
+    return Choice(engine.strategy, len(fwd.bands), count, peak,
+                  _computed(fwd, per_row) + recompute * _computed(bwd, per_row),
+                  engine.checkpoint, engine.taper)
 
 
-def _cap(module: RowCentric, x: torch.Tensor, strategy: str) -> int:
-    """Most bands worth trying: every output row (OverL); 2PS bands of at least 4 input rows."""
-    size = tuple(x.shape[-2:])
-    if strategy == "2ps":
-        return max(module.graph.output_size(size)[0], size[0] // 4)
-    return max_bands(module.graph, size, strategy)
+def _cap(module: RowCentric, x: torch.Tensor) -> int:
+    """Most bands worth trying: the trunk output height. Bands thinner than one output row
+    only add per-band overhead (2PS: boundary rows stored per band; OverL: halo recompute)."""
+    return module.graph.output_size(tuple(x.shape[-2:]))[0]
 
 
 def _counts(height: int) -> list[int]:
@@ -131,43 +145,61 @@ def _counts(height: int) -> list[int]:
 
 
 def candidates(module: RowCentric, x: torch.Tensor, budget: int) -> list[Choice]:
-    """For each strategy, the fewest backward then forward bands whose estimate fits, by work.
+    """For each kind (strategy, checkpoint on/off, taper), the fewest backward then forward
+    bands whose estimate fits; all of them, fastest first. Bands stop at the trunk output
+    height (`_cap`).
 
-    The estimate errs high (it counts every node a band computes as held), so when nothing fits
-    but the smallest estimate is within `MEASURE_ANYWAY` of the budget, the smallest-estimate
-    configuration of each strategy is returned for measurement; further off, BudgetError.
+    The estimate is rough (it can miss either way), so the smallest-estimate configuration of
+    every kind with no fitting estimate follows, for measurement. When nothing fits, only those
+    come back if the smallest estimate is within `MEASURE_ANYWAY` of the budget; further off,
+    BudgetError.
     """
     per_row = row_bytes(module, x)
     params = [p for p in module.trunk.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     largest_param = max((p.numel() * p.element_size() for p in params), default=0)
     graph, size = module.graph, tuple(x.shape[-2:])
-    fits, smallest, best = [], None, {}
-    for strategy in module.strategies:
-        counts = _counts(_cap(module, x, strategy))
+    counts = _counts(_cap(module, x))
+
+    def guess(kind: tuple[str, bool, float], fwd: int, bwd: int) -> Choice:
+        strategy, checkpoint, taper = kind
+        return estimate(Engine(graph, size, strategy, fwd, bwd, checkpoint, taper), per_row,
+                        param_bytes, largest_param, x.requires_grad)
+
+    fits, best = [], {}
+    kinds = [(s, c, t) for s in module.strategies for c in module.checkpoints for t in TAPERS[s]]
+    for kind in kinds:
         for bwd in counts:
-            fwd = next((f for f in counts if f <= bwd and estimate(
-                Engine(graph, size, strategy, f, bwd, module.checkpoint), per_row,
-                param_bytes, largest_param, x.requires_grad).estimate_bytes <= budget), None)
-            choice = estimate(Engine(graph, size, strategy, fwd or bwd, bwd, module.checkpoint),
-                              per_row, param_bytes, largest_param, x.requires_grad)
-            if smallest is None or choice.estimate_bytes < smallest.estimate_bytes:
-                smallest = choice
-            if strategy not in best or choice.estimate_bytes < best[strategy].estimate_bytes:
-                best[strategy] = choice
-            if fwd is not None:
+            choice = next((c for f in counts if f <= bwd
+                           if (c := guess(kind, f, bwd)).estimate_bytes <= budget), None)
+            if choice is not None:
                 fits.append(choice)
                 break
-    if not fits and smallest.estimate_bytes <= MEASURE_ANYWAY * budget:
-        return sorted(best.values(), key=lambda c: c.estimate_bytes)
+            choice = guess(kind, bwd, bwd)
+            if kind not in best or choice.estimate_bytes < best[kind].estimate_bytes:
+                best[kind] = choice
+    # kinds with no fitting estimate: their smallest, to measure after the others if near
+    rest = sorted((c for k, c in best.items() if not any(_kind(f) == k for f in fits)),
+                  key=lambda c: c.estimate_bytes)
     if not fits:
-        raise BudgetError(
-            f"budget {format_bytes(budget)} is below the smallest estimated trunk step, "
-            f"{format_bytes(smallest.estimate_bytes)} ({smallest.strategy}, "
-            f"{smallest.backward_rows} backward bands); raise the budget or lower the batch "
-            "or resolution"
-        )
-    return sorted(fits, key=lambda c: c.work)
+        smallest = rest[0]
+        if smallest.estimate_bytes > MEASURE_ANYWAY * budget:
+            raise BudgetError(
+                f"budget {format_bytes(budget)} is below the smallest estimated trunk step, "
+                f"{format_bytes(smallest.estimate_bytes)} ({smallest.strategy}, "
+                f"{smallest.backward_rows} backward bands"
+                f"{', checkpointed' if smallest.checkpoint else ''}); raise the budget or "
+                "lower the batch or resolution"
+            )
+    rest = [c for c in rest if c.estimate_bytes <= MEASURE_ANYWAY * budget]
+    if not fits:
+        return rest
+    least = min(c.work for c in fits)
+    return sorted(fits, key=lambda c: c.cost(least)) + rest
+
+
+def _kind(choice: Choice) -> tuple[str, bool, float]:
+    return (choice.strategy, choice.checkpoint, choice.taper)
 
 
 def measure_step(module: RowCentric, x: torch.Tensor, choice: Choice) -> int:
@@ -175,7 +207,7 @@ def measure_step(module: RowCentric, x: torch.Tensor, choice: Choice) -> int:
     from memtile.measure import measure
 
     engine = Engine(module.graph, tuple(x.shape[-2:]), choice.strategy, choice.forward_rows,
-                    choice.backward_rows, module.checkpoint)
+                    choice.backward_rows, choice.checkpoint, choice.taper)
     params = [p for p in module.trunk.parameters() if p.requires_grad]
     x = x.detach().requires_grad_(x.requires_grad)
 
@@ -204,20 +236,23 @@ def configure(module: RowCentric, x: torch.Tensor) -> Choice:
                 break
         if tried[-1].measured_bytes <= budget:
             break
+        cap = _cap(module, x)
         options = [replace(o, forward_rows=min(cap, _more(o.forward_rows)),
                            backward_rows=min(cap, _more(o.backward_rows)))
-                   for o in options if o.backward_rows < (cap := _cap(module, x, o.strategy))]
+                   for o in options if min(o.forward_rows, o.backward_rows) < cap]
         if not options:
             break
     choice = min(tried, key=lambda c: (c.measured_bytes > budget, c.measured_bytes))
     if choice.measured_bytes > budget:
         raise BudgetError(
             f"budget {format_bytes(budget)}: the best configuration found ({choice.strategy}, "
-            f"{choice.forward_rows} forward / {choice.backward_rows} backward bands) measured "
+            f"{choice.forward_rows} forward / {choice.backward_rows} backward bands"
+            f"{', checkpointed' if choice.checkpoint else ''}) measured "
             f"{format_bytes(choice.measured_bytes)} per trunk step; raise the budget or lower "
             "the batch or resolution"
         )
     module.strategy, module.rows = choice.strategy, choice.backward_rows
     module.forward_rows, module.backward_rows = choice.forward_rows, choice.backward_rows
+    module.checkpoint, module.taper = choice.checkpoint, choice.taper
     module.choice = choice
     return choice

@@ -179,6 +179,14 @@ class KeptRows:
     def bytes(self, per_row: dict[fx.Node, int]) -> int:
         return sum(per_row[v] * (hi - lo) for v, segs in self.wanted.items() for _, (lo, hi) in segs)
 
+    def alive(self, per_row: dict[fx.Node, int], count: int) -> list[int]:
+        """Bytes still stored while each of `count` backward bands runs (bottom-up, each
+        segment freed after the band that reads it last)."""
+        size = {(v, k): per_row[v] * (hi - lo) for v, segs in self.wanted.items()
+                for k, (lo, hi) in segs}
+        freed_after = [sum(size[key] for key in self.last_used_by.get(i, ())) for i in range(count)]
+        return [sum(freed_after[: i + 1]) for i in range(count)]
+
 
 class BandRunner:
     """Runs the nodes of one band from an environment of tensors (image slice, kept rows)."""
@@ -250,9 +258,7 @@ class BandRunner:
 
     def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
         """Compute all nodes in about sqrt(n) segments, each recomputed during backward."""
-        order = self.graph.order
-        size = max(1, math.isqrt(len(order)))
-        segments = [order[i:i + size] for i in range(0, len(order), size)]
+        segments = checkpoint_segments(self.graph.order)
         for k, seg in enumerate(segments):
             later = {a for s in segments[k + 1:] for v in s for a in self.graph.ops[v].inputs}
             outs = [v for v in seg
@@ -273,18 +279,29 @@ class BandRunner:
             env.update(zip(outs, results))
 
 
+def checkpoint_segments(order: list[fx.Node]) -> list[list[fx.Node]]:
+    """About sqrt(n) consecutive segments of n nodes: what `checkpoint=True` recomputes."""
+    size = max(1, math.isqrt(len(order)))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 class Engine:
     """Forward and backward of one trunk for one input size and band configuration."""
 
     def __init__(self, graph: SpatialGraph, in_size: Size, strategy: str, forward_bands: int,
-                 backward_bands: int, checkpoint: bool) -> None:
+                 backward_bands: int, checkpoint: bool, taper: float = 0.0) -> None:
+        """`taper` (2PS): backward bands shrink linearly toward the bottom, the top one
+        1 + taper times the bottom one. Backward runs the bottom band first, while every
+        stored boundary is still held (and, when the receptive field is larger than the image,
+        with the deep layers' rows), so the top bands can afford more rows."""
         self.graph, self.strategy, self.checkpoint = graph, strategy, checkpoint
+        self.taper = taper if strategy == "2ps" else 0.0
         self.sizes = graph.sizes(in_size)
         # OverL splits the output rows, 2PS the input rows (see the plans); counts are capped
         cap = max_bands(graph, in_size, strategy)
         make = two_phase_plan if strategy == "2ps" else overl_plan
-        self.forward_plan, self.backward_plan = (
-            make(graph, self.sizes, _split(cap, n)) for n in (forward_bands, backward_bands))
+        self.forward_plan = make(graph, self.sizes, _split(cap, forward_bands))
+        self.backward_plan = make(graph, self.sizes, _split(cap, backward_bands, self.taper))
         self.kept = KeptRows.of(graph, self.backward_plan)
 
     # ---- forward ------------------------------------------------------------------------
@@ -394,9 +411,14 @@ def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:
     return in_size[0] if strategy == "2ps" else graph.output_size(in_size)[0]
 
 
-def _split(n: int, parts: int) -> list[Rows]:
+def _split(n: int, parts: int, taper: float = 0.0) -> list[Rows]:
+    """`n` rows in `parts` bands, sizes falling linearly from 1 + taper to 1 (top to bottom)."""
     parts = max(1, min(parts, n))
-    bounds = [n * i // parts for i in range(parts + 1)]
+    weights = [1 + taper * (parts - 1 - i) / max(parts - 1, 1) for i in range(parts)]
+    total, bounds = sum(weights), [0]
+    for i in range(1, parts + 1):
+        at = round(n * sum(weights[:i]) / total)
+        bounds.append(min(max(at, bounds[-1] + 1), n - (parts - i)))
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 

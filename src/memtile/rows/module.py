@@ -22,14 +22,17 @@ class RowCentric(nn.Module):
     large bands; backward holds one band's activations, so it wants more, smaller ones).
     `strategy` defaults to "overl"; `rows="auto"` with `budget=BYTES` picks band counts (and
     the strategy, unless one is given) for the first input seen
-    (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band.
+    (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band;
+    left at None, it is off, or in budget mode chosen with the band counts. `taper` (2PS) makes
+    backward bands shrink toward the bottom (see `Engine`); budget mode chooses it too.
     `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
     `bn="error"` refuses BatchNorm layers in training mode.
     """
 
     def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
                  forward_rows: int | None = None, backward_rows: int | None = None,
-                 checkpoint: bool = False, bn: str = "error", budget: int | None = None) -> None:
+                 checkpoint: bool | None = None, bn: str = "error", budget: int | None = None,
+                 taper: float = 0.0) -> None:
         super().__init__()
         if strategy is not None and strategy not in STRATEGIES:
             raise MemtileError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -41,9 +44,12 @@ class RowCentric(nn.Module):
         if rows != "auto" and (not isinstance(rows, int) or rows < 1):
             raise MemtileError(f"rows={rows!r}: give a positive number of bands or 'auto'")
         self.trunk = trunk
-        self.rows, self.checkpoint, self.bn = rows, checkpoint, bn
+        self.rows, self.bn, self.taper = rows, bn, taper
+        self.checkpoint = bool(checkpoint)
+        # what budget mode may pick
+        self.checkpoints = (False, True) if checkpoint is None else (checkpoint,)
         self.strategy = strategy or "overl"
-        self.strategies = (strategy,) if strategy else STRATEGIES  # what budget mode may pick
+        self.strategies = (strategy,) if strategy else STRATEGIES
         self.forward_rows, self.backward_rows, self.budget = forward_rows, backward_rows, budget
         self.choice = None  # budget mode: the memtile.rows.budget.Choice it made
         self._graph: SpatialGraph | None = None
@@ -71,10 +77,9 @@ class RowCentric(nn.Module):
 
             configure(self, x)
         fwd, bwd = self.band_counts()
-        key = (tuple(x.shape[-2:]), self.strategy, fwd, bwd, self.checkpoint)
+        key = (tuple(x.shape[-2:]), self.strategy, fwd, bwd, self.checkpoint, self.taper)
         if key not in self._engines:
-            self._engines[key] = Engine(self.graph, key[0], self.strategy, fwd, bwd,
-                                        self.checkpoint)
+            self._engines[key] = Engine(self.graph, *key)
         return self._engines[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
