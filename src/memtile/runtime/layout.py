@@ -5,8 +5,8 @@ Convolutions write straight into the arena only when their destination is channe
 norm, pooling and cat are held in channels_last. Every other tensor keeps eager's strides:
 graph inputs (the caller's), graph outputs (returned in the eager layout), any storage a view op
 reads (flatten before a classifier: a view of a channels_last buffer is not eager's view, so its
-source stays NCHW), and a chain of tensors that overwrite each other in place takes one layout
-for all of them.
+source stays NCHW). Two tensors of different layouts cannot share memory in place: the executor
+drops such in-place pairs (an elementwise op then converts between layouts as it writes).
 
 Channels_last changes the order in which a convolution sums its terms, so outputs differ from
 eager NCHW by float rounding (measured: about 1e-6 of the output's magnitude per convolution);
@@ -22,8 +22,7 @@ from memtile.capture import ACTIVATION, MemGraph
 LAYOUTS = ("auto", "channels_last", "eager")
 
 
-def channels_last_tensors(graph: MemGraph, shared: dict[str, str], layout: str,
-                          plannable_convolution: bool) -> set[str]:
+def channels_last_tensors(graph: MemGraph, layout: str, plannable_convolution: bool) -> set[str]:
     """Storages (base tensor names) held in channels_last under `layout`.
 
     "auto" is channels_last when some convolution can be computed into the arena, else eager.
@@ -33,24 +32,12 @@ def channels_last_tensors(graph: MemGraph, shared: dict[str, str], layout: str,
     if layout == "eager" or (layout == "auto" and not plannable_convolution):
         return set()
     read_by_view = {graph.tensors[name].base for op in graph.ops if op.is_view for name in op.inputs}
-    eligible = {
+    return {
         name for name, tensor in graph.tensors.items()
         if not tensor.is_view and tensor.category == ACTIVATION and len(tensor.shape) == 4
         and name not in read_by_view
     }
-    chains: dict[str, list[str]] = {}
-    for name, tensor in graph.tensors.items():
-        if not tensor.is_view:
-            chains.setdefault(root(name, shared), []).append(name)
-    return {name for chain in chains.values() if all(m in eligible for m in chain) for name in chain}
 
 
 def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
-
-
-def root(name: str, shared: dict[str, str]) -> str:
-    """The storage an in-place chain ends in (`shared` maps a tensor to the one it overwrites)."""
-    while name in shared:
-        name = shared[name]
-    return name

@@ -1,0 +1,50 @@
+"""Layout propagation: which planned tensors are channels_last, and calls that stay correct."""
+
+import pytest
+import torch
+from torch import nn
+
+from memtile.capture import capture
+from memtile.runtime import PlannedModule
+from memtile.runtime.layout import channels_last_strides, channels_last_tensors
+
+
+def conv_relu_flatten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    return model, (torch.randn(2, 3, 8, 8),)
+
+
+def test_a_view_read_keeps_its_storage_in_eager_layout():
+    """flatten reads relu's output through a view: relu stays NCHW, the convolution and batch
+    norm before it are channels_last."""
+    model, inputs = conv_relu_flatten()
+    graph = capture(model, inputs)
+    names = {op.target: op.outputs[0] for op in graph.ops}
+    conv = names["aten.convolution.default"]
+    norm = names["aten._native_batch_norm_legit_no_training.default"]
+    assert channels_last_tensors(graph, "channels_last", True) == {conv, norm}
+    assert channels_last_tensors(graph, "auto", True) == {conv, norm}
+    assert channels_last_tensors(graph, "eager", True) == set()
+    assert channels_last_tensors(graph, "auto", False) == set()  # no convolution to plan
+
+
+@pytest.mark.parametrize("layout", ["auto", "channels_last"])
+def test_flatten_after_channels_last_convolution_is_correct(layout):
+    """The planned call writes the convolution in channels_last and reads relu's NCHW output
+    through flatten. The schedule lets batch norm overwrite the convolution and relu overwrite
+    batch norm in place; relu's pair is dropped (its layout differs), the other kept. The
+    logits equal eager's up to the convolution's rounding."""
+    model, inputs = conv_relu_flatten()
+    module = PlannedModule(model, inputs, layout=layout)
+    program = module.main
+    conv = next(op.outputs[0] for op in program.graph.ops
+                if op.target == "aten.convolution.default")
+    assert any(name.startswith("convolution") for name in program.planned)
+    assert program._strides[conv] == channels_last_strides((2, 8, 8, 8))
+    assert program.shared == {"_native_batch_norm_legit_no_training.0": "convolution"}
+    with torch.no_grad():
+        expected = model(*inputs)
+    got = module(*inputs)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
