@@ -160,6 +160,7 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
         result, first = run_side(row, x, steps, params)
         fwd, bwd = row.trunk.band_counts()
         emit({**common, "method": strategy, **result, "forward_rows": fwd, "backward_rows": bwd,
+              "checkpoint": row.trunk.checkpoint, "taper": row.trunk.taper,
               "trunk_budget_bytes": budget, "target": fraction, "trunk_ordinary_peak_bytes": trunk_peak,
               "budget_measured_trunk_bytes": row.trunk.choice.measured_bytes,
               "choose_s": choose_s,
@@ -245,11 +246,14 @@ def table(path: Path) -> str:
             continue
         bands = (f"{r['forward_rows']}/{r['backward_rows']}" if "forward_rows" in r
                  else f"{r['segments']} segments" if "segments" in r else "-")
+        bands += ", checkpointed" if r.get("checkpoint") else ""
+        bands += f", taper {r['taper']:g}" if r.get("taper") else ""
+        method = r["method"] + (f" (target {r['target']:g})" if "target" in r else "")
         act = r["activation_bytes"]
         ratio_a = f"{act / b['activation_bytes']:.0%}" if b else ""
         ratio_t = f"{r['step_s'] / b['step_s']:.2f}x" if b else ""
         err = f"{r['grad_max_rel_error']:.1e}" if r.get("grad_max_rel_error") is not None else ""
-        out.append(f"| {r['net']} | {cfg} | {r['method']} | {bands} | {format_bytes(act)} | "
+        out.append(f"| {r['net']} | {cfg} | {method} | {bands} | {format_bytes(act)} | "
                    f"{ratio_a} | {format_bytes(r['peak_bytes'])} | {r['step_s']:.2f} s | "
                    f"{ratio_t} | {err} |")
     probes = [r for r in rows if "probe_resolution" in r]

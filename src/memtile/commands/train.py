@@ -163,6 +163,7 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "forward_rows": fwd,
         "backward_rows": bwd,
         "checkpoint": trunk.checkpoint,
+        "taper": trunk.taper,
         "trunk_output_shape": list(trunk.graph.output_size(tuple(x.shape[-2:]))),
         "baseline_peak_bytes": base_m.peak_bytes,
         "row_peak_bytes": row_m.peak_bytes,
@@ -243,7 +244,10 @@ def _print_table(r: dict) -> None:
         table.add_row(label, fmt(a), fmt(b), ratio)
     console.print(table)
     console.print(f"bands: {r['forward_rows']} forward / {r['backward_rows']} backward of "
-                  f"{r['trunk_output_shape'][0]} trunk output rows; max relative gradient error "
+                  f"{r['trunk_output_shape'][0]} trunk output rows"
+                  f"{', checkpointed inside bands' if r['checkpoint'] else ''}"
+                  f"{', backward bands tapered ' + format(r['taper'], 'g') if r['taper'] else ''}"
+                  f"; max relative gradient error "
                   f"{r['grad_max_rel_error']:.2e}; loss curves differ by at most "
                   f"{r['loss_max_rel_diff']:.2e} (relative)")
     if r["grad_max_rel_error_f64_row"] is not None:

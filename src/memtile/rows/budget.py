@@ -2,10 +2,13 @@
 
 The budget is what one training step of the trunk may allocate above what is held before it:
 the trunk output and its gradient, the parameter gradients, the activations of one band and,
-for 2PS, the stored boundary rows. The estimate counts, per band, every node's rows in that band
-(autograd keeps about one tensor per node). The cheapest configuration whose estimate fits is
-then run once under `memtile.measure`, and given more backward bands until the measured peak
-fits; if even that fails, `BudgetError` says what was measured.
+for 2PS, the stored boundary rows (those of the bands not yet run backward). The estimate counts,
+per band, every node's rows in that band (autograd keeps about one tensor per node). Kinds of
+configuration: strategy, checkpointing inside bands or not, and (2PS) a taper of the backward
+bands. For each, the fewest bands (at most the trunk output height) whose estimate fits; the
+fastest of those by estimated work is run once under `memtile.measure`, then the next, then
+all with more bands, until a measured peak fits; if none does, `BudgetError` says what was
+measured.
 """
 
 from __future__ import annotations
