@@ -82,26 +82,42 @@ def matrix(allocators: list[str], iters: dict[int, int], models: list[str],
 
 
 def latency_table(rows: list[dict], allocators: list[str]) -> str:
-    head = " | ".join(f"eager {a}" for a in allocators)
+    """Medians (p95) per process; planned is timed in every process, interleaved with eager."""
+    runs_of = [*allocators, CHANNELS_LAST]
     lines = [
-        (f"| model | batch | threads | {head} | eager glibc channels_last | planned | "
-         "planned / eager glibc | planned / best allocator | planned / eager channels_last |"),
-        "|---" * (8 + len(allocators)) + "|",
+        (f"| model | batch | threads | {' | '.join(f'eager {a}' for a in runs_of)} | "
+         f"{' | '.join(f'planned ({a} process)' for a in runs_of)} |"),
+        "|---" * (3 + 2 * len(runs_of)) + "|",
     ]
     for row in rows:
         runs = row["runs"]
-        cells = " | ".join(f"{runs[a]['eager_ms']:.1f} ({runs[a]['eager_p95_ms']:.1f})"
-                           for a in [*allocators, CHANNELS_LAST])
-        planned, channels_last = runs["glibc"], runs[CHANNELS_LAST]
-        best = min(runs[a]["eager_ms"] for a in allocators)
-        lines.append(
-            f"| {row['model']} | {row['batch']} | {row['threads']} | {cells} | "
-            f"{planned['planned_ms']:.1f} ({planned['planned_p95_ms']:.1f}) | "
-            f"{planned['planned_ms'] / runs['glibc']['eager_ms']:.3f} | "
-            f"{planned['planned_ms'] / best:.3f} | "
-            f"{channels_last['planned_ms'] / channels_last['eager_ms']:.3f} |"
-        )
+        cells = [f"{runs[a][k]:.1f} ({runs[a][k.replace('_ms', '_p95_ms')]:.1f})"
+                 for k in ("eager_ms", "planned_ms") for a in runs_of]
+        lines.append(f"| {row['model']} | {row['batch']} | {row['threads']} | "
+                     f"{' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict], allocators: list[str]) -> str:
+    """planned / eager within each process (same load, interleaved round by round), and across
+    processes: planned (glibc process) / the fastest allocator's eager median."""
+    runs_of = [*allocators, CHANNELS_LAST]
+    lines = [
+        (f"| model | batch | threads | {' | '.join(f'vs eager {a}' for a in runs_of)} | "
+         "across processes: vs best allocator |"),
+        "|---" * (4 + len(runs_of)) + "|",
+    ]
+    for row in rows:
+        runs = row["runs"]
+        best = min(runs[a]["eager_ms"] for a in allocators)
+        cells = " | ".join(f"{_ratio(runs[a]):.3f}" for a in runs_of)
+        lines.append(f"| {row['model']} | {row['batch']} | {row['threads']} | {cells} | "
+                     f"{runs['glibc']['planned_ms'] / best:.3f} |")
+    return "\n".join(lines)
+
+
+def _ratio(run: dict) -> float:
+    return run["planned_ms"] / run["eager_ms"]
 
 
 def peak_table(rows: list[dict]) -> str:
@@ -132,15 +148,19 @@ def target_check(rows: list[dict], allocators: list[str]) -> str:
         runs, planned = row["runs"], row["runs"]["glibc"]
         where = f"{row['model']} batch {row['batch']}, {row['threads']} thread(s)"
         if row["batch"] == 1:
-            slower = planned["planned_ms"] / planned["eager_ms"] - 1
+            slower = _ratio(planned) - 1
             verdict = "met" if slower <= 0.03 else "MISSED"
             lines.append(f"- {where}: planned vs eager glibc {slower:+.1%} (target <= +3%): {verdict}")
         if row["batch"] == 8 and row["threads"] == 2:
             best_name = min(allocators, key=lambda a: runs[a]["eager_ms"])
             faster = 1 - planned["planned_ms"] / runs[best_name]["eager_ms"]
-            verdict = "met" if faster >= 0.15 else "MISSED"
-            lines.append(f"- {where}: planned {faster:+.1%} faster than the best allocator "
-                         f"({best_name}) (target >= 15%): {verdict}")
+            worst = max(allocators, key=lambda a: _ratio(runs[a]))
+            within = 1 - _ratio(runs[worst])
+            verdict = "met" if within >= 0.15 else "MISSED"
+            lines.append(f"- {where}: planned {within:+.1%} faster than eager under the allocator "
+                         f"it gains least on ({worst}), timed in that allocator's process "
+                         f"(target >= 15%): {verdict}; across processes {faster:+.1%} vs the "
+                         f"fastest allocator's eager median ({best_name})")
         peak_ok = planned["planned_peak_bytes"] <= planned["eager_peak_bytes"]
         lines.append(f"- {where}: measured peak planned {format_bytes(planned['planned_peak_bytes'])}"
                      f" vs eager {format_bytes(planned['eager_peak_bytes'])}: "
@@ -235,9 +255,12 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - started:.0f} s. "
           f"Median (p95) ms per call; {args.iters_b1} (batch 1) or {args.iters_b8} (batch 8) timed "
           "calls per thread after 2 warm-ups, eager and planned interleaved round by round; each "
-          "serving thread has one intra-op thread. The last ratio is from the channels_last "
-          "process's own interleaved planned timing.\n")
+          "serving thread has one intra-op thread. Every process times the planned module too "
+          "(it allocates a few MiB per call, so the allocator hardly touches it): its spread "
+          "across processes shows the load, and ratios within a process are the robust ones.\n")
     print(latency_table(rows, allocators))
+    print("\nplanned / eager, each timed in the same process (same load, interleaved):\n")
+    print(ratio_table(rows, allocators))
     print("\nMeasured peaks (at the allocator; the planned peak includes its arena):\n")
     print(peak_table(rows))
     print("\n## Targets\n")
