@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_tiling_fdt import InvertedResidual, randomize_bn
 from torch import nn
 
 from memtile import zoo
@@ -14,8 +15,10 @@ from memtile.measure import measure
 from memtile.runtime import PlannedModule
 from memtile.tiling import BudgetNotMetError, tile
 from memtile.tiling.check import compare, equivalent
+from memtile.tiling.fdt import apply_fdt, fdt_path
 from memtile.tiling.macs import count_macs
 from memtile.tiling.planned import planned_peak
+from memtile.tiling.rewrite import propagate_shapes
 
 
 def mlp(widths=(100, 1000, 10)) -> nn.Module:
@@ -159,11 +162,70 @@ def test_zoo_models_tile_equivalently_and_lower_the_peak(name):
 
 @pytest.mark.slow
 def test_mobilenet_v2_224_meets_the_mcunetv2_style_targets():
-    """>= 4x lower planned peak with the input, <= 15% extra MACs. (The issue's >= 8x without
-    the input is not met yet: 6.65x against the scheduled, in-place baseline, see BENCHMARKS.)"""
+    """>= 8x lower planned peak without the input, >= 4x with it, <= 15% extra MACs."""
     model, inputs = zoo.get("mobilenet_v2", batch=1)
     tiled, report = tile(model, inputs, max_mac_overhead=0.15)
-    assert report.peak_before_without_input_bytes >= 6 * report.peak_after_without_input_bytes
+    assert report.peak_before_without_input_bytes >= 8 * report.peak_after_without_input_bytes
     assert report.peak_before_bytes >= 4 * report.peak_after_bytes
     assert report.mac_overhead <= 0.15
     assert equivalent(*compare(model, tiled, inputs))
+
+
+@pytest.mark.slow
+def test_fdt_alone_halves_mobilenet_v2_035_with_no_extra_macs():
+    model, inputs = zoo.get("mobilenet_v2_035_144", batch=1)
+    tiled, report = tile(model, inputs, methods=("fdt",))
+    assert report.peak_after_bytes <= report.peak_before_bytes / 2
+    assert report.macs_after == report.macs_before == count_macs(tiled, inputs)
+    assert equivalent(*compare(model, tiled, inputs))
+
+class TwoBlocks(nn.Module):
+    """A stem and two identical inverted-residual blocks: the blocks tie at the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(InvertedResidual(8, 6), InvertedResidual(8, 6))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_fdt_splits_blocks_tied_at_the_peak_together():
+    """One block alone leaves the peak where it is (the other ties), so discovery splits both
+    in one step, with no extra MACs, to below a quarter of the peak (the greedy alone got 2.3x,
+    and auto preferred recomputing FFMT spans)."""
+    torch.manual_seed(0)
+    model, x = randomize_bn(TwoBlocks()), torch.randn(1, 3, 16, 16)
+    gm = propagate_shapes(torch.fx.symbolic_trace(model), [x])
+    first, second = fdt_path(gm, "blocks_0_conv_0"), fdt_path(gm, "blocks_1_conv_0")
+    before = planned_peak(model, [x]).arena_bytes
+    assert planned_peak(apply_fdt(gm, first, 8), [x]).arena_bytes == before
+    tiled, report = tile(model, x, max_mac_overhead=0.1)
+    _, ffmt = tile(model, x, max_mac_overhead=0.1, methods=("ffmt",))
+    (step,) = report.steps
+    assert step.method == "fdt" and step.ops == [*first.nodes, *second.nodes]
+    both = apply_fdt(apply_fdt(gm, first, step.partitions), second, step.partitions)
+    assert report.peak_after_bytes == planned_peak(both, [x]).arena_bytes <= before / 4
+    assert report.peak_after_bytes < ffmt.peak_after_bytes
+    assert report.macs_after == report.macs_before == count_macs(tiled, [x])
+    assert equivalent(*compare(model, tiled, [x]))
+
+
+def test_fdt_discovery_refines_earlier_splits():
+    """Two widening paths: each split only lowers the peak to the other's, so both must be
+    split ever finer; replayed re-splits reach input + one channel pair + output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 64, 1), nn.ReLU(), nn.Conv2d(64, 4, 1),
+        nn.Conv2d(4, 48, 1), nn.ReLU(), nn.Conv2d(48, 4, 1),
+    ).eval()
+    x = torch.randn(1, 4, 16, 16)
+    tiled, report = tile(model, x, methods=("fdt",))
+    finer = [step for step in report.steps if step.replaces is not None]
+    assert finer and all(report.steps[s.replaces - 1].ops == s.ops for s in finer)
+    pixel = 16 * 16 * 4
+    assert report.peak_after_bytes == (4 + 64 // 32 + 4) * pixel
+    assert report.macs_after == report.macs_before
+    assert equivalent(*compare(model, tiled, [x]))

@@ -9,8 +9,9 @@ from torch import fx, nn
 from memtile import zoo
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.check import compare, equivalent
-from memtile.tiling.fdt import PartialSum, apply_fdt, fdt_path, fdt_paths_through
+from memtile.tiling.fdt import Accumulate, PartialSum, apply_fdt, fdt_path, fdt_paths_through
 from memtile.tiling.macs import count_macs
+from memtile.tiling.planned import planned_peak
 from memtile.tiling.rewrite import module_of, nbytes, propagate_shapes
 
 ACTIVATIONS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Identity]
@@ -191,3 +192,18 @@ def test_fdt_on_every_path_of_mobilenet_v2_035():
         tiled = apply_fdt(tiled, path, 4)
     assert equivalent(*compare(model, tiled, inputs))
     assert count_macs(tiled, inputs) == count_macs(model, inputs)
+
+
+@pytest.mark.parametrize("parts", [2, 4, 8])
+def test_fdt_partial_sums_multiply_into_the_accumulator(parts):
+    """1x1-conv tail: partitions 1.. multiply straight into partition 0's output, so the planned
+    peak is input + one partition of the wide buffer + output, with no partial-sum buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 96, 1), nn.ReLU(), nn.Conv2d(96, 8, 1)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    tiled = check_split(model, x, "_0", parts)
+    pixel = 16 * 16 * 4
+    assert planned_peak(tiled, [x]).arena_bytes == (8 + 96 // parts + 8) * pixel
+    modules = [module_of(tiled, n) for n in tiled.graph.nodes]
+    assert sum(isinstance(m, PartialSum) for m in modules) == parts - 1
+    assert not any(isinstance(m, Accumulate) for m in modules)

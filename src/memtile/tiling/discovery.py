@@ -315,36 +315,25 @@ def tile(
     before = planned_peak(original, inputs)
     say(f"planned peak before: {before.arena_bytes} B")
     mac_limit = int(before.macs * (1 + max_mac_overhead))
-    current, now = original, before
-    steps: list[TileStep] = []
     rejected: list[str] = []
-    applied: list[_Applied] = []
-    history = [(current, now)]
-    while (len(steps) < MAX_STEPS and not (budget is not None and now.arena_bytes <= budget)
-           and _thinning(history) < MAX_THINNING):
-        accepted = None
-        candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
-        for candidate in candidates[:TRIES]:
-            accepted = _try(candidate, current, applied, len(steps) + 1, original, inputs,
-                            now, mac_limit, rejected)
-            if accepted is not None:
-                steps.append(_step(candidate, current, accepted[1], applied))
-                current, now, applied = accepted
-                history.append((current, now))
-                say(f"{candidate.describe()}: planned peak {now.arena_bytes} B")
-                break
-        if accepted is None:
+    found: list[_Search] = []
+    for first in _starts(tuple(methods)):
+        say(f"search starting with {'+'.join(first)}")
+        search = _Search([(original, before, [])], [])
+        for phase in dict.fromkeys([first, tuple(methods)]):
+            search.run(phase, original, inputs, budget, mac_limit, rejected, say)
+        search.trim()
+        found.append(search)
+        if budget is not None and search.now.arena_bytes <= budget:
             break
-    # steps that only thinned a tied peak, and never led to a lower one, are dropped
-    keep = next(i for i, (_, p) in enumerate(history) if p.objective[:2] == now.objective[:2])
-    current, now = history[keep]
-    steps = steps[:keep]
+    best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
+    current, now = best.current, best.now
     error, scale = compare(model, current, inputs)
-    rejected = list(dict.fromkeys(rejected))
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
-        budget, max_mac_overhead, list(methods), steps, rejected, before, now,
+        budget, max_mac_overhead, list(methods), best.steps, list(dict.fromkeys(rejected)),
+        before, now,
     )
     if not report.budget_met:
         raise BudgetNotMetError(
@@ -355,9 +344,57 @@ def tile(
     return current, report
 
 
-def _thinning(history: list[tuple[fx.GraphModule, PlannedPeak]]) -> int:
+def _starts(methods: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Greedy searches to run: with all methods, and with each one alone first (then all), so
+    that auto is never worse than a single method, whose greedy path can differ."""
+    return [methods, *((m,) for m in methods)] if len(methods) > 1 else [methods]
+
+
+@dataclass
+class _Search:
+    """One greedy search: (graph, planned peak, accepted steps) after every step, and the
+    report's steps."""
+
+    history: list[tuple[fx.GraphModule, PlannedPeak, list[_Applied]]]
+    steps: list[TileStep]
+
+    @property
+    def current(self) -> fx.GraphModule:
+        return self.history[-1][0]
+
+    @property
+    def now(self) -> PlannedPeak:
+        return self.history[-1][1]
+
+    def run(self, methods: Sequence[str], original: fx.GraphModule,
+            inputs: tuple[torch.Tensor, ...], budget: int | None, mac_limit: int,
+            rejected: list[str], say: Callable[[str], None]) -> None:
+        """Greedy steps until nothing improves, the budget is met or too many only thin."""
+        while (len(self.steps) < MAX_STEPS and _thinning(self.history) < MAX_THINNING
+               and not (budget is not None and self.now.arena_bytes <= budget)):
+            current, now, applied = self.history[-1]
+            candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
+            for candidate in candidates[:TRIES]:
+                accepted = _try(candidate, current, applied, len(self.steps) + 1, original,
+                                inputs, now, mac_limit, rejected)
+                if accepted is not None:
+                    self.steps.append(_step(candidate, current, accepted[1], applied))
+                    self.history.append(accepted)
+                    say(f"{candidate.describe()}: planned peak {accepted[1].arena_bytes} B")
+                    break
+            else:
+                return
+
+    def trim(self) -> None:
+        """Drop steps that only thinned a tied peak and never led to a lower one."""
+        peak = self.now.objective[:2]
+        keep = next(i for i, (_, p, _) in enumerate(self.history) if p.objective[:2] == peak)
+        del self.history[keep + 1:], self.steps[keep:]
+
+
+def _thinning(history: list[tuple[fx.GraphModule, PlannedPeak, list[_Applied]]]) -> int:
     """How many of the last steps left both peaks where they were."""
-    peaks = [planned.objective[:2] for _, planned in history]
+    peaks = [planned.objective[:2] for _, planned, _ in history]
     return len(peaks) - 1 - peaks.index(peaks[-1])
 
 
