@@ -109,6 +109,12 @@ def _write_files(out: Path, name: str, tiled, inputs: tuple, report) -> dict:
     return files
 
 
+def _split(step: dict) -> str:
+    """"4" partitions or a "2x2" grid; a finer re-split of an earlier step says which."""
+    split = "x".join(map(str, step["grid"])) if step["grid"] else str(step["partitions"])
+    return split + (f" (re-splits step {step['replaces']})" if step.get("replaces") else "")
+
+
 def table(summary: dict) -> Group:
     """One row per discovery step, then the peaks before and after."""
     steps = Table(title=f"memtile tile: {summary['model']} ({summary['method']}): discovery steps")
@@ -117,9 +123,8 @@ def table(summary: dict) -> Group:
     steps.add_row("before", "", "", "", format_bytes(summary["peak_before_bytes"]),
                   f"{summary['macs_before']:,}")
     for index, step in enumerate(summary["steps"], 1):
-        split = "x".join(map(str, step["grid"])) if step["grid"] else str(step["partitions"])
         ops = f"{step['ops'][0]} .. {step['ops'][-1]} ({len(step['ops'])} ops)"
-        steps.add_row(str(index), step["method"], split, ops, format_bytes(step["peak_bytes"]),
+        steps.add_row(str(index), step["method"], _split(step), ops, format_bytes(step["peak_bytes"]),
                       f"{step['macs']:,}")
     result = Table(title="result")
     for column in ("", "before", "after", "ratio"):
@@ -145,7 +150,7 @@ def report_section(name: str, model, inputs, out: Path) -> str:
     summary, tiled, report = tile_summary(model, inputs)
     files = _write_files(out, name, tiled, inputs, report)
     rows = "\n".join(
-        f"| {i} | {s['method']} | {'x'.join(map(str, s['grid'])) if s['grid'] else s['partitions']} "
+        f"| {i} | {s['method']} | {_split(s)} "
         f"| `{s['ops'][0]}` .. `{s['ops'][-1]}` ({len(s['ops'])} ops) | "
         f"{format_bytes(s['peak_bytes'])} | {s['macs']:,} |"
         for i, s in enumerate(summary["steps"], 1)
