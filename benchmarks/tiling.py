@@ -32,6 +32,15 @@ def load(name: str):
     return zoo.get(name, batch=1)
 
 
+def describe(step) -> str:
+    """"fdt 4", "ffmt 2x2", "fdt 2 on 2 paths"; a re-split of an earlier step names it
+    ("fdt 8 (re-splits 2)")."""
+    split = "x".join(map(str, step.grid)) if step.grid else str(step.partitions)
+    paths = f" on {step.paths} paths" if step.paths > 1 else ""
+    again = f" (re-splits {step.replaces})" if step.replaces else ""
+    return f"{step.method} {split}{paths}{again}"
+
+
 def ratio(before: int, after: int) -> str:
     return f"{before / after:.2f}x"
 
@@ -55,8 +64,7 @@ def main() -> None:
         cells = [f"{format_bytes(r.peak_after_bytes)} ({ratio(before, r.peak_after_bytes)})"
                  for _, r, _ in reports.values()]
         macs = " / ".join(f"{r.mac_overhead:+.1%}" for _, r, _ in reports.values())
-        steps = ", ".join(f"{s.method} {'x'.join(map(str, s.grid)) if s.grid else s.partitions}"
-                          for s in auto.steps) or "none"
+        steps = ", ".join(describe(s) for s in auto.steps) or "none"
         print(f"| {name} | {format_bytes(before)} | {' | '.join(cells)} | "
               f"{format_bytes(auto.peak_before_without_input_bytes)} → "
               f"{format_bytes(auto.peak_after_without_input_bytes)} "

@@ -205,7 +205,7 @@ def test_fdt_splits_blocks_tied_at_the_peak_together():
     tiled, report = tile(model, x, max_mac_overhead=0.1)
     _, ffmt = tile(model, x, max_mac_overhead=0.1, methods=("ffmt",))
     (step,) = report.steps
-    assert step.method == "fdt" and step.ops == [*first.nodes, *second.nodes]
+    assert step.method == "fdt" and step.paths == 2 and step.ops == [*first.nodes, *second.nodes]
     both = apply_fdt(apply_fdt(gm, first, step.partitions), second, step.partitions)
     assert report.peak_after_bytes == planned_peak(both, [x]).arena_bytes <= before / 4
     assert report.peak_after_bytes < ffmt.peak_after_bytes

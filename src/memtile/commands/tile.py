@@ -110,8 +110,11 @@ def _write_files(out: Path, name: str, tiled, inputs: tuple, report) -> dict:
 
 
 def _split(step: dict) -> str:
-    """"4" partitions or a "2x2" grid; a finer re-split of an earlier step says which."""
+    """"4" partitions or a "2x2" grid, on how many paths; a finer re-split of an earlier step
+    says which."""
     split = "x".join(map(str, step["grid"])) if step["grid"] else str(step["partitions"])
+    if step.get("paths", 1) > 1:
+        split += f" on {step['paths']} paths"
     return split + (f" (re-splits step {step['replaces']})" if step.get("replaces") else "")
 
 

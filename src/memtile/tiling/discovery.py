@@ -104,6 +104,7 @@ class TileStep:
     peak_bytes: int
     macs: int
     replaces: int | None = None  # 1-based number of the earlier step this one re-splits
+    paths: int = 1  # disjoint paths split alike in this step (blocks tied at a peak)
 
 
 @dataclass
@@ -445,4 +446,4 @@ def _step(candidate: Candidate, before: fx.GraphModule, planned: PlannedPeak,
     replaces = applied[candidate.redo].number if candidate.redo is not None else None
     return TileStep(target, nbytes(node_named(before, target)), candidate.method, candidate.partitions,
                     list(candidate.grid) if candidate.grid else None, list(candidate.ops),
-                    planned.arena_bytes, planned.macs, replaces)
+                    planned.arena_bytes, planned.macs, replaces, len(candidate.paths))
