@@ -48,3 +48,22 @@ def test_flatten_after_channels_last_convolution_is_correct(layout):
         expected = model(*inputs)
     got = module(*inputs)
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+def test_four_d_outputs_are_returned_in_the_eager_layout():
+    """A model ending in a convolution: its output is the caller's, NCHW as eager returns it.
+    The last convolution cannot write NCHW into a given buffer without a temporary the size of
+    its output (refused by measurement, though that is under oneDNN's fixed workspace
+    allowance on top of the output), so it runs unplanned and its result is restrided."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    inputs = (torch.randn(2, 3, 64, 64),)
+    module = PlannedModule(model, inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    got = module(*inputs)
+    assert got.is_contiguous() and got.stride() == expected.stride()
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    planned = [name for name in module.main.planned if name.startswith("convolution")]
+    assert planned == ["convolution"]  # the first; the second makes the output

@@ -128,13 +128,14 @@ def rejection(variant: OutVariant, allocated: int, output_bytes: int,
     """Why a candidate cannot be planned, or None when it computes straight into its outs.
 
     A generated out= wrapper allocates the whole result and copies it: at least the output's
-    bytes. Smaller scratch (batch norm's per-channel scale and shift, a reduction's scalar,
-    oneDNN's fixed workspace) is allowed and kept in `ArenaProgram.kernel_bytes`. `error` is
+    bytes. Smaller scratch (batch norm's per-channel scale and shift, a reduction's scalar) is
+    allowed and kept in `ArenaProgram.kernel_bytes`, and so is a variant's fixed workspace
+    (oneDNN's, 8 KB here) even where the output is smaller than it. `error` is
     `relative_error` against the functional op: 0 (bit-exact) unless the variant states a
     tolerance.
     """
     name = str(variant.overload)
-    if allocated >= output_bytes + variant.scratch_bytes:
+    if allocated >= output_bytes and allocated > variant.scratch_bytes:
         return (f"{name} allocates as much as its output at every call (it computes into a "
                 "temporary and copies it into out=)")
     if error > variant.tolerance:
