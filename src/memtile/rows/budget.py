@@ -6,9 +6,9 @@ for 2PS, the stored boundary rows (those of the bands not yet run backward). The
 per band, every node's rows in that band (autograd keeps about one tensor per node). Kinds of
 configuration: strategy, checkpointing inside bands or not, and (2PS) a taper of the backward
 bands. For each, the fewest bands (at most the trunk output height) whose estimate fits; the
-fastest of those by estimated work is run once under `memtile.measure`, then the next, then
-all with more bands, until a measured peak fits; if none does, `BudgetError` says what was
-measured.
+fastest of those by estimated work is run once under `memtile.measure`; one that misses is
+retried with more bands, in order of speed with the rest, until a measured peak fits; if none
+does, `BudgetError` says what was measured.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from memtile.rows.engine import Engine, Plan, RowFunction, checkpoint_segments, 
 from memtile.rows.module import RowCentric
 from memtile.units import format_bytes
 
-MEASURED_RETRIES = 3
+MAX_MEASURED = 12  # configurations budget mode measures at most
 MEASURE_ANYWAY = 1.5  # measure the best guess when the estimate misses by less than this factor
 TAPERS = {"2ps": (0.0, 3.0), "overl": (0.0,)}  # backward band tapers tried (see Engine)
 
@@ -228,23 +228,28 @@ def _more(bands: int) -> int:
 
 
 def configure(module: RowCentric, x: torch.Tensor) -> Choice:
-    """Pick and verify a configuration for `module.budget`; set it on the module."""
+    """Pick and verify a configuration for `module.budget`; set it on the module.
+
+    Measures the fastest untried configuration (those whose estimate fits before the others);
+    one that misses comes back with more bands, so a fast kind with more bands is measured
+    before a slower kind (checkpointing) is.
+    """
     budget = module.budget
-    tried: list[Choice] = []
     options = candidates(module, x, budget)
-    for _ in range(MEASURED_RETRIES + 1):
-        for option in options:  # cheapest work first
-            tried.append(replace(option, measured_bytes=measure_step(module, x, option)))
-            if tried[-1].measured_bytes <= budget:
-                break
+    least, cap = min(o.work for o in options), _cap(module, x)
+    # (estimate missed, cost, choice): the estimate-fitting ones first, then by speed
+    queue = [(o.estimate_bytes > budget, o.cost(least), o) for o in options]
+    tried: list[Choice] = []
+    while queue and len(tried) < MAX_MEASURED:
+        queue.sort(key=lambda entry: entry[:2])
+        missed, _, option = queue.pop(0)
+        tried.append(replace(option, measured_bytes=measure_step(module, x, option)))
         if tried[-1].measured_bytes <= budget:
             break
-        cap = _cap(module, x)
-        options = [replace(o, forward_rows=min(cap, _more(o.forward_rows)),
-                           backward_rows=min(cap, _more(o.backward_rows)))
-                   for o in options if min(o.forward_rows, o.backward_rows) < cap]
-        if not options:
-            break
+        if min(option.forward_rows, option.backward_rows) < cap:
+            more = replace(option, forward_rows=min(cap, _more(option.forward_rows)),
+                           backward_rows=min(cap, _more(option.backward_rows)))
+            queue.append((missed, more.cost(least), more))
     choice = min(tried, key=lambda c: (c.measured_bytes > budget, c.measured_bytes))
     if choice.measured_bytes > budget:
         raise BudgetError(
