@@ -22,7 +22,7 @@ def test_json_compares_eager_and_planned(capsys):
     assert KEYS <= summary.keys()
     # convolutions planned in channels_last: eager's values up to rounding (see test_runtime)
     assert 0 < summary["max_rel_diff"] <= 1e-5 and summary["layout"] == "auto"
-    assert summary["packed_weight_bytes"] > 0
+    assert summary["packed_weight_bytes"] > 0 and summary["pack_weights"] is True
     assert summary["threads"] == 2 and summary["allocator"] == "glibc"
     assert summary["planned_peak_bytes"] >= summary["arena_bytes"] > 0
     assert summary["eager_p95_ms"] >= summary["eager_ms"] > 0
@@ -44,6 +44,17 @@ def test_eager_channels_last_is_compared_with_planned_channels_last(capsys):
     assert summary["eager_layout"] == "channels_last"
     assert summary["max_rel_diff"] <= 1e-5
     assert summary["eager_peak_bytes"] > 0
+
+
+def test_no_pack_weights_holds_no_packed_copy(capsys):
+    """--no-pack-weights: no packed copy held (oneDNN reorders each weight at every call); the
+    first convolution (NCHW model input) then allocates more than its output and runs
+    unplanned; the outputs are eager's up to the convolution's rounding."""
+    summary = run_json(capsys, "resnet8_cifar", "--iters", "2", "--no-pack-weights")
+    assert summary["pack_weights"] is False and summary["packed_weight_bytes"] == 0
+    assert [entry["op"] for entry in summary["unplanned_ops"]] == ["aten.convolution.default"]
+    assert "allocates as much as its output" in summary["unplanned_ops"][0]["reason"]
+    assert summary["max_rel_diff"] <= 1e-5
 
 
 @pytest.mark.skipif(not any(run_command.allocator_library_or_none(n) for n in ("jemalloc",)),

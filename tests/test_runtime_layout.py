@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from memtile import zoo
 from memtile.capture import capture
 from memtile.runtime import PlannedModule
 from memtile.runtime.layout import channels_last_strides, channels_last_tensors
@@ -67,3 +68,23 @@ def test_four_d_outputs_are_returned_in_the_eager_layout():
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
     planned = [name for name in module.main.planned if name.startswith("convolution")]
     assert planned == ["convolution"]  # the first; the second makes the output
+
+
+def test_an_unplanned_convolution_of_an_nchw_input_is_restrided():
+    """Without packed weights, resnet8's first convolution (3-channel NCHW model input) allocates
+    more than its output at every call, so it is refused by measurement and runs unplanned: it
+    returns NCHW, and the executor converts it to the channels_last its planned readers were
+    checked with (batch norm's out= kernel computes wrong values from an NCHW input into a
+    channels_last out=). The other convolutions are planned (their per-call weight reorder is
+    allowed scratch)."""
+    model, inputs = zoo.get("resnet8_cifar")
+    module = PlannedModule(model, inputs, pack_weights=False)
+    assert module.packed_bytes == 0
+    convolutions = [op.node.name for op in module.main.graph.ops
+                    if op.target == "aten.convolution.default"]
+    assert [n for n in convolutions if n in module.main.unplanned] == ["convolution"]
+    assert "restride to the planned layout" in module.source
+    with torch.no_grad():
+        expected = model(*inputs)
+    got = module(*inputs)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())

@@ -6,7 +6,9 @@ one). `--allocator NAME` re-runs the command with a general-purpose allocator pr
 (`LD_PRELOAD`), so eager can be compared against jemalloc, tcmalloc or mimalloc.
 `--layout` is the planned module's (`PlannedModule(layout=...)`); `--eager-layout
 channels_last` runs eager on a channels_last copy of the model (its input converted inside each
-call), to separate what the layout gains from what planning gains.
+call), to separate what the layout gains from what planning gains. `--no-pack-weights` leaves
+convolution weights in the model's format (oneDNN reorders them at every call) instead of
+holding a packed copy beside them: less memory held, more work per call.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "when convolutions can then run from the arena)")
     parser.add_argument("--eager-layout", choices=EAGER_LAYOUTS, default="contiguous",
                         help="eager model's memory format (default contiguous, as given)")
+    parser.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
+                        help="planned: no packed copy of convolution weights (reordered per call)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
 
 
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "allocator": args.allocator, "allocator_loaded": allocator_loaded(args.allocator),
                **compare(model, inputs, args.threads, args.iters, args.strategy, args.layout,
-                         args.eager_layout)}
+                         args.eager_layout, args.pack_weights)}
     if args.json:
         print_json(summary)
     else:
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int = 20,
-            strategy: str = "best", layout: str = "auto", eager_layout: str = "contiguous") -> dict:
+            strategy: str = "best", layout: str = "auto", eager_layout: str = "contiguous",
+            pack_weights: bool = True) -> dict:
     """Eager vs planned on the same inputs: median/p95 ms per call, measured peaks, max |diff|.
 
     The planned peak is the arena plus what a warm planned call allocates (unplanned ops and
@@ -92,7 +97,8 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     torch.set_num_threads(1)
     try:
         started = time.perf_counter()
-        planned = PlannedModule(model, inputs, strategy=strategy, layout=layout)
+        planned = PlannedModule(model, inputs, strategy=strategy, layout=layout,
+                                pack_weights=pack_weights)
         build_seconds = time.perf_counter() - started
         eager = model if eager_layout == "contiguous" else ChannelsLast(model)
         with torch.no_grad():
@@ -106,6 +112,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     return {
         "layout": layout,
         "eager_layout": eager_layout,
+        "pack_weights": pack_weights,
         "threads": threads,
         "iters": iters,
         "eager_ms": statistics.median(eager_ms),
@@ -213,6 +220,8 @@ def _rerun_with(args: argparse.Namespace) -> int:
             "--eager-layout", args.eager_layout]
     if args.input_shape:
         argv += ["--input-shape", ",".join(map(str, args.input_shape))]
+    if not args.pack_weights:
+        argv.append("--no-pack-weights")
     if args.json:
         argv.append("--json")
     return subprocess.run(argv, env=env, check=False).returncode

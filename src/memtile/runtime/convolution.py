@@ -24,21 +24,30 @@ TARGET = "aten.convolution.default"
 POINTWISE = torch.ops.mkldnn._convolution_pointwise_.binary
 TOLERANCE = 1e-5  # relative to the output's magnitude; measured up to 2.4e-6 (vgg11, resnet18)
 SCRATCH_BYTES = 16 * 1024
+REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-sized buffers (measured)
 
 
 class ConvolutionInto:
-    """`conv(x, ...)` written into `out`: zero it, then oneDNN adds the convolution into it."""
+    """`conv(x, ...)` written into `out`: zero it, then oneDNN adds the convolution into it.
+
+    `unary` ("relu") is a oneDNN post-op applied after the add, in the same pass over `out`
+    (see `fusion`)."""
+
+    def __init__(self, unary: str | None = None):
+        self.unary = unary
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *, out):
         out.zero_()
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
-                         "add", 1.0, None, [], None)
+                         "add", 1.0, self.unary, [], None)
 
     def __repr__(self) -> str:
-        return "mkldnn._convolution_pointwise_.binary (into a zeroed out=)"
+        then = f", then {self.unary}" if self.unary else ""
+        return f"mkldnn._convolution_pointwise_.binary (into a zeroed out={then})"
 
 
 INTO = ConvolutionInto()
+INTO_RELU = ConvolutionInto("relu")
 
 
 def is_convolution(node: fx.Node) -> bool:
@@ -64,7 +73,8 @@ def unsupported(node: fx.Node, device: torch.device) -> str | None:
 
 def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
-    weight is computed in the graph), packed once when `pack`."""
+    weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
+    weight at every call: that scratch is allowed too (freed within the call)."""
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     packed = None
     if pack and weight is not None:
@@ -77,8 +87,9 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool) -> OutVarian
         return (x, w if packed is None else packed, bias, list(padding), list(stride),
                 list(dilation), groups), {}
 
+    reorder = 0 if packed is not None else REORDER_COPIES * _nbytes(node.args[1].meta["val"])
     return OutVariant(INTO, ("out",), rewrite, packed_bytes=_nbytes(packed),
-                      tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES)
+                      tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES + reorder)
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:

@@ -4,10 +4,10 @@ Construction captures the model (core ATen), orders its ops (`memtile.schedule` 
 finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
-kernel (see `outvariants`), plans the arena (`memtile.planning.solve`) and compiles the
-straight-line program (`codegen`). A call then runs each planned op into its view of the arena;
-unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and their results
-are freed as soon as their last reader ran.
+kernel (see `outvariants`) and each convolution with its ReLU fused (see `fusion`), plans the
+arena (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call then
+runs each planned op into its view of the arena; unplanned ops (no out= kernel, or one that
+allocates) run as ordinary calls, and their results are freed as soon as their last reader ran.
 """
 
 from __future__ import annotations
@@ -25,13 +25,21 @@ from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.planner import prepare
 from memtile.planning import Plan, Problem, solve
-from memtile.runtime import convolution, outvariants
+from memtile.runtime import convolution, fusion, outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
 from memtile.runtime.layout import LAYOUTS, channels_last_strides, channels_last_tensors
 from memtile.units import format_bytes
 
 ALIGNMENT = 64
 ON_NEW_SHAPE = ("error", "replan")
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A ReLU computed by its convolution's call (`fusion`), with the variant that does it."""
+
+    relu: fx.Node
+    variant: outvariants.OutVariant
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class ArenaProgram:
     """One input signature's plan: the graph, the arena layout and the compiled program."""
 
     def __init__(self, model: nn.Module, inputs: tuple, strategy: str, copy_outputs: bool,
-                 schedule_seconds: float, layout: str = "auto", pack_weights: bool = True):
+                 schedule_seconds: float, layout: str = "auto", pack_weights: bool = True,
+                 fuse_relu: bool = True):
         self.graph = capture(model, inputs)
         self.device = inputs[0].device if inputs else torch.device("cpu")
         prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
@@ -61,16 +70,22 @@ class ArenaProgram:
         self._strides: dict[str, tuple[int, ...]] = {}  # produced tensor -> strides in a call
         self._restride: set[str] = set()  # tensors whose functional op returns other strides
         self.kernel_bytes: dict[str, int] = {}  # fx node name -> scratch its out= call allocated
+        self.fused: dict[str, Fused] = {}  # convolution node name -> the ReLU run with it
+        self.unfused: dict[str, str] = {}  # convolution node name -> why its ReLU runs apart
         variants = self._candidates(pack_weights)
         self.channels_last = channels_last_tensors(
             self.graph, layout, any(v.overload is convolution.INTO for v in variants.values()))
-        self.planned = self._check_kernels(variants, inputs)
+        pairs = fusion.relu_pairs(self.graph, variants, self.channels_last) if fuse_relu else {}
+        self.planned = self._check_kernels(variants, pairs, inputs)
         self.arena_storages = self._arena_storages()
         self.shared = {  # in-place pairs within the arena and of one layout
             out: source for out, source in prepared.shared.items()
             if out in self.arena_storages and source in self.arena_storages
             and (out in self.channels_last) == (source in self.channels_last)
         }
+        value_of = self.graph.value_of
+        self.shared.update({value_of[fused.relu]: value_of[fused.relu.args[0]]  # its slot
+                            for fused in self.fused.values()})
         self.problem = Problem(
             [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
             alignment=ALIGNMENT,
@@ -123,11 +138,17 @@ class ArenaProgram:
             variants[node.name] = variant
         return variants
 
-    def _check_kernels(self, variants: dict, inputs: tuple) -> dict[str, outvariants.OutVariant]:
-        """Run the graph once; run each candidate's out= kernel beside the functional op."""
+    def _check_kernels(self, variants: dict, pairs: dict[str, fx.Node],
+                       inputs: tuple) -> dict[str, outvariants.OutVariant]:
+        """Run the graph once; run each candidate's out= kernel beside the functional op, and
+        each fusable convolution with its ReLU beside the two candidates' results (`fusion`);
+        fills `fused`."""
         errors: dict[int, float] = {}
         output_bytes: dict[int, int] = {}
         keys = {name: k for k, name in enumerate(variants)}
+        fused_variants = {relu.name: (conv, fusion.fused(variants[conv]), len(keys) + k)
+                          for k, (conv, relu) in enumerate(pairs.items())}
+        convolved: dict[str, tuple] = {}  # ReLU name -> its convolution's (args, kwargs, out)
 
         ops = self.ops_in_order()
         last_read = {n: position for position, op in enumerate(ops) for n in op.node.all_input_nodes}
@@ -143,6 +164,8 @@ class ArenaProgram:
                         and self.graph.value_of[node] in self.channels_last:
                     # oneDNN reorders an NCHW input itself; compare with eager on the same layout
                     reference = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+                    if reference[0] is not args[0]:  # if it runs unplanned, it returns NCHW
+                        self._restride.add(self.graph.value_of[node])
                 result = node.target(*reference, **kwargs)
                 if not op.is_view:
                     result = self._to_call_layout(node, result)
@@ -166,6 +189,18 @@ class ArenaProgram:
                 outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
                 errors[key] = max(outvariants.relative_error(r, o) for r, o in zip(refs, outs))
                 output_bytes[key] = sum(r.numel() * r.element_size() for r in refs)
+                if node.name in pairs:
+                    convolved[pairs[node.name].name] = (args, kwargs, outs[0])
+                if node.name in convolved:  # the fused call vs the convolution's, then ReLU
+                    _, fused_variant, fused_key = fused_variants[node.name]
+                    conv_args, conv_kwargs, conv_out = convolved.pop(node.name)
+                    expected = torch.relu(conv_out)
+                    got = torch.empty_strided(expected.shape, expected.stride(),
+                                              dtype=expected.dtype, device=expected.device)
+                    outvariants.run_candidate(fused_key, fused_variant, conv_args, conv_kwargs,
+                                              (got,))
+                    errors[fused_key] = outvariants.relative_error(expected, got)
+                    output_bytes[fused_key] = got.numel() * got.element_size()
 
         with torch.no_grad():
             kernels = outvariants.profile_candidates(example_pass)
@@ -180,6 +215,15 @@ class ArenaProgram:
                 self.unplanned[name] = reason
             else:
                 planned[name] = variant
+        for relu, (conv, variant, key) in fused_variants.items():
+            if key not in errors or conv not in planned or relu not in planned:
+                continue
+            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], errors[key])
+            if reason:
+                self.unfused[conv] = reason
+            else:
+                self.fused[conv] = Fused(pairs[conv], variant)
+                self.kernel_bytes[conv] = kernels[key]
         return planned
 
     def _to_call_layout(self, node: fx.Node, result):
@@ -245,12 +289,20 @@ class ArenaProgram:
             return self._constants[node.name] if node.name in self._constants else Var(node.name)
 
         steps = []
+        fused_relus = {fused.relu for fused in self.fused.values()}
         for op in self.ops_in_order():
             node = op.node
+            if node in fused_relus:
+                continue  # computed with its convolution
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
             fn = node.target
             variant = self.planned.get(node.name)
             restride = {}  # variable -> tensor, for an unplanned op's results in other strides
+            label = str(node.target)
+            if node.name in self.fused:  # the ReLU's result, written into the convolution's slot
+                variant = self.fused[node.name].variant
+                node = self.fused[node.name].relu
+                label += f" + {node.target}"
             if variant is not None:
                 args, kwargs = variant.arguments(args, kwargs)
                 kwargs.update({out: destination(name)
@@ -262,8 +314,7 @@ class ArenaProgram:
             natural = {var: f"{var}__natural" for var in restride}
             items = tuple((natural.get(u.name, u.name), u.args[1])
                           for u in node.users if u.target is getitem)
-            steps.append(Step(fn, args, kwargs, natural.get(node.name, node.name), items,
-                              str(node.target)))
+            steps.append(Step(fn, args, kwargs, natural.get(node.name, node.name), items, label))
             steps.extend(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
                               label="restride to the planned layout")
                          for var, name in restride.items())
@@ -306,12 +357,15 @@ class PlannedModule(nn.Module):
     forces it; "eager"
     keeps eager's layout: bit-exact outputs, convolutions unplanned. `pack_weights` reorders
     each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
-    held) instead of at every call.
+    held) instead of at every call. `fuse_relu` computes a ReLU that is a planned
+    convolution's only reader in the convolution's call (one step, one pass over its slot;
+    checked bit-identical to the two steps, see `fusion`).
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
                  copy_outputs: bool = True, on_new_shape: str = "error",
-                 schedule_seconds: float = 5.0, layout: str = "auto", pack_weights: bool = True):
+                 schedule_seconds: float = 5.0, layout: str = "auto", pack_weights: bool = True,
+                 fuse_relu: bool = True):
         super().__init__()
         if on_new_shape not in ON_NEW_SHAPE:
             raise MemtileError(f"on_new_shape must be one of {ON_NEW_SHAPE}, got {on_new_shape!r}")
@@ -322,7 +376,7 @@ class PlannedModule(nn.Module):
         self.model = model
         self.strategy, self.copy_outputs, self.on_new_shape = strategy, copy_outputs, on_new_shape
         self.schedule_seconds = schedule_seconds
-        self.layout, self.pack_weights = layout, pack_weights
+        self.layout, self.pack_weights, self.fuse_relu = layout, pack_weights, fuse_relu
         self._example = _signature(inputs)
         self._programs = {self._example: self._build(inputs)}
         self._lock = threading.Lock()
@@ -331,7 +385,8 @@ class PlannedModule(nn.Module):
     def _build(self, inputs: tuple) -> ArenaProgram:
         with torch.no_grad():
             return ArenaProgram(self.model, inputs, self.strategy, self.copy_outputs,
-                                self.schedule_seconds, self.layout, self.pack_weights)
+                                self.schedule_seconds, self.layout, self.pack_weights,
+                                self.fuse_relu)
 
     @property
     def main(self) -> ArenaProgram:
