@@ -194,8 +194,8 @@ class TwoBlocks(nn.Module):
 
 def test_fdt_splits_blocks_tied_at_the_peak_together():
     """One block alone leaves the peak where it is (the other ties), so discovery splits both
-    in one step, with no extra MACs, to below a quarter of the peak (the greedy alone got 2.3x,
-    and auto preferred recomputing FFMT spans)."""
+    in one step, with no extra MACs, to below a quarter of the peak (discovery reached 2.3x
+    before, one block at a time, each with its own partial-sum buffer)."""
     torch.manual_seed(0)
     model, x = randomize_bn(TwoBlocks()), torch.randn(1, 3, 16, 16)
     gm = propagate_shapes(torch.fx.symbolic_trace(model), [x])
@@ -203,12 +203,10 @@ def test_fdt_splits_blocks_tied_at_the_peak_together():
     before = planned_peak(model, [x]).arena_bytes
     assert planned_peak(apply_fdt(gm, first, 8), [x]).arena_bytes == before
     tiled, report = tile(model, x, max_mac_overhead=0.1)
-    _, ffmt = tile(model, x, max_mac_overhead=0.1, methods=("ffmt",))
     (step,) = report.steps
     assert step.method == "fdt" and step.paths == 2 and step.ops == [*first.nodes, *second.nodes]
     both = apply_fdt(apply_fdt(gm, first, step.partitions), second, step.partitions)
     assert report.peak_after_bytes == planned_peak(both, [x]).arena_bytes <= before / 4
-    assert report.peak_after_bytes < ffmt.peak_after_bytes
     assert report.macs_after == report.macs_before == count_macs(tiled, [x])
     assert equivalent(*compare(model, tiled, [x]))
 
