@@ -6,7 +6,9 @@ library preloaded; the planned numbers are the glibc run's. One more glibc proce
 channels_last (`--eager-layout channels_last`), the layout the planned module computes
 convolutions in, so that what the layout gains shows apart from what planning gains. Then, to
 explain the gaps: minor page faults and allocator bytes per call (eager vs planned), and the
-per-op cost of the generated straight-line program vs a dictionary-walking interpreter.
+per-op cost of the generated straight-line program vs a dictionary-walking interpreter. Last, the
+trade-off of the packed convolution weights: planned with and without them (`pack_weights=False`)
+vs eager at batch 1, latency and measured peak, beside the packed bytes the module holds.
 
     .venv/bin/python benchmarks/allocators.py [--iters-b1 10] [--iters-b8 3] [--install]
         [--models resnet50,vgg16] [--configs 1x1,8x2]   # batch x threads; default all four
@@ -29,7 +31,7 @@ import time
 import torch
 
 from memtile import zoo
-from memtile.commands.run import ALLOCATORS, allocator_library_or_none
+from memtile.commands.run import ALLOCATORS, _latencies, allocator_library_or_none
 from memtile.measure import measure
 from memtile.runtime import PlannedModule
 from memtile.runtime.codegen import interpret
@@ -192,7 +194,48 @@ def faults_and_bytes(model_name: str, batch: int, calls: int = 3) -> dict:
             result[f"{label}_allocs"] = len(m.allocations)
     result["unplanned_ops"] = len(planned.main.unplanned)
     result["planned_ops"] = len(planned.main.planned)
+    result["fused_relus"] = len(planned.main.fused)
     return result
+
+
+def pack_weights_tradeoff(model_name: str, iters: int, batch: int = 1) -> dict:
+    """Planned with and without packed convolution weights vs eager (one thread, glibc): median
+    ms per call, the three interleaved round by round; measured peaks (planned: arena + a warm
+    call's allocations); and the packed bytes held beside the model's weights."""
+    torch.set_num_threads(1)
+    model, inputs = zoo.get(model_name, batch=batch)
+    packed = PlannedModule(model, inputs)
+    unpacked = PlannedModule(model, inputs, pack_weights=False)
+    result = {"model": model_name, "batch": batch, "packed_weight_bytes": packed.packed_bytes}
+    for label, module in (("packed", packed), ("unpacked", unpacked)):
+        result[f"{label}_unplanned_convolutions"] = sum(
+            op == "aten.convolution.default" for op in (
+                str(o.node.target) for o in module.main.graph.ops
+                if o.node.name in module.main.unplanned))
+    with torch.no_grad():
+        result["eager_peak_bytes"] = measure(model, *inputs).peak_bytes
+    for label, module in (("packed", packed), ("unpacked", unpacked)):
+        module(*inputs)  # this thread's arena
+        result[f"{label}_peak_bytes"] = module.arena_bytes + measure(module, *inputs).peak_bytes
+    times = _latencies((model, packed, unpacked), inputs, 1, iters)
+    for label, samples in zip(("eager", "packed", "unpacked"), times):
+        result[f"{label}_ms"] = statistics.median(samples)
+    return result
+
+
+def pack_table(results: list[dict]) -> str:
+    lines = [("| model | batch | eager ms | planned ms (packed) | planned ms "
+              "(pack_weights=False) | unpacked / packed | peak eager | peak planned (packed) | "
+              "peak planned (pack_weights=False) | packed weights held | "
+              "convolutions unplanned (packed / pack_weights=False) |"), "|---" * 11 + "|"]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['eager_ms']:.1f} | {r['packed_ms']:.1f} | "
+            f"{r['unpacked_ms']:.1f} | {r['unpacked_ms'] / r['packed_ms']:.3f} | "
+            f"{format_bytes(r['eager_peak_bytes'])} | {format_bytes(r['packed_peak_bytes'])} | "
+            f"{format_bytes(r['unpacked_peak_bytes'])} | {format_bytes(r['packed_weight_bytes'])} | "
+            f"{r['packed_unplanned_convolutions']} / {r['unpacked_unplanned_convolutions']} |")
+    return "\n".join(lines)
 
 
 def interpreter_overhead(model_name: str = "mobilenet_v2", shape=(3, 32, 32), calls: int = 100) -> dict:
@@ -250,6 +293,7 @@ def main() -> None:
     rows = matrix(allocators, {1: args.iters_b1, 8: args.iters_b8}, models, args.configs)
     diagnostics = [faults_and_bytes(m, 8) for m in models]
     overhead = interpreter_overhead()
+    packing = [pack_weights_tradeoff(m, args.iters_b1) for m in models]
     command = " ".join(["python", "benchmarks/allocators.py", *sys.argv[1:]])
     print(f"# Allocators vs the planned executor\n\n`{command}` on {machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - started:.0f} s. "
@@ -267,19 +311,23 @@ def main() -> None:
     print(target_check(rows, allocators))
     print("\n## Why: page faults and allocator traffic per call (batch 8, 1 thread, glibc)\n")
     print("| model | minor faults eager | minor faults planned | allocations eager | "
-          "allocations planned | bytes allocated eager | bytes allocated planned |")
-    print("|---|---|---|---|---|---|---|")
+          "allocations planned | bytes allocated eager | bytes allocated planned | "
+          "ReLUs fused into their convolution |")
+    print("|---|---|---|---|---|---|---|---|")
     for d in diagnostics:
         print(f"| {d['model']} | {d['eager_faults']:.0f} | {d['planned_faults']:.0f} | "
               f"{d['eager_allocs']} | {d['planned_allocs']} | {format_bytes(d['eager_alloc_bytes'])} | "
-              f"{format_bytes(d['planned_alloc_bytes'])} |")
+              f"{format_bytes(d['planned_alloc_bytes'])} | {d['fused_relus']} |")
     print(f"\n## Interpreter overhead ({overhead['model']} at {overhead['shape']}, "
           f"{overhead['steps']} steps)\n")
     print(f"generated program {overhead['generated_ms']:.3f} ms, dictionary-walking interpreter "
           f"{overhead['interpreted_ms']:.3f} ms, eager nn.Module {overhead['eager_ms']:.3f} ms per "
           f"call: codegen saves {overhead['saved_us_per_step']:.2f} µs per step.")
+    print(f"\n## Packed convolution weights: the trade-off (batch 1, 1 thread, glibc, "
+          f"{args.iters_b1} calls each, interleaved)\n")
+    print(pack_table(packing))
     print("\n<!-- raw: " + json.dumps({"rows": rows, "diagnostics": diagnostics,
-                                       "overhead": overhead}) + " -->")
+                                       "overhead": overhead, "packing": packing}) + " -->")
 
 
 if __name__ == "__main__":
