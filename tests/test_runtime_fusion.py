@@ -62,7 +62,9 @@ def test_relu_is_not_fused_where_the_convolution_has_another_reader():
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            # 3 -> 32 channels: oneDNN's reorder of the NCHW model input stays below the first
+            # convolution's output at 1 and 2 threads (3 -> 8 allocated its output at 2 threads)
+            self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
 
         def forward(self, x):
             y = self.a(x)
