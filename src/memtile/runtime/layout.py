@@ -26,9 +26,8 @@ def channels_last_tensors(graph: MemGraph, layout: str, plannable_convolution: b
     """Storages (base tensor names) held in channels_last under `layout`.
 
     "auto" is channels_last when some convolution can be computed into the arena, else eager.
+    `PlannedModule` has already refused a `layout` outside `LAYOUTS`.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "eager" or (layout == "auto" and not plannable_convolution):
         return set()
     read_by_view = {graph.tensors[name].base for op in graph.ops if op.is_view for name in op.inputs}
