@@ -21,7 +21,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from memtile.errors import BudgetError
-from memtile.rows.engine import Engine, Plan, RowFunction, checkpoint_segments, in_place
+from memtile.rows.engine import (
+    Engine,
+    Plan,
+    RowFunction,
+    checkpoint_segments,
+    in_place,
+    read_later,
+)
 from memtile.rows.module import RowCentric
 from memtile.units import format_bytes
 
@@ -82,18 +89,17 @@ def _held(engine: Engine, per_row: RowBytes) -> list[int]:
     """Bytes a backward band keeps for its backward: every node's rows in the band (2PS joins
     kept and new rows in one buffer); with checkpointing, the values that cross segments plus
     the largest segment, recomputed."""
+    segments = checkpoint_segments(engine.graph.order)
+    crossing = [v for seg, later in zip(segments, read_later(engine.graph, segments), strict=True)
+                for v in seg if v in later]
     out = []
     for band in engine.backward_plan.bands:
         rows = {v: per_row.held[v] * _rows(r) for v, r in band.value.items()}
         if not engine.checkpoint:
             out.append(sum(rows.values()))
             continue
-        segments = checkpoint_segments(engine.graph.order)
-        crossing = 0
-        for k, seg in enumerate(segments):
-            later = {a for s in segments[k + 1:] for v in s for a in engine.graph.ops[v].inputs}
-            crossing += sum(per_row.real[v] * _rows(band.value[v]) for v in seg if v in later)
-        out.append(crossing + max(sum(rows[v] for v in seg) for seg in segments))
+        crossed = sum(per_row.real[v] * _rows(band.value[v]) for v in crossing)
+        out.append(crossed + max(sum(rows[v] for v in seg) for seg in segments))
     return out
 
 

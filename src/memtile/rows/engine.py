@@ -259,8 +259,7 @@ class BandRunner:
     def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
         """Compute all nodes in about sqrt(n) segments, each recomputed during backward."""
         segments = checkpoint_segments(self.graph.order)
-        for k, seg in enumerate(segments):
-            later = {a for s in segments[k + 1:] for v in s for a in self.graph.ops[v].inputs}
+        for seg, later in zip(segments, read_later(self.graph, segments), strict=True):
             outs = [v for v in seg
                     if (v in later or v in keep_out) and not _empty(self.band.value[v])]
             ins = [key for key in env
@@ -283,6 +282,13 @@ def checkpoint_segments(order: list[fx.Node]) -> list[list[fx.Node]]:
     """About sqrt(n) consecutive segments of n nodes: what `checkpoint=True` recomputes."""
     size = max(1, math.isqrt(len(order)))
     return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def read_later(graph: SpatialGraph, segments: list[list[fx.Node]]) -> list[set[fx.Node]]:
+    """Per checkpoint segment, the nodes that later segments read: the values that cross out of
+    it (returned by its checkpoint and kept until then)."""
+    return [{a for s in segments[k + 1:] for v in s for a in graph.ops[v].inputs}
+            for k in range(len(segments))]
 
 
 class Engine:
@@ -330,7 +336,7 @@ class Engine:
                 rows = keep.get(v, (0, 0))
                 if not _empty(rows):
                     lo = band.value[v][0]
-                    kept[_kept_key(v)] = _rows(value, (rows[0] - lo, rows[1] - lo)).clone()
+                    kept[_kept_key(v)] = _rows(value, _shift(rows, lo)).clone()
 
             runner.run(graph.order, env, free=True, after=after)
             del env
@@ -361,7 +367,7 @@ class Engine:
                     if band.new[v][0] > band.value[v][0]:
                         seg, lo = self.kept.segment_of[(v, i - 1)]
                         rows = plan.keep[i - 1][v]
-                        leaf = _rows(stores[(v, seg)], (rows[0] - lo, rows[1] - lo))
+                        leaf = _rows(stores[(v, seg)], _shift(rows, lo))
                         leaf = leaf.detach().requires_grad_()
                         env[_kept_key(v)] = leaves[v] = leaf
                 roots_at = {v: rows for v, rows in [(graph.output, band.new[graph.output]),
@@ -375,7 +381,7 @@ class Engine:
                 roots, grads = [], []
                 for v, rows in roots_at.items():
                     lo = band.value[v][0]
-                    roots.append(_rows(env[v], (rows[0] - lo, rows[1] - lo)))
+                    roots.append(_rows(env[v], _shift(rows, lo)))
                     grads.append(_rows(grad_out, rows) if v is graph.output else carried.pop(v))
                 env.clear()  # autograd frees each saved tensor as soon as its backward ran
                 wrt = [*shadows, *leaves.values(), *([x_leaf] if input_grad else [])]

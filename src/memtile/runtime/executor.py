@@ -243,8 +243,7 @@ class ArenaProgram:
                       else fake.stride() if self.channels_last else value.stride())
             if value.stride() != stride:
                 self._restride.add(name)
-                value = torch.empty_strided(value.shape, stride, dtype=value.dtype,
-                                            device=value.device).copy_(value)
+                value = Restride(stride)(value)
             self._strides[name] = stride
             converted.append(value)
         return type(result)(converted) if several else converted[0]
