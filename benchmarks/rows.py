@@ -173,7 +173,8 @@ def step_peak(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def max_resolution(net: str, budget: int, start: int, emit, step: int = 32,
-                   ordinary: int | None = None) -> None:
+                   ordinary: int | None = None, factors: tuple[float, ...] = (2.0, 2.5, 3.0)
+                   ) -> None:
     """Largest square resolution (multiple of `step`) whose measured whole step fits, each way.
 
     `ordinary` skips the ordinary search with a result already measured (and emitted) before.
@@ -181,7 +182,7 @@ def max_resolution(net: str, budget: int, start: int, emit, step: int = 32,
     model, _ = zoo.get(net, batch=1, input_shape=(3, 64, 64))
     if ordinary is None:
         ordinary = _max_ordinary(model, net, budget, start, emit, step)
-    _max_row(model, net, budget, ordinary, emit, step)
+    _max_row(model, net, budget, ordinary, emit, step, factors)
 
 
 def _max_ordinary(model: nn.Module, net: str, budget: int, start: int, emit, step: int) -> int:
@@ -189,21 +190,26 @@ def _max_ordinary(model: nn.Module, net: str, budget: int, start: int, emit, ste
     points = [(r, step_peak(frozen_copy(model), torch.randn(1, 3, r, r))) for r in (start // 2, start)]
     (r1, p1), (r2, p2) = points
     b = (p2 - p1) / (r2 * r2 - r1 * r1)
-    guess = int(math.sqrt(max(budget - (p1 - b * r1 * r1), 0) / b)) // step * step
-    res = guess
+    res = int(math.sqrt(max(budget - (p1 - b * r1 * r1), 0) / b)) // step * step
+    fits: dict[int, bool] = {}
+    # the largest fits and the next step up was measured not to
     while True:
         peak = step_peak(frozen_copy(model), torch.randn(1, 3, res, res))
+        fits[res] = peak <= budget
         emit({"net": net, "method": "ordinary", "probe_resolution": res, "peak_bytes": peak,
-              "budget_bytes": budget, "fits": peak <= budget})
-        if peak <= budget:
-            break
-        res -= step
-    return res
+              "budget_bytes": budget, "fits": fits[res]})
+        if fits[res] and fits.get(res + step) is False:
+            return res
+        if not fits[res] and fits.get(res - step):
+            return res - step
+        res += step if fits[res] else -step
 
 
-def _max_row(model: nn.Module, net: str, budget: int, ordinary: int, emit, step: int) -> None:
-    # budget mode gets what the step leaves for the trunk, tried at 2x, 2.5x, ... the ordinary
-    for factor in (2.0, 2.5, 3.0):
+def _max_row(model: nn.Module, net: str, budget: int, ordinary: int, emit, step: int,
+             factors: tuple[float, ...]) -> None:
+    # budget mode gets what the step leaves for the trunk, tried at each factor of the ordinary
+    # side (until one does not fit)
+    for factor in factors:
         res = int(ordinary * factor) // step * step
         copy_ = frozen_copy(model)
         head_and_state = 2 * sum(p.numel() * p.element_size() for p in copy_.parameters())
@@ -289,6 +295,8 @@ def main() -> int:
     parser.add_argument("--max-res-start", type=int, default=512)
     parser.add_argument("--max-res-ordinary", type=int, default=None,
                         help="ordinary largest resolution measured before: search rows only")
+    parser.add_argument("--max-res-factors", default="2,2.5,3",
+                        help="row-centric resolutions tried, as multiples of the ordinary side")
     parser.add_argument("--budget", type=parse_bytes, default=parse_bytes("4GiB"))
     parser.add_argument("--out", type=Path, default=Path("rows.jsonl"))
     parser.add_argument("--table", type=Path, default=None, help="print the table of a results file")
@@ -313,7 +321,8 @@ def main() -> int:
             bench_config(net, batch, res, methods, args.steps, args.target, emit)
     if args.max_res:
         max_resolution(args.max_res_net, args.budget, args.max_res_start, emit,
-                       ordinary=args.max_res_ordinary)
+                       ordinary=args.max_res_ordinary,
+                       factors=tuple(float(f) for f in args.max_res_factors.split(",")))
     return 0
 
 

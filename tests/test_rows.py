@@ -310,16 +310,13 @@ def relu_stack(layers: int = 6) -> nn.Module:
                            for m in (nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.ReLU(True))))
 
 
-def test_2ps_band_holds_each_joined_node_once():
-    # A 2PS node whose consumer reads kept rows was joined by torch.cat: backward then held
-    # the new rows twice (ReLU's saved result and the copy the next conv saved), about two
-    # ordinary layers' rows per band per layer, measured 1.85x ordinary/bands for this stack.
-    # Joined in one buffer that ReLU writes in place, a band holds each layer's rows once,
-    # plus two gradients in flight: (6 + 2) / 6 = 1.33x, and a halo row or two.
+def band_peak_ratio(layers: int, bands: int) -> float:
+    """2PS trunk step of `relu_stack(layers)`: measured peak less the stored boundaries, the
+    output and its gradient and the parameter gradients, over ordinary peak / bands."""
     from memtile.rows.budget import row_bytes
     from memtile.rows.engine import Engine, RowFunction
 
-    trunk, x, bands = relu_stack(), torch.randn(1, 16, 256, 64), 4
+    trunk, x = relu_stack(layers), torch.randn(1, 16, 256, 64)
     params = list(trunk.parameters())
     ordinary = trunk_step_peak(trunk, x)
     row = RowCentric(trunk, rows=bands, strategy="2ps")
@@ -333,8 +330,25 @@ def test_2ps_band_holds_each_joined_node_once():
         y = RowFunction.apply(engine, x, *params)
         torch.autograd.grad(y, params, torch.ones_like(y))
 
-    band = measure(step).peak_bytes - fixed
-    assert band <= 1.5 * ordinary / bands
+    return (measure(step).peak_bytes - fixed) / (ordinary / bands)
+
+
+def test_2ps_band_holds_each_joined_node_once():
+    # A 2PS node whose consumer reads kept rows was joined by torch.cat: backward then held
+    # the new rows twice (ReLU's saved result and the copy the next conv saved), about two
+    # ordinary layers' rows per band per layer, measured 1.85x ordinary/bands for this stack.
+    # Joined in one buffer that ReLU writes in place, a band holds each layer's rows once,
+    # plus two gradients in flight: (6 + 2) / 6 = 1.33x, and a halo row or two.
+    assert band_peak_ratio(6, 4) <= 1.5
+
+
+def test_2ps_carried_gradients_add_no_band_sized_buffers():
+    # The gradients a band receives for its boundary rows (from the band below) were passed
+    # to autograd as roots on row slices: autograd expanded each to a zero-filled gradient of
+    # the whole band value of its layer at once, held until that layer's backward: eleven
+    # layers' worth for this 12-layer stack, measured 1.68x ordinary/bands. Added by hooks
+    # when each layer's gradient arrives: measured 1.18x ((12 + 2) / 12 = 1.17x).
+    assert band_peak_ratio(12, 8) <= 1.35
 
 
 def deep_narrow_output() -> nn.Module:

@@ -378,16 +378,25 @@ class Engine:
                     runner.run_checkpointed(env, set(roots_at))
                 else:
                     runner.run(graph.order, env, free=True, keep=roots_at)
-                roots, grads = [], []
+                roots, grads, added = [], [], []
                 for v, rows in roots_at.items():
-                    lo = band.value[v][0]
-                    roots.append(_rows(env[v], _shift(rows, lo)))
-                    grads.append(_rows(grad_out, rows) if v is graph.output else carried.pop(v))
+                    at = _shift(rows, band.value[v][0])
+                    if v is graph.output:
+                        roots.append(_rows(env[v], at))
+                        grads.append(_rows(grad_out, rows))
+                    elif self._read_in_band(band, v):
+                        added.append(_add_grad_rows(env[v], at, carried.pop(v)))
+                    else:
+                        roots.append(_rows(env[v], at))
+                        grads.append(carried.pop(v))
                 env.clear()  # autograd frees each saved tensor as soon as its backward ran
                 wrt = [*shadows, *leaves.values(), *([x_leaf] if input_grad else [])]
                 if roots:
                     torch.autograd.backward(roots, grads, inputs=wrt)
-                del roots, grads
+                if not all(done[0] for done in added):
+                    raise RuntimeError(f"2PS band {i}: a carried boundary gradient was not "
+                                       "added (no gradient reached its rows)")
+                del roots, grads, added
                 carried.update({v: leaf.grad for v, leaf in leaves.items()
                                 if leaf.grad is not None})
                 if input_grad and x_leaf.grad is not None:
@@ -395,6 +404,32 @@ class Engine:
                 for key in self.kept.last_used_by.get(i, ()):
                     del stores[key]
         return grad_x, [s.grad for s in shadows]
+
+
+    def _read_in_band(self, band: BandRows, v: fx.Node) -> bool:
+        """Whether a consumer of `v` computes rows in `band`, so that a gradient reaches `v`."""
+        return any(not _empty(band.new[c]) for c in self.graph.consumers[v])
+
+
+def _add_grad_rows(t: torch.Tensor, rows: Rows, grad: torch.Tensor) -> list[bool]:
+    """Add `grad` to the gradient of `rows` of `t` when backward reaches `t`.
+
+    A carried boundary gradient given as a root (`t.narrow(...)` with `grad`) would make
+    autograd expand it at once to a zero-filled gradient of all of `t` and hold that until
+    `t`'s producer runs, for every carried node of the band together (vgg16 2x512² at 16
+    bands: 46 MiB). Added by a hook, it costs one gradient of `t`, when `t`'s turn comes.
+    Returns a flag, true once the hook ran.
+    """
+    done, box = [False], [grad]
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        g = g.clone()  # the incoming gradient may be shared (the two inputs of an add)
+        _rows(g, rows).add_(box.pop())
+        done[0] = True
+        return g
+
+    t.register_hook(hook)
+    return done
 
 
 @contextmanager
