@@ -194,7 +194,9 @@ def faults_and_bytes(model_name: str, batch: int, calls: int = 3) -> dict:
             result[f"{label}_allocs"] = len(m.allocations)
     result["unplanned_ops"] = len(planned.main.unplanned)
     result["planned_ops"] = len(planned.main.planned)
-    result["fused_relus"] = len(planned.main.fused)
+    chains = [fused.chain for fused in planned.main.fused.values()]
+    result["fused"] = " / ".join(str(sum(getattr(c, op) is not None for c in chains))
+                                 for op in ("batch_norm", "add", "relu"))
     return result
 
 
@@ -312,12 +314,12 @@ def main() -> None:
     print("\n## Why: page faults and allocator traffic per call (batch 8, 1 thread, glibc)\n")
     print("| model | minor faults eager | minor faults planned | allocations eager | "
           "allocations planned | bytes allocated eager | bytes allocated planned | "
-          "ReLUs fused into their convolution |")
+          "batch norms / adds / ReLUs fused into their convolution |")
     print("|---|---|---|---|---|---|---|---|")
     for d in diagnostics:
         print(f"| {d['model']} | {d['eager_faults']:.0f} | {d['planned_faults']:.0f} | "
               f"{d['eager_allocs']} | {d['planned_allocs']} | {format_bytes(d['eager_alloc_bytes'])} | "
-              f"{format_bytes(d['planned_alloc_bytes'])} | {d['fused_relus']} |")
+              f"{format_bytes(d['planned_alloc_bytes'])} | {d['fused']} |")
     print(f"\n## Interpreter overhead ({overhead['model']} at {overhead['shape']}, "
           f"{overhead['steps']} steps)\n")
     print(f"generated program {overhead['generated_ms']:.3f} ms, dictionary-walking interpreter "

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from memtile import zoo
 from memtile.cli import main
@@ -44,6 +45,20 @@ def test_eager_channels_last_is_compared_with_planned_channels_last(capsys):
     assert summary["eager_layout"] == "channels_last"
     assert summary["max_rel_diff"] <= 1e-5
     assert summary["eager_peak_bytes"] > 0
+
+
+def test_fusion_counts_and_no_fuse(capsys):
+    """resnet8_cifar: each of its 7 batch norms follows a convolution and is folded into it, each
+    of its 3 residual adds and 7 ReLUs runs inside a convolution's call; --no-fuse runs them all
+    as steps of their own. Both match eager up to the convolution's rounding."""
+    model, _ = zoo.get("resnet8_cifar")
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    fused = run_json(capsys, "resnet8_cifar", "--iters", "2")
+    assert fused["fuse"] is True
+    assert fused["fused"] == {"batch_norm": batch_norms, "add": 3, "relu": 7} and batch_norms == 7
+    apart = run_json(capsys, "resnet8_cifar", "--iters", "2", "--no-fuse")
+    assert apart["fuse"] is False and apart["fused"] == {"batch_norm": 0, "add": 0, "relu": 0}
+    assert fused["max_rel_diff"] <= 1e-5 and apart["max_rel_diff"] <= 1e-5
 
 
 def test_no_pack_weights_holds_no_packed_copy(capsys):

@@ -8,7 +8,8 @@ one). `--allocator NAME` re-runs the command with a general-purpose allocator pr
 channels_last` runs eager on a channels_last copy of the model (its input converted inside each
 call), to separate what the layout gains from what planning gains. `--no-pack-weights` leaves
 convolution weights in the model's format (oneDNN reorders them at every call) instead of
-holding a packed copy beside them: less memory held, more work per call.
+holding a packed copy beside them: less memory held, more work per call. `--no-fuse` runs
+batch norm, residual add and ReLU as steps of their own instead of inside the convolution's call.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eager model's memory format (default contiguous, as given)")
     parser.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
                         help="planned: no packed copy of convolution weights (reordered per call)")
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false",
+                        help="planned: batch norm, residual add and ReLU as separate steps, not "
+                             "inside the convolution's call")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
 
 
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "allocator": args.allocator, "allocator_loaded": allocator_loaded(args.allocator),
                **compare(model, inputs, args.threads, args.iters, args.strategy, args.layout,
-                         args.eager_layout, args.pack_weights)}
+                         args.eager_layout, args.pack_weights, args.fuse)}
     if args.json:
         print_json(summary)
     else:
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int = 20,
             strategy: str = "best", layout: str = "auto", eager_layout: str = "contiguous",
-            pack_weights: bool = True) -> dict:
+            pack_weights: bool = True, fuse: bool = True) -> dict:
     """Eager vs planned on the same inputs: median/p95 ms per call, measured peaks, max |diff|.
 
     The planned peak is the arena plus what a warm planned call allocates (unplanned ops and
@@ -98,7 +102,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     try:
         started = time.perf_counter()
         planned = PlannedModule(model, inputs, strategy=strategy, layout=layout,
-                                pack_weights=pack_weights)
+                                pack_weights=pack_weights, fuse=fuse)
         build_seconds = time.perf_counter() - started
         eager = model if eager_layout == "contiguous" else ChannelsLast(model)
         with torch.no_grad():
@@ -113,6 +117,9 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "layout": layout,
         "eager_layout": eager_layout,
         "pack_weights": pack_weights,
+        "fuse": fuse,
+        "fused": {op: sum(getattr(f.chain, op) is not None for f in planned.main.fused.values())
+                  for op in ("batch_norm", "add", "relu")},
         "threads": threads,
         "iters": iters,
         "eager_ms": statistics.median(eager_ms),
@@ -222,6 +229,8 @@ def _rerun_with(args: argparse.Namespace) -> int:
         argv += ["--input-shape", ",".join(map(str, args.input_shape))]
     if not args.pack_weights:
         argv.append("--no-pack-weights")
+    if not args.fuse:
+        argv.append("--no-fuse")
     if args.json:
         argv.append("--json")
     return subprocess.run(argv, env=env, check=False).returncode

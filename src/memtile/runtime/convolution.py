@@ -32,20 +32,24 @@ REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-siz
 class ConvolutionInto:
     """`conv(x, ...)` written into `out`: zero it, then oneDNN adds the convolution into it.
 
-    `unary` ("relu") is a oneDNN post-op applied after the add, in the same pass over `out`
-    (see `fusion`)."""
+    With an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
+    executor plans the two in one slot, so it is already there (else it is copied in). `unary`
+    ("relu") is a oneDNN post-op applied after the add, in the same pass over `out`."""
 
     def __init__(self, unary: str | None = None):
         self.unary = unary
 
-    def __call__(self, x, weight, bias, padding, stride, dilation, groups, *, out):
-        out.zero_()
+    def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
+        if not addend:
+            out.zero_()
+        elif (addend[0].data_ptr(), addend[0].stride()) != (out.data_ptr(), out.stride()):
+            out.copy_(addend[0])
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
                          "add", 1.0, self.unary, [], None)
 
     def __repr__(self) -> str:
         then = f", then {self.unary}" if self.unary else ""
-        return f"mkldnn._convolution_pointwise_.binary (into a zeroed out={then})"
+        return f"mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend{then})"
 
 
 INTO = ConvolutionInto()
@@ -73,10 +77,12 @@ def unsupported(node: fx.Node, device: torch.device) -> str | None:
     return None
 
 
-def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool) -> OutVariant:
+def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
+            into: ConvolutionInto = INTO, bias: torch.Tensor | None = None) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
     weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
-    weight at every call: that scratch is allowed too (freed within the call)."""
+    weight at every call: that scratch is allowed too (freed within the call). `bias` replaces
+    the node's own (a batch norm folded in, see `fusion`)."""
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     packed = None
     if pack and weight is not None:
@@ -85,12 +91,12 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool) -> OutVarian
             list(node.args[0].meta["val"].shape))
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x, w, bias, stride, padding, dilation, _, _, groups = args
-        return (x, w if packed is None else packed, bias, list(padding), list(stride),
-                list(dilation), groups), {}
+        x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args
+        return (x, w if packed is None else packed, own_bias if bias is None else bias,
+                list(padding), list(stride), list(dilation), groups, *addend), {}
 
     reorder = 0 if packed is not None else REORDER_COPIES * _nbytes(node.args[1].meta["val"])
-    return OutVariant(INTO, ("out",), rewrite, packed_bytes=_nbytes(packed),
+    return OutVariant(into, ("out",), rewrite, packed_bytes=_nbytes(packed) + _nbytes(bias),
                       tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES + reorder)
 
 

@@ -4,7 +4,8 @@ Construction captures the model (core ATen), orders its ops (`memtile.schedule` 
 finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
-kernel (see `outvariants`) and each convolution with its ReLU fused (see `fusion`), plans the
+kernel (see `outvariants`) and each convolution with the batch norm and ReLU after it fused
+(see `fusion`), plans the
 arena (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call then
 runs each planned op into its view of the arena; unplanned ops (no out= kernel, or one that
 allocates) run as ordinary calls, and their results are freed as soon as their last reader ran.
@@ -36,9 +37,9 @@ ON_NEW_SHAPE = ("error", "replan")
 
 @dataclass(frozen=True)
 class Fused:
-    """A ReLU computed by its convolution's call (`fusion`), with the variant that does it."""
+    """Ops computed by their convolution's call (`fusion`), with the variant that does it."""
 
-    relu: fx.Node
+    chain: fusion.Chain
     variant: outvariants.OutVariant
 
 
@@ -58,7 +59,7 @@ class ArenaProgram:
 
     def __init__(self, model: nn.Module, inputs: tuple, strategy: str, copy_outputs: bool,
                  schedule_seconds: float, layout: str = "auto", pack_weights: bool = True,
-                 fuse_relu: bool = True):
+                 fuse: bool = True):
         self.graph = capture(model, inputs)
         self.device = inputs[0].device if inputs else torch.device("cpu")
         prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
@@ -70,13 +71,14 @@ class ArenaProgram:
         self._strides: dict[str, tuple[int, ...]] = {}  # produced tensor -> strides in a call
         self._restride: set[str] = set()  # tensors whose functional op returns other strides
         self.kernel_bytes: dict[str, int] = {}  # fx node name -> scratch its out= call allocated
-        self.fused: dict[str, Fused] = {}  # convolution node name -> the ReLU run with it
-        self.unfused: dict[str, str] = {}  # convolution node name -> why its ReLU runs apart
+        self.fused: dict[str, Fused] = {}  # convolution node name -> the ops run with it
+        self.unfused: dict[str, str] = {}  # convolution node name -> why its chain runs apart
         variants = self._candidates(pack_weights)
         self.channels_last = channels_last_tensors(
             self.graph, layout, any(v.overload is convolution.INTO for v in variants.values()))
-        pairs = fusion.relu_pairs(self.graph, variants, self.channels_last) if fuse_relu else {}
-        self.planned = self._check_kernels(variants, pairs, inputs)
+        chains = fusion.chains(self.graph, self.order, variants, self.channels_last,
+                               self._constants, fold_batch_norm=pack_weights) if fuse else {}
+        self.planned = self._check_kernels(variants, chains, inputs)
         self.arena_storages = self._arena_storages()
         self.shared = {  # in-place pairs within the arena and of one layout
             out: source for out, source in prepared.shared.items()
@@ -84,8 +86,12 @@ class ArenaProgram:
             and (out in self.channels_last) == (source in self.channels_last)
         }
         value_of = self.graph.value_of
-        self.shared.update({value_of[fused.relu]: value_of[fused.relu.args[0]]  # its slot
-                            for fused in self.fused.values()})
+        for fused in self.fused.values():  # one slot per chain: the identity's, or the conv's
+            chain, slot = fused.chain, value_of[fused.chain.convolution]
+            if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
+                self.shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
+                slot = value_of[chain.identity]
+            self.shared.update({_names(value_of[node])[0]: slot for node in chain.absorbed})
         self.problem = Problem(
             [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
             alignment=ALIGNMENT,
@@ -138,17 +144,18 @@ class ArenaProgram:
             variants[node.name] = variant
         return variants
 
-    def _check_kernels(self, variants: dict, pairs: dict[str, fx.Node],
+    def _check_kernels(self, variants: dict, chains: dict[str, fusion.Chain],
                        inputs: tuple) -> dict[str, outvariants.OutVariant]:
         """Run the graph once; run each candidate's out= kernel beside the functional op, and
-        each fusable convolution with its ReLU beside the two candidates' results (`fusion`);
-        fills `fused`."""
+        each fusable chain's call beside the functional ops of the chain applied to the
+        convolution candidate's result (`fusion`); fills `fused`."""
         errors: dict[int, float] = {}
         output_bytes: dict[int, int] = {}
         keys = {name: k for k, name in enumerate(variants)}
-        fused_variants = {relu.name: (conv, fusion.fused(variants[conv]), len(keys) + k)
-                          for k, (conv, relu) in enumerate(pairs.items())}
-        convolved: dict[str, tuple] = {}  # ReLU name -> its convolution's (args, kwargs, out)
+        fused_variants = {conv: (fusion.fused(chain, variants[conv], self._constants), len(keys) + k)
+                          for k, (conv, chain) in enumerate(chains.items())}
+        absorbed_by = {node: chain for chain in chains.values() for node in chain.absorbed}
+        running: dict[str, tuple] = {}  # convolution -> (its args, kwargs, the chain's value so far)
 
         ops = self.ops_in_order()
         last_read = {n: position for position, op in enumerate(ops) for n in op.node.all_input_nodes}
@@ -189,18 +196,29 @@ class ArenaProgram:
                 outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
                 errors[key] = max(outvariants.relative_error(r, o) for r, o in zip(refs, outs))
                 output_bytes[key] = sum(r.numel() * r.element_size() for r in refs)
-                if node.name in pairs:
-                    convolved[pairs[node.name].name] = (args, kwargs, outs[0])
-                if node.name in convolved:  # the fused call vs the convolution's, then ReLU
-                    _, fused_variant, fused_key = fused_variants[node.name]
-                    conv_args, conv_kwargs, conv_out = convolved.pop(node.name)
-                    expected = torch.relu(conv_out)
-                    got = torch.empty_strided(expected.shape, expected.stride(),
-                                              dtype=expected.dtype, device=expected.device)
-                    outvariants.run_candidate(fused_key, fused_variant, conv_args, conv_kwargs,
-                                              (got,))
-                    errors[fused_key] = outvariants.relative_error(expected, got)
-                    output_bytes[fused_key] = got.numel() * got.element_size()
+                if node.name in chains:
+                    running[node.name] = (args, kwargs, outs[0])
+                chain = absorbed_by.get(node)
+                if chain is None or chain.convolution.name not in running:
+                    continue
+                conv_args, conv_kwargs, expected = running.pop(chain.convolution.name)
+                carried = chain.carried_into(node)
+                if node is chain.add:  # the fused call takes the identity last
+                    conv_args = (*conv_args, args[node.args.index(chain.identity)])
+                expected = node.target(*(expected if a is carried else v
+                                         for a, v in zip(node.args, args)), **kwargs)
+                if node is chain.batch_norm:
+                    expected = expected[0]
+                if node is not chain.absorbed[-1]:
+                    running[chain.convolution.name] = (conv_args, conv_kwargs, expected)
+                    continue
+                fused_variant, fused_key = fused_variants[chain.convolution.name]
+                got = torch.empty_strided(expected.shape,
+                                          self._strides[self.graph.value_of[chain.result]],
+                                          dtype=expected.dtype, device=expected.device)
+                outvariants.run_candidate(fused_key, fused_variant, conv_args, conv_kwargs, (got,))
+                errors[fused_key] = outvariants.relative_error(expected, got)
+                output_bytes[fused_key] = got.numel() * got.element_size()
 
         with torch.no_grad():
             kernels = outvariants.profile_candidates(example_pass)
@@ -215,15 +233,19 @@ class ArenaProgram:
                 self.unplanned[name] = reason
             else:
                 planned[name] = variant
-        for relu, (conv, variant, key) in fused_variants.items():
-            if key not in errors or conv not in planned or relu not in planned:
+        for conv, (variant, key) in fused_variants.items():
+            chain = chains[conv]
+            if key not in errors or not all(n.name in planned
+                                            for n in (chain.convolution, *chain.absorbed)):
                 continue
             reason = outvariants.rejection(variant, kernels[key], output_bytes[key], errors[key])
             if reason:
                 self.unfused[conv] = reason
-            else:
-                self.fused[conv] = Fused(pairs[conv], variant)
+            else:  # the chain's call replaces the convolution's (and its packed weight)
+                self.fused[conv] = Fused(chain, variant)
+                planned[conv] = variant
                 self.kernel_bytes[conv] = kernels[key]
+                self.kernel_bytes.update({n.name: 0 for n in chain.absorbed})  # no call of theirs
         return planned
 
     def _to_call_layout(self, node: fx.Node, result):
@@ -288,20 +310,22 @@ class ArenaProgram:
             return self._constants[node.name] if node.name in self._constants else Var(node.name)
 
         steps = []
-        fused_relus = {fused.relu for fused in self.fused.values()}
+        absorbed = {node for fused in self.fused.values() for node in fused.chain.absorbed}
         for op in self.ops_in_order():
             node = op.node
-            if node in fused_relus:
-                continue  # computed with its convolution
+            if node in absorbed:
+                continue  # computed by its convolution's call
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
             fn = node.target
             variant = self.planned.get(node.name)
             restride = {}  # variable -> tensor, for an unplanned op's results in other strides
             label = str(node.target)
-            if node.name in self.fused:  # the ReLU's result, written into the convolution's slot
-                variant = self.fused[node.name].variant
-                node = self.fused[node.name].relu
-                label += f" + {node.target}"
+            if node.name in self.fused:  # the chain's result, written into the chain's slot
+                chain = self.fused[node.name].chain
+                if chain.identity is not None:
+                    args = (*args, reference(chain.identity))
+                node = chain.result
+                label += "".join(f" + {n.target}" for n in chain.absorbed)
             if variant is not None:
                 args, kwargs = variant.arguments(args, kwargs)
                 kwargs.update({out: destination(name)
@@ -356,15 +380,17 @@ class PlannedModule(nn.Module):
     forces it; "eager"
     keeps eager's layout: bit-exact outputs, convolutions unplanned. `pack_weights` reorders
     each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
-    held) instead of at every call. `fuse_relu` computes a ReLU that is a planned
-    convolution's only reader in the convolution's call (one step, one pass over its slot;
-    checked bit-identical to the two steps, see `fusion`).
+    held) instead of at every call. `fuse` computes, in a planned convolution's call, the
+    eval-mode batch norm after it (folded into a packed copy of its weight and bias; only with
+    `pack_weights`) and the ReLU after that: one step, one pass over its slot, checked against
+    the separate steps at construction (see `fusion`). The weights are read at construction:
+    change the model's parameters, build a new module.
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
                  copy_outputs: bool = True, on_new_shape: str = "error",
                  schedule_seconds: float = 5.0, layout: str = "auto", pack_weights: bool = True,
-                 fuse_relu: bool = True):
+                 fuse: bool = True):
         super().__init__()
         if on_new_shape not in ON_NEW_SHAPE:
             raise MemtileError(f"on_new_shape must be one of {ON_NEW_SHAPE}, got {on_new_shape!r}")
@@ -375,7 +401,7 @@ class PlannedModule(nn.Module):
         self.model = model
         self.strategy, self.copy_outputs, self.on_new_shape = strategy, copy_outputs, on_new_shape
         self.schedule_seconds = schedule_seconds
-        self.layout, self.pack_weights, self.fuse_relu = layout, pack_weights, fuse_relu
+        self.layout, self.pack_weights, self.fuse = layout, pack_weights, fuse
         self._example = _signature(inputs)
         self._programs = {self._example: self._build(inputs)}
         self._lock = threading.Lock()
@@ -385,7 +411,7 @@ class PlannedModule(nn.Module):
         with torch.no_grad():
             return ArenaProgram(self.model, inputs, self.strategy, self.copy_outputs,
                                 self.schedule_seconds, self.layout, self.pack_weights,
-                                self.fuse_relu)
+                                self.fuse)
 
     @property
     def main(self) -> ArenaProgram:

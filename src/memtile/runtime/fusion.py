@@ -1,52 +1,197 @@
-"""A ReLU fused into the planned convolution before it: one oneDNN call, one pass over the slot.
+"""Batch norm, residual add and ReLU fused into the planned convolution before them: one call.
 
 A planned convolution zeroes its arena slot and oneDNN adds the convolution into it
-(`convolution`); a ReLU after it would pass over the same bytes once more. oneDNN applies the ReLU
-as a post-op instead (relu(conv(x) + 0), in the same call), so the pair becomes one step that
-writes the convolution's slot, and the ReLU's output shares that slot, as an in-place ReLU would.
+(`convolution`); an eval-mode batch norm, a residual add and a ReLU after it would each pass over
+the same bytes once more. Instead:
 
-Only where the ReLU is the convolution's sole reader (nothing else needs the value before the
-ReLU) and both tensors are channels_last (the layout in which oneDNN writes without a
-temporary). The executor runs each fused call on the example inputs beside the convolution then
-ReLU it replaces, and keeps it only when the result is bit-identical (measured so for all 8
-pairs of vgg11 and 13 of vgg16) and it allocates no more than the convolution's workspace;
-otherwise the two run as separate steps.
+- the batch norm is folded into the convolution's weight and bias (inference only: `w * s`,
+  `(b - mean) * s + beta` per output channel, `s = gamma / sqrt(var + eps)`, computed in float64
+  from the constants at construction and packed once),
+- a residual add `conv(x) + identity` is oneDNN's own add: the convolution accumulates into the
+  identity's slot instead of a zeroed one (no zeroing, no add pass), where the identity dies at
+  the add and nothing else reads it after the convolution (else the call first copies it into
+  its destination), and
+- the ReLU runs as oneDNN's post-op, in the same call (oneDNN takes no other activation after
+  its add, so ReLU6 stays a separate step),
+
+so the chain becomes one step writing one slot (the identity's, or else the convolution's),
+which the outputs of the ops it absorbs share, as in-place ops would.
+
+Only where each op of the chain is the previous one's sole reader (nothing else needs the value
+in between), the batch norm's parameters and statistics and the convolution's weight are
+constants, and all the chain's tensors are channels_last (the layout in which oneDNN writes
+without a temporary). The executor runs each fused call on the example inputs beside the chain
+it replaces and keeps it only when it allocates no more than the convolution's workspace and
+matches: bit-identical for a ReLU alone (measured so for all 8 pairs of vgg11 and 13 of vgg16),
+within the convolution's tolerance when a batch norm is folded (its weights are rounded once);
+otherwise the ops run as separate steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from operator import getitem
 
+import torch
 from torch import fx
 
-from memtile.capture import MemGraph
+from memtile.capture import MemGraph, positions
 from memtile.runtime import convolution
 from memtile.runtime.outvariants import OutVariant
 
 RELU = "aten.relu.default"
+BATCH_NORM = "aten._native_batch_norm_legit_no_training.default"
+ADD = "aten.add.Tensor"
 
 
-def relu_pairs(graph: MemGraph, candidates: dict[str, OutVariant],
-               channels_last: set[str]) -> dict[str, fx.Node]:
-    """Convolution node name -> the ReLU node that may be fused into it.
+@dataclass(frozen=True)
+class Chain:
+    """A planned convolution and the ops its oneDNN call computes too."""
 
-    Both must be out= candidates (the convolution computed into the arena by oneDNN), the ReLU
-    the only reader of the convolution's output (a graph output or a view read has another), and
-    both outputs channels_last."""
-    pairs = {}
+    convolution: fx.Node
+    batch_norm: fx.Node | None = None  # eval-mode batch norm, folded into the weight and bias
+    add: fx.Node | None = None  # residual add: the convolution accumulates into `identity`
+    identity: fx.Node | None = None  # the add's other operand
+    relu: fx.Node | None = None  # applied as the call's post-op
+
+    @property
+    def absorbed(self) -> tuple[fx.Node, ...]:
+        """The ops that no longer run as steps of their own, in order."""
+        return tuple(n for n in (self.batch_norm, self.add, self.relu) if n is not None)
+
+    @property
+    def result(self) -> fx.Node:
+        """The node whose value the fused call writes (what later ops read)."""
+        return self.carried_into(None)
+
+    def carried_into(self, node: fx.Node | None) -> fx.Node:
+        """The node holding the chain's value where `node` reads it (None: after the last op
+        before `node`, which is the batch norm's first output rather than the batch norm)."""
+        value = self.convolution
+        for op in self.absorbed:
+            if op is node:
+                break
+            value = _sole_user(op) if op is self.batch_norm else op
+        return value
+
+
+def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
+           channels_last: set[str], constants: dict[str, torch.Tensor],
+           fold_batch_norm: bool) -> dict[str, Chain]:
+    """Convolution node name -> the chain its call may compute (batch norm, add, ReLU).
+
+    Every op of a chain must be an out= candidate (the convolution computed into the arena by
+    oneDNN), each the sole reader of the one before (a graph output or a view read is another
+    reader), every output channels_last; a folded batch norm needs constant parameters and the
+    convolution a constant weight (`fold_batch_norm` False folds none); an add needs an identity
+    of its own shape that `order` lets the convolution overwrite (see `_overwritable`)."""
+    position = positions(order, len(graph.ops))
+    viewed = {t.base for t in graph.tensors.values() if t.is_view}
+    found = {}
     for op in graph.ops:
-        node = op.node
-        variant = candidates.get(node.name)
-        if variant is None or variant.overload is not convolution.INTO or len(node.users) != 1:
+        conv = op.node
+        variant = candidates.get(conv.name)
+        if variant is None or variant.overload is not convolution.INTO:
             continue
-        relu = next(iter(node.users))
-        if str(relu.target) == RELU and relu.name in candidates \
-                and graph.value_of[node] in channels_last and graph.value_of[relu] in channels_last:
-            pairs[node.name] = relu
-    return pairs
+        chain = Chain(conv)
+        value = conv
+        batch_norm = _sole_user(value)
+        if fold_batch_norm and batch_norm is not None and str(batch_norm.target) == BATCH_NORM \
+                and _foldable(conv, batch_norm, constants):
+            chain = dataclasses.replace(chain, batch_norm=batch_norm)
+            value = _sole_user(batch_norm)
+        add = _sole_user(value) if value is not None else None
+        if add is not None and str(add.target) == ADD and not add.kwargs \
+                and (identity := _other_operand(add, value)) is not None \
+                and _overwritable(graph, identity, add, op.index, position, viewed):
+            chain = dataclasses.replace(chain, add=add, identity=identity)
+            value = add
+        relu = _sole_user(value) if value is not None else None
+        if relu is not None and str(relu.target) == RELU:
+            chain = dataclasses.replace(chain, relu=relu)
+        if chain.absorbed and value is not None and all(
+                n.name in candidates and _first_value(graph, n) in channels_last
+                for n in (conv, *chain.absorbed)):
+            found[conv.name] = chain
+    return found
 
 
-def fused(variant: OutVariant) -> OutVariant:
-    """The convolution's variant with the ReLU post-op: same arguments, and no tolerance
-    (it must equal the convolution's variant followed by ReLU bit for bit)."""
-    return dataclasses.replace(variant, overload=convolution.INTO_RELU, tolerance=0.0)
+def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor]) -> OutVariant:
+    """The variant that computes the whole chain: the convolution's, with the batch norm folded
+    into a new packed weight and bias, and the ReLU as post-op; with an add, it takes the
+    identity as its last argument. A ReLU alone must equal the convolution's variant followed by
+    ReLU bit for bit (tolerance 0)."""
+    into = convolution.INTO_RELU if chain.relu is not None else convolution.INTO
+    if chain.batch_norm is None:
+        return dataclasses.replace(variant, overload=into,
+                                   tolerance=variant.tolerance if chain.add else 0.0)
+    weight, bias = folded(chain, constants)
+    return convolution.variant(chain.convolution, weight, pack=True, into=into, bias=bias)
+
+
+def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convolution's weight and bias with the batch norm folded in (float64, then rounded
+    once to the weight's dtype)."""
+    conv, bn = chain.convolution, chain.batch_norm
+    weight = constants[conv.args[1].name]
+    bias = _constant(conv.args[2], constants)
+    gamma, beta, mean, var = (_constant(a, constants) for a in bn.args[1:5])
+    eps = bn.args[6]
+    scale = (var.double() + eps).rsqrt()
+    if gamma is not None:
+        scale = scale * gamma.double()
+    shift = -mean.double() * scale if bias is None else (bias.double() - mean.double()) * scale
+    if beta is not None:
+        shift = shift + beta.double()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return (weight.double() * scale.reshape(shape)).to(weight.dtype), shift.to(weight.dtype)
+
+
+def _other_operand(add: fx.Node, value: fx.Node) -> fx.Node | None:
+    """The add's operand that is not the chain's value (None if both are, or one is a scalar)."""
+    operands = add.args
+    if len(operands) != 2 or not all(isinstance(a, fx.Node) for a in operands) \
+            or operands[0] is operands[1]:
+        return None
+    return operands[1] if operands[0] is value else operands[0]
+
+
+def _overwritable(graph: MemGraph, identity: fx.Node, add: fx.Node, conv_index: int,
+                  position: list[int], viewed: set[str]) -> bool:
+    """The convolution may accumulate into the identity's storage: same shape and dtype as the
+    add's result (no broadcast), a storage of its own (no views read it), produced before the
+    convolution runs and read by nothing but the add after it."""
+    name = graph.value_of.get(identity)
+    if not isinstance(name, str):
+        return False
+    tensor, result = graph.tensors[name], add.meta.get("val")
+    add_index = next(op.index for op in graph.ops if op.node is add)
+    return (isinstance(result, torch.Tensor) and tensor.shape == tuple(result.shape)
+            and tensor.dtype == result.dtype and not tensor.is_view
+            and name not in viewed and tensor.producer is not None
+            and position[tensor.producer] < position[conv_index]
+            and all(position[c] < position[conv_index] for c in tensor.consumers if c != add_index))
+
+
+def _foldable(conv: fx.Node, bn: fx.Node, constants: dict[str, torch.Tensor]) -> bool:
+    """The weight, running statistics and (when present) parameters are constants, and only the
+    batch norm's first output is read."""
+    needed = [conv.args[1], *bn.args[3:5]]
+    optional = [conv.args[2], *bn.args[1:3]]
+    return (all(isinstance(a, fx.Node) and a.name in constants for a in needed)
+            and all(a is None or (isinstance(a, fx.Node) and a.name in constants) for a in optional)
+            and all(u.target is getitem and u.args[1] == 0 for u in bn.users))
+
+
+def _constant(arg, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    return None if arg is None else constants[arg.name]
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _first_value(graph: MemGraph, node: fx.Node) -> str:
+    value = graph.value_of[node]
+    return value[0] if isinstance(value, tuple) else value
