@@ -5,8 +5,9 @@ the trunk output and its gradient, the parameter gradients, the activations of o
 for 2PS, the stored boundary rows (those of the bands not yet run backward). The estimate counts,
 per band, every node's rows in that band (autograd keeps about one tensor per node). Kinds of
 configuration: strategy, checkpointing inside bands or not, and (2PS) a taper of the backward
-bands. For each, the fewest bands (at most the trunk output height) whose estimate fits; the
-fastest of those by estimated work is run once under `memtile.measure`; one that misses is
+bands. For each, the fewest bands (at most the trunk output height) whose estimate fits, or
+for a kind where none fits, its smallest estimate if within `MEASURE_ANYWAY` of the budget.
+These are run under `memtile.measure` fastest first by estimated work; one that misses is
 retried with more bands, in order of speed with the rest, until a measured peak fits; if none
 does, `BudgetError` says what was measured.
 """
@@ -236,26 +237,27 @@ def _more(bands: int) -> int:
 def configure(module: RowCentric, x: torch.Tensor) -> Choice:
     """Pick and verify a configuration for `module.budget`; set it on the module.
 
-    Measures the fastest untried configuration (those whose estimate fits before the others);
-    one that misses comes back with more bands, so a fast kind with more bands is measured
-    before a slower kind (checkpointing) is.
+    Measures the fastest untried configuration first, whether or not its estimate fits (the
+    estimate only admits candidates: it overstates some kinds, e.g. 2PS without checkpointing
+    on resnet50 2x512², 306 MiB estimated for 239 MiB measured, and would let a slower
+    checkpointed kind win); one that misses comes back with more bands, so a fast kind with
+    more bands is measured before a slower kind (checkpointing) is.
     """
     budget = module.budget
     options = candidates(module, x, budget)
     least, cap = min(o.work for o in options), _cap(module, x)
-    # (estimate missed, cost, choice): the estimate-fitting ones first, then by speed
-    queue = [(o.estimate_bytes > budget, o.cost(least), o) for o in options]
+    queue = [(o.cost(least), o) for o in options]
     tried: list[Choice] = []
     while queue and len(tried) < MAX_MEASURED:
-        queue.sort(key=lambda entry: entry[:2])
-        missed, _, option = queue.pop(0)
+        queue.sort(key=lambda entry: entry[0])
+        _, option = queue.pop(0)
         tried.append(replace(option, measured_bytes=measure_step(module, x, option)))
         if tried[-1].measured_bytes <= budget:
             break
         if min(option.forward_rows, option.backward_rows) < cap:
             more = replace(option, forward_rows=min(cap, _more(option.forward_rows)),
                            backward_rows=min(cap, _more(option.backward_rows)))
-            queue.append((missed, more.cost(least), more))
+            queue.append((more.cost(least), more))
     choice = min(tried, key=lambda c: (c.measured_bytes > budget, c.measured_bytes))
     if choice.measured_bytes > budget:
         raise BudgetError(
