@@ -249,6 +249,8 @@ def table(summary: dict) -> Table:
                  format_bytes(summary["planned_peak_bytes"]))
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
+    grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}, "
+                 "ReLUs {relu}".format(**summary["fused"]) if summary["fuse"] else "off (--no-fuse)")
     grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g} "
                  f"({summary['max_rel_diff']:.3g} of the output's magnitude)")
     for entry in summary["unplanned_ops"]:
