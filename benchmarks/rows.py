@@ -89,6 +89,23 @@ def trunk_step_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return measure(step).peak_bytes, sum(p.numel() * p.element_size() for p in params)
 
 
+def interleaved_ratio(base: nn.Module, other: nn.Module, x: torch.Tensor, rounds: int,
+                      done: int) -> dict:
+    """Median over `rounds` of other's step time / ordinary's, the two stepped alternately, so
+    that both see the same load on a shared machine (separate medians do not). `base` first
+    takes the `done` steps `other` has taken, so both step the same weights."""
+    sides = [Side(m, list(m.parameters())) for m in (base, other)]
+    for k in range(done):
+        sides[0].step(x, seed=k)
+    for k in range(done, done + rounds):
+        for side in sides:
+            side.timed_step(x, seed=k)
+    ratios = [o / b for b, o in zip(sides[0].seconds, sides[1].seconds)]
+    return {"interleaved_ratio": statistics.median(ratios), "interleaved_rounds": rounds,
+            "interleaved_ordinary_s": statistics.median(sides[0].seconds),
+            "interleaved_s": statistics.median(sides[1].seconds)}
+
+
 def run_side(model: nn.Module, x: torch.Tensor, steps: int,
              params=None) -> tuple[dict, list[torch.Tensor | None]]:
     """Timed steps, then one measured step; also the first step's gradients (same weights
@@ -112,7 +129,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int, target: float,
-                 emit) -> None:
+                 emit, rounds: int = 0) -> None:
     model, (x,) = zoo.get(net, batch=batch, input_shape=(3, res, res))
     base_grads = None
     common = {"net": net, "batch": batch, "resolution": res}
@@ -159,6 +176,8 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
         choose_s = time.perf_counter() - start
         result, first = run_side(row, x, steps, params)
         fwd, bwd = row.trunk.band_counts()
+        if rounds:
+            result |= interleaved_ratio(frozen_copy(model), row, x, rounds, steps + 1)
         emit({**common, "method": strategy, **result, "forward_rows": fwd, "backward_rows": bwd,
               "checkpoint": row.trunk.checkpoint, "taper": row.trunk.taper,
               "trunk_budget_bytes": budget, "target": fraction, "trunk_ordinary_peak_bytes": trunk_peak,
@@ -258,6 +277,8 @@ def table(path: Path) -> str:
         act = r["activation_bytes"]
         ratio_a = f"{act / b['activation_bytes']:.0%}" if b else ""
         ratio_t = f"{r['step_s'] / b['step_s']:.2f}x" if b else ""
+        if "interleaved_ratio" in r:
+            ratio_t += f" ({r['interleaved_ratio']:.2f}x interleaved)"
         err = f"{r['grad_max_rel_error']:.1e}" if r.get("grad_max_rel_error") is not None else ""
         out.append(f"| {r['net']} | {cfg} | {method} | {bands} | {format_bytes(act)} | "
                    f"{ratio_a} | {format_bytes(r['peak_bytes'])} | {r['step_s']:.2f} s | "
@@ -288,6 +309,9 @@ def main() -> int:
     parser.add_argument("--configs", default="8x224,2x512", help="BATCHxRES,...")
     parser.add_argument("--methods", default="ordinary,checkpoint,overl,2ps")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time row-centric against ordinary in this many alternating "
+                        "steps (median ratio)")
     parser.add_argument("--target", type=float, default=0.2,
                         help="trunk activation budget as a fraction of ordinary")
     parser.add_argument("--max-res", action="store_true", help="largest resolution search")
@@ -318,7 +342,7 @@ def main() -> int:
     for net in filter(None, args.nets.split(",")):
         for config in filter(None, args.configs.split(",")):
             batch, res = (int(v) for v in config.split("x"))
-            bench_config(net, batch, res, methods, args.steps, args.target, emit)
+            bench_config(net, batch, res, methods, args.steps, args.target, emit, args.rounds)
     if args.max_res:
         max_resolution(args.max_res_net, args.budget, args.max_res_start, emit,
                        ordinary=args.max_res_ordinary,
