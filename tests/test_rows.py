@@ -405,8 +405,8 @@ def test_budget_mode_measures_fastest_first_even_if_its_estimate_misses(monkeypa
     from memtile.rows import budget
 
     row = RowCentric(plain_stack(), rows="auto", budget=100)
-    fast = budget.Choice("2ps", 2, 4, estimate_bytes=120, work=10)
-    slow = budget.Choice("2ps", 2, 4, estimate_bytes=90, work=20, checkpoint=True)
+    fast = budget.Choice("2ps", 1, 4, estimate_bytes=120, work=10)
+    slow = budget.Choice("2ps", 1, 4, estimate_bytes=90, work=20, checkpoint=True)
     measured = {fast: 95, slow: 80}
     order = []
     monkeypatch.setattr(budget, "candidates", lambda module, x, b: [slow, fast])
@@ -416,3 +416,25 @@ def test_budget_mode_measures_fastest_first_even_if_its_estimate_misses(monkeypa
     assert order == [fast]
     assert (choice.checkpoint, choice.measured_bytes) == (False, 95)
     assert not row.checkpoint
+
+
+@pytest.mark.parametrize("fits_from", [1, 2])
+def test_budget_mode_lowers_forward_bands_of_its_choice(monkeypatch, fits_from):
+    # A choice found by retrying with more bands has as many forward bands as backward ones;
+    # forward runs under no_grad, so fewer (faster) forward bands usually fit as well.
+    from memtile.rows import budget
+
+    row = RowCentric(plain_stack(), rows="auto", budget=100)
+    found = budget.Choice("2ps", 4, 4, estimate_bytes=150, work=10)
+    order = []
+
+    def measure(module, x, choice):
+        order.append(choice.forward_rows)
+        return 90 if choice.forward_rows >= fits_from else 120
+
+    monkeypatch.setattr(budget, "candidates", lambda module, x, b: [found])
+    monkeypatch.setattr(budget, "measure_step", measure)
+    choice = budget.configure(row, torch.randn(1, 3, 40, 40))
+    assert order == [4, *range(1, fits_from + 1)]
+    assert (choice.forward_rows, choice.backward_rows, choice.measured_bytes) == (fits_from, 4, 90)
+    assert row.band_counts() == (fits_from, 4)
