@@ -6,8 +6,10 @@ trunk (as a user would write it), OverL and 2PS with band counts chosen by budge
 trunk budget of `--target` of the ordinary trunk activations. One SGD step (momentum 0.9) is
 measured with `memtile.measure` (peak above what was held before; activations = peak minus the
 gradients and optimizer state live at the peak); `--steps` more are timed without
-instrumentation (median). `--max-res` also finds the largest square resolution that trains at
-batch 1 within `--budget` (whole step, measured), ordinary vs row-centric.
+instrumentation (median); `--rounds N` also times each row-centric side against ordinary in N
+alternating steps (median ratio: robust to the shared machine's load). `--max-res` also finds
+the largest square resolution that trains at batch 1 within `--budget` (whole step, measured),
+ordinary vs row-centric.
 
 Results are appended to `--out` (JSON lines) as they finish; `--table` prints the markdown table.
 
