@@ -79,9 +79,10 @@ class _Chain(nn.Module):
         return self.head(self.trunk(x))
 
 
-def trunk_step_peak(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def trunk_step_peak(model: nn.Module, x: torch.Tensor,
+                    stop_before: str | None = None) -> tuple[int, int]:
     """(measured peak of an ordinary trunk forward+backward, trunk parameter bytes)."""
-    trunk, _ = split_trunk(model)
+    trunk, _ = split_trunk(model, stop_before)
     params = [p for p in trunk.parameters() if p.requires_grad]
 
     def step():
@@ -131,7 +132,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int, target: float,
-                 emit, rounds: int = 0) -> None:
+                 emit, rounds: int = 0, stop_before: str | None = None) -> None:
     model, (x,) = zoo.get(net, batch=batch, input_shape=(3, res, res))
     base_grads = None
     common = {"net": net, "batch": batch, "resolution": res}
@@ -158,14 +159,15 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
     row_methods = [m for m in methods if m in ("overl", "2ps")]
     if not row_methods:
         return
-    trunk_peak, trunk_params = trunk_step_peak(frozen_copy(model), x)
+    trunk_peak, trunk_params = trunk_step_peak(frozen_copy(model), x, stop_before)
     for strategy in row_methods:
         # the target first; if budget mode finds it out of reach, the next looser one
         for fraction in sorted({target, *(f for f in (0.3, 0.5, 0.8) if f > target)}):
             budget = int(trunk_params + fraction * (trunk_peak - trunk_params))
             copy_ = frozen_copy(model)
             params = list(copy_.parameters())
-            row = wrap(copy_, rows="auto", budget=budget, strategy=strategy, bn="frozen")
+            row = wrap(copy_, stop_before, rows="auto", budget=budget, strategy=strategy,
+                       bn="frozen")
             start = time.perf_counter()
             try:
                 row.trunk.engine(x)
@@ -181,6 +183,7 @@ def bench_config(net: str, batch: int, res: int, methods: list[str], steps: int,
         if rounds:
             result |= interleaved_ratio(frozen_copy(model), row, x, rounds, steps + 1)
         emit({**common, "method": strategy, **result, "forward_rows": fwd, "backward_rows": bwd,
+              "stop_before": stop_before,
               "checkpoint": row.trunk.checkpoint, "taper": row.trunk.taper,
               "trunk_budget_bytes": budget, "target": fraction, "trunk_ordinary_peak_bytes": trunk_peak,
               "budget_measured_trunk_bytes": row.trunk.choice.measured_bytes,
@@ -275,6 +278,7 @@ def table(path: Path) -> str:
                  else f"{r['segments']} segments" if "segments" in r else "-")
         bands += ", checkpointed" if r.get("checkpoint") else ""
         bands += f", taper {r['taper']:g}" if r.get("taper") else ""
+        bands += f", {r['stop_before']} ordinary" if r.get("stop_before") else ""
         method = r["method"] + (f" (target {r['target']:g})" if "target" in r else "")
         act = r["activation_bytes"]
         ratio_a = f"{act / b['activation_bytes']:.0%}" if b else ""
@@ -316,6 +320,8 @@ def main() -> int:
                         "steps (median ratio)")
     parser.add_argument("--target", type=float, default=0.2,
                         help="trunk activation budget as a fraction of ordinary")
+    parser.add_argument("--stop-before", default=None,
+                        help="end the row-centric prefix before this submodule (e.g. layer4)")
     parser.add_argument("--max-res", action="store_true", help="largest resolution search")
     parser.add_argument("--max-res-net", default="resnet50")
     parser.add_argument("--max-res-start", type=int, default=512)
@@ -344,7 +350,8 @@ def main() -> int:
     for net in filter(None, args.nets.split(",")):
         for config in filter(None, args.configs.split(",")):
             batch, res = (int(v) for v in config.split("x"))
-            bench_config(net, batch, res, methods, args.steps, args.target, emit, args.rounds)
+            bench_config(net, batch, res, methods, args.steps, args.target, emit, args.rounds,
+                         args.stop_before)
     if args.max_res:
         max_resolution(args.max_res_net, args.budget, args.max_res_start, emit,
                        ordinary=args.max_res_ordinary,

@@ -186,6 +186,27 @@ def test_wrap_finds_resnet_stem_and_layers():
         assert rel_error(wrapped(x), model.eval()(x)) <= 1e-5
 
 
+def test_wrap_stops_before_a_named_submodule():
+    """stop_before="layer4": the banded prefix ends with layer3, layer4 runs in the head; the
+    wrapped model still computes the model's outputs and gradients. An unknown name is refused."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    trunk, head = split_trunk(model, stop_before="layer4")
+    trunk_modules = {n.target for n in trunk.graph.nodes if n.op == "call_module"}
+    head_modules = {n.target for n in head.graph.nodes if n.op == "call_module"}
+    assert "layer3.1.bn2" in trunk_modules and not any(m.startswith("layer4") for m in trunk_modules)
+    assert {"layer4.0.conv1", "layer4.1.bn2", "avgpool", "fc"} <= head_modules
+    wrapped = wrap(model, stop_before="layer4", rows=3, strategy="2ps", bn="frozen")
+    x = torch.randn(2, 3, 64, 64)
+    wrapped(x).square().sum().backward()
+    row_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert max(rel_error(g, p.grad) for g, p in zip(row_grads, model.parameters())) <= 1e-5
+    with pytest.raises(UnsupportedOpError, match="stop_before='layer9'.*no submodule"):
+        split_trunk(model, stop_before="layer9")
+
+
 def test_training_batchnorm_is_refused_by_name():
     trunk = torchvision_trunk("resnet18").train()
     with pytest.raises(UnsupportedOpError, match="bn1.*BatchNorm2d.*training mode.*frozen"):
@@ -272,6 +293,20 @@ def test_train_command_json(capsys):
     assert result["bn"] == "frozen" and len(result["loss_row"]) == 2
     for key in ("baseline_peak_bytes", "row_peak_bytes", "baseline_step_s", "row_step_s"):
         assert result[key] > 0
+
+
+def test_train_command_stop_before(capsys):
+    """--stop-before layer4: resnet18's banded trunk ends at layer3 (4x4 output at 64², where
+    layer4's would be 2x2); gradients still match ordinary training."""
+    import json
+
+    from memtile.cli import main
+
+    assert main(["train", "resnet18", "--resolution", "64", "--batch", "2", "--rows", "3",
+                 "--strategy", "2ps", "--stop-before", "layer4", "--no-f64-check", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stop_before"] == "layer4" and result["trunk_output_shape"] == [4, 4]
+    assert result["grad_max_rel_error"] <= 1e-5
 
 
 def test_train_command_refuses_batchnorm_with_bn_error(capsys):

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bn", choices=("frozen", "error"), default="frozen",
                         help="BatchNorm: frozen running statistics on both sides (default), or "
                              "refuse models that have it")
+    parser.add_argument("--stop-before", default=None, metavar="MODULE",
+                        help="end the row-centric prefix before this submodule (e.g. layer4): "
+                             "it and the rest run ordinarily")
     parser.add_argument("--steps", type=int, default=1, help="timed SGD steps per side")
     parser.add_argument("--no-f64-check", action="store_true",
                         help="skip the float64 reference gradients (saves time and memory)")
@@ -203,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
     result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
                      rows=rows, strategy=args.strategy,
                      forward_rows=args.forward_rows, backward_rows=args.backward_rows,
-                     checkpoint=args.checkpoint or None, bn="frozen", budget=args.budget)
+                     checkpoint=args.checkpoint or None, bn="frozen", budget=args.budget,
+                     stop_before=args.stop_before)
     result["model"] = args.model
+    result["stop_before"] = args.stop_before
     result["bn"] = "frozen" if norms else "none"
     if args.json:
         print_json(result)

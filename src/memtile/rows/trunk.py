@@ -20,11 +20,15 @@ class RowWrapped(nn.Module):
         return self.head(self.trunk(x))
 
 
-def split_trunk(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
+def split_trunk(model: nn.Module, stop_before: str | None = None
+                ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(trunk, head): the longest prefix of spatially local ops that hands one tensor on.
 
     BatchNorm counts as local here (whether it may run is RowCentric's `bn` choice). Both parts
     share the model's submodules, so its parameters and optimizer state stay valid.
+    `stop_before` (a submodule name, e.g. "layer4") ends the prefix before that submodule's
+    first op: the deep layers of a tail hold little activation memory, but their few output rows
+    make every band thin there, so running them ordinarily is faster for about the same peak.
     """
     gm = _trace(model)
     nodes = list(gm.graph.nodes)
@@ -32,12 +36,15 @@ def split_trunk(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
         raise UnsupportedOpError("wrap() needs a model with exactly one image input")
     accepted: dict[fx.Node, object] = {}
     for node in nodes:
-        if node.op == "output":
+        if node.op == "output" or _inside(node, stop_before):
             break
         try:
             accepted[node] = classify(gm, node, accepted, frozen_bn=True)
         except UnsupportedOpError:
             break
+    if stop_before is not None and not any(_inside(n, stop_before) for n in nodes):
+        raise UnsupportedOpError(f"stop_before={stop_before!r}: {type(model).__name__} calls no "
+                                 "submodule of that name")
     prefix = list(accepted)
     cut = None
     for k in range(len(prefix) - 1, 0, -1):
@@ -51,6 +58,12 @@ def split_trunk(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
         raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap "
                                  f"(first unsupported node: {first.name})")
     return _subgraph(gm, prefix[: cut + 1], prefix[cut]), _head(gm, prefix[: cut + 1], prefix[cut])
+
+
+def _inside(node: fx.Node, module: str | None) -> bool:
+    """Whether `node` calls `module` or one of its submodules."""
+    return (module is not None and node.op == "call_module"
+            and (node.target == module or node.target.startswith(module + ".")))
 
 
 def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> fx.GraphModule:
@@ -72,10 +85,13 @@ def _head(gm: fx.GraphModule, trunk: list[fx.Node], cut: fx.Node) -> fx.GraphMod
     return fx.GraphModule(gm, graph)
 
 
-def wrap(model: nn.Module, **kwargs) -> RowWrapped:
+def wrap(model: nn.Module, stop_before: str | None = None, **kwargs) -> RowWrapped:
     """`model` with its longest spatially local prefix run by `RowCentric(prefix, **kwargs)`.
 
     Finds vgg/mobilenet `features`, resnet stem + layer1-4 and the like; the head runs unchanged.
+    `stop_before` ends the prefix before a submodule (see `split_trunk`): resnet50 at 2x512²
+    with "layer4" measured 16% of ordinary activations at 1.39x the step time, against 18% at
+    1.84x with layer4 banded too.
     """
-    trunk, head = split_trunk(model)
+    trunk, head = split_trunk(model, stop_before)
     return RowWrapped(RowCentric(trunk, **kwargs), head)
