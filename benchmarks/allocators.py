@@ -194,9 +194,7 @@ def faults_and_bytes(model_name: str, batch: int, calls: int = 3) -> dict:
             result[f"{label}_allocs"] = len(m.allocations)
     result["unplanned_ops"] = len(planned.main.unplanned)
     result["planned_ops"] = len(planned.main.planned)
-    chains = [fused.chain for fused in planned.main.fused.values()]
-    result["fused"] = " / ".join(str(sum(getattr(c, op) is not None for c in chains))
-                                 for op in ("batch_norm", "add", "relu"))
+    result["fused"] = " / ".join(map(str, planned.main.fused_counts().values()))
     return result
 
 

@@ -118,8 +118,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "eager_layout": eager_layout,
         "pack_weights": pack_weights,
         "fuse": fuse,
-        "fused": {op: sum(getattr(f.chain, op) is not None for f in planned.main.fused.values())
-                  for op in ("batch_norm", "add", "relu")},
+        "fused": planned.main.fused_counts(),
         "threads": threads,
         "iters": iters,
         "eager_ms": statistics.median(eager_ms),

@@ -4,11 +4,11 @@ Construction captures the model (core ATen), orders its ops (`memtile.schedule` 
 finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
-kernel (see `outvariants`) and each convolution with the batch norm and ReLU after it fused
-(see `fusion`), plans the
-arena (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call then
-runs each planned op into its view of the arena; unplanned ops (no out= kernel, or one that
-allocates) run as ordinary calls, and their results are freed as soon as their last reader ran.
+kernel (see `outvariants`) and each convolution with the batch norm, residual add and ReLU
+after it fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
+compiles the straight-line program (`codegen`). A call then runs each planned op into its view
+of the arena; unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and
+their results are freed as soon as their last reader ran.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class ArenaProgram:
             if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
                 self.shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
                 slot = value_of[chain.identity]
-            self.shared.update({_names(value_of[node])[0]: slot for node in chain.absorbed})
+            self.shared.update({fusion.first_value(self.graph, node): slot
+                                for node in chain.absorbed})
         self.problem = Problem(
             [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
             alignment=ALIGNMENT,
@@ -109,6 +110,12 @@ class ArenaProgram:
     def packed_bytes(self) -> int:
         """Bytes of the packed convolution weights this program keeps (see `convolution`)."""
         return sum(v.packed_bytes for v in self.planned.values())
+
+    def fused_counts(self) -> dict[str, int]:
+        """How many batch norms, adds and ReLUs run inside a convolution's call."""
+        chains = [fused.chain for fused in self.fused.values()]
+        return {op: sum(getattr(c, op) is not None for c in chains)
+                for op in ("batch_norm", "add", "relu")}
 
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
@@ -382,8 +389,9 @@ class PlannedModule(nn.Module):
     each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
     held) instead of at every call. `fuse` computes, in a planned convolution's call, the
     eval-mode batch norm after it (folded into a packed copy of its weight and bias; only with
-    `pack_weights`) and the ReLU after that: one step, one pass over its slot, checked against
-    the separate steps at construction (see `fusion`). The weights are read at construction:
+    `pack_weights`), a residual add after that (the convolution accumulates into the identity's
+    slot) and the ReLU after that: one step, one pass over its slot, checked against the
+    separate steps at construction (see `fusion`). The weights are read at construction:
     change the model's parameters, build a new module.
     """
 

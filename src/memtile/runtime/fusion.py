@@ -23,8 +23,8 @@ constants, and all the chain's tensors are channels_last (the layout in which on
 without a temporary). The executor runs each fused call on the example inputs beside the chain
 it replaces and keeps it only when it allocates no more than the convolution's workspace and
 matches: bit-identical for a ReLU alone (measured so for all 8 pairs of vgg11 and 13 of vgg16),
-within the convolution's tolerance when a batch norm is folded (its weights are rounded once);
-otherwise the ops run as separate steps.
+within the convolution's tolerance when a batch norm is folded (its weights are rounded once) or
+an add is absorbed; otherwise the ops run as separate steps.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
         if relu is not None and str(relu.target) == RELU:
             chain = dataclasses.replace(chain, relu=relu)
         if chain.absorbed and value is not None and all(
-                n.name in candidates and _first_value(graph, n) in channels_last
+                n.name in candidates and first_value(graph, n) in channels_last
                 for n in (conv, *chain.absorbed)):
             found[conv.name] = chain
     return found
@@ -192,6 +192,7 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _first_value(graph: MemGraph, node: fx.Node) -> str:
+def first_value(graph: MemGraph, node: fx.Node) -> str:
+    """The tensor name of a node's (first) output."""
     value = graph.value_of[node]
     return value[0] if isinstance(value, tuple) else value
