@@ -369,10 +369,11 @@ def band_peak_ratio(layers: int, bands: int) -> float:
 
 
 def test_2ps_band_holds_each_joined_node_once():
-    # A 2PS node whose consumer reads kept rows was joined by torch.cat: backward then held
-    # the new rows twice (ReLU's saved result and the copy the next conv saved), about two
+    # A 2PS node whose consumer reads kept rows was joined by concatenating ReLU's result:
+    # backward then held the new rows twice (ReLU's saved result and the copy the next conv
+    # saved), about two
     # ordinary layers' rows per band per layer, measured 1.85x ordinary/bands for this stack.
-    # Joined in one buffer that ReLU writes in place, a band holds each layer's rows once,
+    # Joined in one buffer that ReLU then writes in place, a band holds each layer's rows once,
     # plus two gradients in flight: (6 + 2) / 6 = 1.33x, and a halo row or two.
     assert band_peak_ratio(6, 4) <= 1.5
 
@@ -473,3 +474,87 @@ def test_budget_mode_lowers_forward_bands_of_its_choice(monkeypatch, fits_from):
     assert order == [4, *range(1, fits_from + 1)]
     assert (choice.forward_rows, choice.backward_rows, choice.measured_bytes) == (fits_from, 4, 90)
     assert row.band_counts() == (fits_from, 4)
+
+
+@pytest.mark.parametrize("bias,affine", [(True, True), (False, True), (False, False)])
+def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, affine):
+    from memtile.spatial import FoldedConvBN
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, 2, 1, bias=bias).double()
+    bn = nn.BatchNorm2d(6, affine=affine).double().eval()
+    bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    g = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    params = [*conv.parameters(), *bn.parameters()]
+    want = torch.autograd.grad(bn(conv(x)), params, g)
+    weight, b = FoldedConvBN(conv, bn).weights()
+    y = nn.functional.conv2d(x, weight, b, 2, 1)
+    assert rel_error(y, bn(conv(x))) <= 1e-14
+    for got, ref in zip(torch.autograd.grad(y, params, g), want, strict=True):
+        assert rel_error(got, ref) <= 1e-13
+
+
+def conv_bn_stack(layers: int = 6) -> nn.Module:
+    torch.manual_seed(0)
+    mods = []
+    for _ in range(layers):
+        bn = nn.BatchNorm2d(16)
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        mods += [nn.Conv2d(16, 16, 3, 1, 1, bias=False), bn, nn.ReLU(True)]
+    return nn.Sequential(*mods)
+
+
+def test_2ps_folds_frozen_norms_of_wide_layers_same_gradients_less_memory(monkeypatch):
+    # Each conv -> frozen BN -> ReLU(inplace) holds two tensors for backward unfolded (the
+    # conv output, saved by the norm, and the norm's output, which ReLU overwrites and saves);
+    # with the norm folded into the conv, one: a band holds one layer's rows less per norm.
+    # A 16 x 3 x 3 weight is smaller than any band's
+    # rows of a 64-wide layer, so every norm is folded.
+    from memtile.rows import engine as row_engine
+    from memtile.rows.engine import Engine, RowFunction
+    from memtile.spatial import FoldedConvBN
+
+    trunk, x = conv_bn_stack(), torch.randn(1, 16, 128, 64)
+    assert_exact(row_errors(trunk, x, rows=4, strategy="2ps", bn="frozen"), 1e-5)
+    graph = RowCentric(trunk, bn="frozen").graph
+    params = list(trunk.parameters())
+
+    def step_peak() -> tuple[int, Engine]:
+        from memtile.measure import measure
+
+        engine = Engine(graph, (128, 64), "2ps", 1, 4, False)
+
+        def step():
+            y = RowFunction.apply(engine, x, *params)
+            torch.autograd.grad(y, params, torch.ones_like(y))
+
+        return measure(step).peak_bytes, engine
+
+    folded, engine = step_peak()
+    kinds = [type(op.module) for op in engine.backward_graph.ops.values()]
+    assert kinds.count(FoldedConvBN) == 6 and kinds.count(nn.BatchNorm2d) == 0
+    monkeypatch.setattr(row_engine, "worth_folding", lambda *args: set())
+    unfolded, engine = step_peak()
+    assert [type(op.module) for op in engine.backward_graph.ops.values()].count(FoldedConvBN) == 0
+    one_band_of_outputs = 6 * 16 * (128 // 4) * 64 * 4  # six layers, 32 rows, float32
+    assert unfolded - folded >= 0.75 * one_band_of_outputs, (folded, unfolded)
+
+
+def test_norms_after_convolutions_with_large_weights_stay_unfolded():
+    # 256 x 3 x 3 inputs per output channel against 8-wide rows: rescaling the weight in
+    # every band would cost more than the norm it saves.
+    from memtile.rows.engine import Engine
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 256, 3, 1, 1), nn.BatchNorm2d(256), nn.ReLU(),
+                          nn.Conv2d(256, 8, 3, 1, 1), nn.BatchNorm2d(8)).eval()
+    graph = RowCentric(trunk).graph
+    engine = Engine(graph, (64, 8), "2ps", 1, 8, False)
+    convs = [n for n in graph.order if isinstance(graph.ops[n].module, nn.Conv2d)]
+    first, second = convs
+    assert graph.conv_bn_pairs().keys() == {first, second}
+    assert not isinstance(engine.backward_graph.ops[first].module, nn.Conv2d)
+    assert isinstance(engine.backward_graph.ops[second].module, nn.Conv2d)

@@ -89,7 +89,31 @@ class _Op:
     kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn)
     inputs: list[fx.Node]
     windows: tuple[Window, ...] = (IDENTITY, IDENTITY)
-    module: nn.Module | None = None
+    module: nn.Module | FoldedConvBN | None = None
+
+
+@dataclass(frozen=True)
+class FoldedConvBN:
+    """A convolution and the batch norm after it (running statistics) as one convolution.
+
+    Same function; the norm's pass over the output and its backward disappear. The fold is
+    recomputed at every call from the live parameters, so gradients reach the convolution's
+    weight and bias and the norm's weight and bias as before (autograd through the fold).
+    """
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.conv, self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+        bias = bias * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        return conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1)), bias
 
 
 class SpatialGraph:
@@ -146,6 +170,35 @@ class SpatialGraph:
 
     def output_size(self, in_size: Size) -> Size:
         return self.sizes(in_size)[self.output]
+
+    def conv_bn_pairs(self) -> dict[fx.Node, fx.Node]:
+        """Convolution -> the batch norm that alone reads it (running statistics: foldable)."""
+        pairs = {}
+        for node in self.order:
+            op = self.ops[node]
+            if isinstance(op.module, nn.BatchNorm2d):
+                conv = op.inputs[0]
+                if (isinstance(self.ops[conv].module, nn.Conv2d)
+                        and self.consumers[conv] == [node]):
+                    pairs[conv] = node
+        return pairs
+
+    def folded(self, convs: Container[fx.Node]) -> SpatialGraph:
+        """The same graph (same nodes) with the batch norm after each of `convs` folded into it
+        (`FoldedConvBN`) and itself run as an identity that returns the convolution's output."""
+        out = copy.copy(self)
+        out.ops = dict(self.ops)
+        for conv, bn in self.conv_bn_pairs().items():
+            if conv in convs:
+                op = self.ops[conv]
+                out.ops[conv] = _Op("local", op.inputs, op.windows,
+                                    FoldedConvBN(op.module, self.ops[bn].module))
+                out.ops[bn] = _Op("pointwise", self.ops[bn].inputs, module=nn.Identity())
+        return out
+
+    def aliases(self, node: fx.Node) -> bool:
+        """Whether `node` returns its input tensor itself (identity, folded batch norm)."""
+        return isinstance(self.ops[node].module, nn.Identity)
 
     def needs(self, node: fx.Node, out: Region) -> Region:
         """Unclipped region of each input that `node` reads to produce `out` (same for all)."""
@@ -375,7 +428,7 @@ def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     return x
 
 
-def _apply_local(mod: nn.Module, windows: tuple[Window, ...], x: torch.Tensor, have: Region,
+def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: torch.Tensor, have: Region,
                  out: Region, size: Size) -> torch.Tensor:
     """Conv/pool on a band: read window clipped to the tensor, border padding added here.
 
@@ -383,12 +436,13 @@ def _apply_local(mod: nn.Module, windows: tuple[Window, ...], x: torch.Tensor, h
     the extra outputs it produces are cropped; otherwise the band is padded explicitly.
     """
     if any(hi <= lo for lo, hi in out):  # e.g. a 1x1 conv reading only its zero padding
-        channels = mod.out_channels if isinstance(mod, nn.Conv2d) else x.shape[1]
+        conv = mod.conv if isinstance(mod, FoldedConvBN) else mod
+        channels = conv.out_channels if isinstance(conv, nn.Conv2d) else x.shape[1]
         return x.new_zeros(x.shape[0], channels, *(max(hi - lo, 0) for lo, hi in out))
     need = tuple(w.needs(iv) for w, iv in zip(windows, out))
     x = _crop(x, have, _clip(need, size))
     is_max = isinstance(mod, nn.MaxPool2d)
-    is_pool = not isinstance(mod, nn.Conv2d)
+    is_pool = not isinstance(mod, nn.Conv2d | FoldedConvBN)
     native, explicit, skip = [], [], []
     for w, (nlo, nhi), n in zip(windows, need, size):
         top, bottom = max(0, -nlo), max(0, nhi - n)
@@ -409,7 +463,12 @@ def _apply_local(mod: nn.Module, windows: tuple[Window, ...], x: torch.Tensor, h
     return y
 
 
-def _call_local(mod: nn.Module, x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+def _call_local(mod: nn.Module | FoldedConvBN, x: torch.Tensor,
+                padding: tuple[int, ...]) -> torch.Tensor:
+    if isinstance(mod, FoldedConvBN):
+        weight, bias = mod.weights()
+        conv = mod.conv
+        return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
     if isinstance(mod, nn.Conv2d):
         return F.conv2d(x, mod.weight, mod.bias, mod.stride, padding, mod.dilation, mod.groups)
     if isinstance(mod, nn.MaxPool2d):

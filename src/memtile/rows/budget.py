@@ -31,6 +31,7 @@ from memtile.rows.engine import (
     read_later,
 )
 from memtile.rows.module import RowCentric
+from memtile.spatial import SpatialGraph
 from memtile.units import format_bytes
 
 MAX_MEASURED = 12  # configurations budget mode measures at most
@@ -86,16 +87,23 @@ def _rows(rows: tuple[int, int]) -> int:
     return max(rows[1] - rows[0], 0)
 
 
+def _without_aliases(graph: SpatialGraph, per_row: dict[fx.Node, int]) -> dict[fx.Node, int]:
+    """`per_row` with nodes that return their input (a batch norm folded into its convolution)
+    counted as holding nothing."""
+    return {v: 0 if graph.aliases(v) else b for v, b in per_row.items()}
+
+
 def _held(engine: Engine, per_row: RowBytes) -> list[int]:
     """Bytes a backward band keeps for its backward: every node's rows in the band (2PS joins
     kept and new rows in one buffer); with checkpointing, the values that cross segments plus
     the largest segment, recomputed."""
+    held = _without_aliases(engine.backward_graph, per_row.held)
     segments = checkpoint_segments(engine.graph.order)
     crossing = [v for seg, later in zip(segments, read_later(engine.graph, segments), strict=True)
                 for v in seg if v in later]
     out = []
     for band in engine.backward_plan.bands:
-        rows = {v: per_row.held[v] * _rows(r) for v, r in band.value.items()}
+        rows = {v: held[v] * _rows(r) for v, r in band.value.items()}
         if not engine.checkpoint:
             out.append(sum(rows.values()))
             continue
@@ -120,8 +128,9 @@ def estimate(engine: Engine, sizes: RowBytes, param_bytes: int, largest_param: i
     graph, fwd, bwd = engine.graph, engine.forward_plan, engine.backward_plan
     full = {v: sizes.real[v] * engine.sizes[v][0] for v in per_row}
     # no_grad forward: a node's output and its inputs are live together
-    fwd_peak = max(per_row[v] * _rows(b.value[v])
-                   + sum(per_row[a] * _rows(b.value[a]) for a in graph.ops[v].inputs)
+    fwd_held = _without_aliases(engine.forward_graph, per_row)
+    fwd_peak = max(fwd_held[v] * _rows(b.value[v])
+                   + sum(fwd_held[a] * _rows(b.value[a]) for a in graph.ops[v].inputs)
                    for b in fwd.bands for v in graph.order)
     # backward band: the stores not yet used up, what the band keeps, and two gradients of
     # its largest node in flight

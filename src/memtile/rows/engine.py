@@ -12,6 +12,8 @@ gradients on ordinary parameters.
   boundary. Backward runs bands bottom-up; a boundary enters band i as a leaf, and the gradient
   it receives is carried to band i-1, where it is added to the gradient of the rows that
   produced it.
+- Frozen batch norms after the convolutions of wide layers run folded into them
+  (`worth_folding`), in the plans of each pass separately.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from memtile.spatial import Interval, Region, Size, SpatialGraph
@@ -229,31 +232,34 @@ class BandRunner:
                                   out_of_place)
 
     def _join(self, v: fx.Node, kept: torch.Tensor, env: Env, out_of_place: bool) -> torch.Tensor:
-        """`v`'s kept rows followed by its new rows, in one buffer written once.
+        """`v`'s kept rows followed by its new rows, in one buffer written once (by `cat`, whose
+        backward only slices the gradient).
 
-        Concatenating would leave autograd holding the new rows twice (saved by the op that
-        made them, and inside the joined copy a consumer saves). An in-place elementwise op
-        (ReLU(inplace=True)) is instead run on its input's rows copied into the buffer, so the
-        buffer is the only copy; any other op's result is copied in and, unless its own
-        backward saved it, freed.
+        Concatenating `v`'s result would leave autograd holding the new rows twice (saved by an
+        op that saves its output, and inside the joined copy a consumer saves). So an in-place
+        elementwise op (ReLU(inplace=True)) with a private input runs on the buffer instead:
+        an idempotent one (ReLU, clamp) over the whole buffer, which leaves the kept rows (its
+        own outputs) as they are; any other only on the new part, written into a buffer first.
         """
         new = self.band.new[v]
         if _empty(new):
             return kept
-        graph, k, n = self.graph, kept.shape[-2], new[1] - new[0]
+        graph = self.graph
         inputs = graph.ops[v].inputs
-        into_buffer = joins_in_place(graph, v)
-        if into_buffer:
-            src = _rows(env[inputs[0]], _shift(new, self.band.value[inputs[0]][0]))
-        else:
-            src = self._compute(v, env, out_of_place)
-        buf = src.new_empty(*src.shape[:-2], k + n, src.shape[-1])
-        _rows(buf, (0, k)).copy_(kept)
-        part = _rows(buf, (k, k + n))
-        part.copy_(src)
-        if into_buffer:
-            del src  # the op below writes into the buffer, which is private to this band
-            graph.compute(v, self.region(v, new), [(part, self.region(v, new))], self.sizes)
+        if not joins_in_place(graph, v):
+            return torch.cat([kept, self._compute(v, env, out_of_place)], -2)
+        src = _rows(env[inputs[0]], _shift(new, self.band.value[inputs[0]][0]))
+        if idempotent(graph.gm, v):
+            buf = target = torch.cat([kept, src], -2)
+            rows = self.band.value[v]
+        else:  # in-place on a slice: autograd copies the slices around (CopySlices)
+            k, n = kept.shape[-2], new[1] - new[0]
+            buf = src.new_empty(*src.shape[:-2], k + n, src.shape[-1])
+            _rows(buf, (0, k)).copy_(kept)
+            target, rows = _rows(buf, (k, k + n)), new
+            target.copy_(src)
+        del src  # the op below writes into the buffer, which is private to this band
+        graph.compute(v, self.region(v, rows), [(target, self.region(v, rows))], self.sizes)
         return buf
 
     def run_checkpointed(self, env: Env, keep_out: set[fx.Node]) -> None:
@@ -309,6 +315,8 @@ class Engine:
         self.forward_plan = make(graph, self.sizes, _split(cap, forward_bands))
         self.backward_plan = make(graph, self.sizes, _split(cap, backward_bands, self.taper))
         self.kept = KeptRows.of(graph, self.backward_plan)
+        self.forward_graph = graph.folded(worth_folding(graph, self.sizes, self.forward_plan))
+        self.backward_graph = graph.folded(worth_folding(graph, self.sizes, self.backward_plan))
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -320,7 +328,7 @@ class Engine:
         wanted = self.kept.wanted
         kept: Env = {}
         for i, band in enumerate(self.forward_plan.bands):
-            runner = BandRunner(graph, self.sizes, band)
+            runner = BandRunner(self.forward_graph, self.sizes, band)
             env: Env = dict(kept)
             kept = {}
             env[graph.input] = _rows(x, band.value[graph.input])
@@ -373,7 +381,7 @@ class Engine:
                 roots_at = {v: rows for v, rows in [(graph.output, band.new[graph.output]),
                                                     *((v, plan.keep[i][v]) for v in carried)]
                             if not _empty(rows)}
-                runner = BandRunner(graph, self.sizes, band)
+                runner = BandRunner(self.backward_graph, self.sizes, band)
                 if self.checkpoint:
                     runner.run_checkpointed(env, set(roots_at))
                 else:
@@ -447,6 +455,23 @@ def _swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.
             m._parameters[name] = p
 
 
+def worth_folding(graph: SpatialGraph, sizes: dict[fx.Node, Size], plan: Plan) -> set[fx.Node]:
+    """Convolutions whose batch norm is cheaper folded in (`FoldedConvBN`) in a plan's bands.
+
+    Folding rescales the weight in every band (and backward goes through that); the norm it
+    saves costs a pass over the band's output and its gradient. So fold where the weight is no
+    larger than one image's output rows in an average band: the early, wide layers, where
+    activations (and the norms' time) are.
+    """
+    out = set()
+    for conv in graph.conv_bn_pairs():
+        rows = [hi - lo for band in plan.bands for lo, hi in [band.new[conv]] if hi > lo]
+        weight = graph.ops[conv].module.weight
+        if rows and weight.numel() <= weight.shape[0] * sizes[conv][1] * sum(rows) / len(rows):
+            out.add(conv)
+    return out
+
+
 def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:
     """Most bands a strategy can use: output rows (OverL) or input rows (2PS)."""
     return in_size[0] if strategy == "2ps" else graph.output_size(in_size)[0]
@@ -470,6 +495,22 @@ def in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_")
     return node.target in (operator.iadd, operator.imul) or node.kwargs.get("inplace") is True
+
+
+_IDEMPOTENT_MODULES = (nn.ReLU, nn.Hardtanh)  # ReLU6 is a Hardtanh
+_IDEMPOTENT_FUNCTIONS = {torch.relu_, F.relu, F.relu6, F.hardtanh}
+_IDEMPOTENT_METHODS = {"relu_", "clamp_"}
+
+
+def idempotent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An elementwise op f with f(f(x)) = f(x) and a gradient mask that depends on f(x) only
+    (ReLU, clamp), so running it again over its own outputs changes neither values nor
+    gradients."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _IDEMPOTENT_MODULES)
+    if node.op == "call_method":
+        return node.target in _IDEMPOTENT_METHODS
+    return node.target in _IDEMPOTENT_FUNCTIONS
 
 
 def joins_in_place(graph: SpatialGraph, v: fx.Node) -> bool:

@@ -26,7 +26,9 @@ class RowCentric(nn.Module):
     left at None, it is off, or in budget mode chosen with the band counts. `taper` (2PS) makes
     backward bands shrink toward the bottom (see `Engine`); budget mode chooses it too.
     `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
-    `bn="error"` refuses BatchNorm layers in training mode.
+    `bn="error"` refuses BatchNorm layers in training mode. A frozen norm right after a
+    convolution of a wide layer is folded into it per band (`memtile.spatial.FoldedConvBN`):
+    same gradients, and the band holds one tensor instead of two for the pair.
     """
 
     def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
