@@ -497,25 +497,31 @@ def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, aff
         assert rel_error(got, ref) <= 1e-13
 
 
-def conv_bn_stack(layers: int = 6) -> nn.Module:
+def conv_bn_stack(layers: int = 6, affine: bool = False) -> nn.Module:
     torch.manual_seed(0)
     mods = []
     for _ in range(layers):
-        bn = nn.BatchNorm2d(16)
+        bn = nn.BatchNorm2d(16, affine=affine)
         bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
         mods += [nn.Conv2d(16, 16, 3, 1, 1, bias=False), bn, nn.ReLU(True)]
     return nn.Sequential(*mods)
 
 
-def test_2ps_folds_frozen_norms_of_wide_layers_same_gradients_less_memory(monkeypatch):
+def folded_convs(graph) -> int:
+    from memtile.spatial import FoldedConvBN
+
+    return sum(isinstance(op.module, FoldedConvBN) for op in graph.ops.values())
+
+
+def test_2ps_folds_untrained_frozen_norms_of_wide_layers_same_gradients_less_memory(
+        monkeypatch):
     # Each conv -> frozen BN -> ReLU(inplace) holds two tensors for backward unfolded (the
     # conv output, saved by the norm, and the norm's output, which ReLU overwrites and saves);
     # with the norm folded into the conv, one: a band holds one layer's rows less per norm.
-    # A 16 x 3 x 3 weight is smaller than any band's
-    # rows of a 64-wide layer, so every norm is folded.
+    # A 16 x 3 x 3 weight is smaller than any band's rows of a 64-wide layer, and the norms
+    # have no trained weight or bias, so every norm is folded, in backward too.
     from memtile.rows import engine as row_engine
     from memtile.rows.engine import Engine, RowFunction
-    from memtile.spatial import FoldedConvBN
 
     trunk, x = conv_bn_stack(), torch.randn(1, 16, 128, 64)
     assert_exact(row_errors(trunk, x, rows=4, strategy="2ps", bn="frozen"), 1e-5)
@@ -534,13 +540,26 @@ def test_2ps_folds_frozen_norms_of_wide_layers_same_gradients_less_memory(monkey
         return measure(step).peak_bytes, engine
 
     folded, engine = step_peak()
-    kinds = [type(op.module) for op in engine.backward_graph.ops.values()]
-    assert kinds.count(FoldedConvBN) == 6 and kinds.count(nn.BatchNorm2d) == 0
-    monkeypatch.setattr(row_engine, "worth_folding", lambda *args: set())
+    assert folded_convs(engine.backward_graph) == 6 == folded_convs(engine.forward_graph)
+    assert not any(isinstance(op.module, nn.BatchNorm2d)
+                   for op in engine.backward_graph.ops.values())
+    monkeypatch.setattr(row_engine, "worth_folding", lambda *args, **kwargs: set())
     unfolded, engine = step_peak()
-    assert [type(op.module) for op in engine.backward_graph.ops.values()].count(FoldedConvBN) == 0
+    assert folded_convs(engine.backward_graph) == 0
     one_band_of_outputs = 6 * 16 * (128 // 4) * 64 * 4  # six layers, 32 rows, float32
     assert unfolded - folded >= 0.75 * one_band_of_outputs, (folded, unfolded)
+
+
+def test_trained_norms_are_folded_in_the_forward_pass_only():
+    # Through the fold, a norm weight's gradient is a difference of two large sums; the
+    # norm's own backward keeps more float32 digits, so backward leaves trained norms alone.
+    from memtile.rows.engine import Engine
+
+    trunk, x = conv_bn_stack(affine=True), torch.randn(2, 16, 97, 64)
+    row = RowCentric(trunk, bn="frozen")
+    engine = Engine(row.graph, (97, 64), "2ps", 1, 4, False)
+    assert folded_convs(engine.forward_graph) == 6 and folded_convs(engine.backward_graph) == 0
+    assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy="2ps", bn="frozen"), 1e-5)
 
 
 def test_norms_after_convolutions_with_large_weights_stay_unfolded():
@@ -549,12 +568,12 @@ def test_norms_after_convolutions_with_large_weights_stay_unfolded():
     from memtile.rows.engine import Engine
 
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 256, 3, 1, 1), nn.BatchNorm2d(256), nn.ReLU(),
-                          nn.Conv2d(256, 8, 3, 1, 1), nn.BatchNorm2d(8)).eval()
+    trunk = nn.Sequential(nn.Conv2d(3, 256, 3, 1, 1), nn.BatchNorm2d(256, affine=False),
+                          nn.ReLU(), nn.Conv2d(256, 8, 3, 1, 1),
+                          nn.BatchNorm2d(8, affine=False)).eval()
     graph = RowCentric(trunk).graph
     engine = Engine(graph, (64, 8), "2ps", 1, 8, False)
-    convs = [n for n in graph.order if isinstance(graph.ops[n].module, nn.Conv2d)]
-    first, second = convs
+    first, second = [n for n in graph.order if isinstance(graph.ops[n].module, nn.Conv2d)]
     assert graph.conv_bn_pairs().keys() == {first, second}
     assert not isinstance(engine.backward_graph.ops[first].module, nn.Conv2d)
     assert isinstance(engine.backward_graph.ops[second].module, nn.Conv2d)

@@ -28,7 +28,9 @@ class RowCentric(nn.Module):
     `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
     `bn="error"` refuses BatchNorm layers in training mode. A frozen norm right after a
     convolution of a wide layer is folded into it per band (`memtile.spatial.FoldedConvBN`):
-    same gradients, and the band holds one tensor instead of two for the pair.
+    in the forward pass always; in backward only if the norm's weight and bias are not
+    trained (`requires_grad=False`), where the band then holds one tensor instead of two for
+    the pair (through the fold, a trained norm weight's gradient loses float32 digits).
     """
 
     def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
