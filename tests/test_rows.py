@@ -476,9 +476,14 @@ def test_budget_mode_lowers_forward_bands_of_its_choice(monkeypatch, fits_from):
     assert row.band_counts() == (fits_from, 4)
 
 
-@pytest.mark.parametrize("bias,affine", [(True, True), (False, True), (False, False)])
-def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, affine):
-    from memtile.spatial import FoldedConvBN
+@pytest.mark.parametrize("bias,affine,zero_weight", [(True, True, False), (False, True, False),
+                                                     (False, False, False), (True, True, True)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, affine,
+                                                                       zero_weight, relu):
+    # relu=True: an in-place ReLU overwrites the result that the norm weight's gradient reads
+    # back (only where it passes no gradient); zero_weight: a channel with norm weight 0.
+    from memtile.foldnorm import FoldedConvBN
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, 2, 1, bias=bias).double()
@@ -486,15 +491,20 @@ def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, aff
     bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
     if affine:
         nn.init.uniform_(bn.weight, 0.5, 1.5), nn.init.uniform_(bn.bias, -0.5, 0.5)
-    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+        if zero_weight:
+            bn.weight.data[2] = 0.0
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 6, 5, 4, dtype=torch.float64)
-    params = [*conv.parameters(), *bn.parameters()]
-    want = torch.autograd.grad(bn(conv(x)), params, g)
-    weight, b = FoldedConvBN(conv, bn).weights()
-    y = nn.functional.conv2d(x, weight, b, 2, 1)
-    assert rel_error(y, bn(conv(x))) <= 1e-14
-    for got, ref in zip(torch.autograd.grad(y, params, g), want, strict=True):
+    inputs = [x, *conv.parameters(), *bn.parameters()]
+    act = nn.ReLU(inplace=True) if relu else nn.Identity()
+    want_y = act(bn(conv(x)))
+    want = torch.autograd.grad(want_y, inputs, g)
+    y = act(FoldedConvBN(conv, bn)(x, (1, 1)))
+    assert rel_error(y, want_y) <= 1e-14
+    for got, ref in zip(torch.autograd.grad(y, inputs, g), want, strict=True):
         assert rel_error(got, ref) <= 1e-13
+    with torch.no_grad():
+        assert rel_error(FoldedConvBN(conv, bn)(x, (1, 1)), bn(conv(x))) <= 1e-14
 
 
 def conv_bn_stack(layers: int = 6, affine: bool = False) -> nn.Module:
@@ -508,22 +518,24 @@ def conv_bn_stack(layers: int = 6, affine: bool = False) -> nn.Module:
 
 
 def folded_convs(graph) -> int:
-    from memtile.spatial import FoldedConvBN
+    from memtile.foldnorm import FoldedConvBN
 
     return sum(isinstance(op.module, FoldedConvBN) for op in graph.ops.values())
 
 
-def test_2ps_folds_untrained_frozen_norms_of_wide_layers_same_gradients_less_memory(
-        monkeypatch):
+@pytest.mark.parametrize("affine", [False, True])
+def test_2ps_folds_frozen_norms_of_wide_layers_same_gradients_less_memory(monkeypatch, affine):
     # Each conv -> frozen BN -> ReLU(inplace) holds two tensors for backward unfolded (the
     # conv output, saved by the norm, and the norm's output, which ReLU overwrites and saves);
     # with the norm folded into the conv, one: a band holds one layer's rows less per norm.
-    # A 16 x 3 x 3 weight is smaller than any band's rows of a 64-wide layer, and the norms
-    # have no trained weight or bias, so every norm is folded, in backward too.
+    # A 16 x 3 x 3 weight is smaller than any band's rows of a 64-wide layer, so every norm
+    # is folded. A trained norm (affine) reads its result back in backward: 2PS's joins copy
+    # it next to the kept rows, and the fold must then read the copy (`read_back_from`), or
+    # the result stays held beside it (measured: no saving at all).
     from memtile.rows import engine as row_engine
     from memtile.rows.engine import Engine, RowFunction
 
-    trunk, x = conv_bn_stack(), torch.randn(1, 16, 128, 64)
+    trunk, x = conv_bn_stack(affine=affine), torch.randn(1, 16, 128, 64)
     assert_exact(row_errors(trunk, x, rows=4, strategy="2ps", bn="frozen"), 1e-5)
     graph = RowCentric(trunk, bn="frozen").graph
     params = list(trunk.parameters())
@@ -550,16 +562,34 @@ def test_2ps_folds_untrained_frozen_norms_of_wide_layers_same_gradients_less_mem
     assert unfolded - folded >= 0.75 * one_band_of_outputs, (folded, unfolded)
 
 
-def test_trained_norms_are_folded_in_the_forward_pass_only():
-    # Through the fold, a norm weight's gradient is a difference of two large sums; the
-    # norm's own backward keeps more float32 digits, so backward leaves trained norms alone.
+class ResidualBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        # writes into the norm's result, so backward could not read it back (`out += x`
+        # would not: torch.fx traces it as an out-of-place add)
+        return self.relu(out.add_(x))
+
+
+def test_trained_norms_fold_in_backward_only_where_their_result_stays_intact():
     from memtile.rows.engine import Engine
 
-    trunk, x = conv_bn_stack(affine=True), torch.randn(2, 16, 97, 64)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(conv_bn_stack(2, affine=True), ResidualBlock())
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    x = torch.randn(2, 16, 97, 64)
     row = RowCentric(trunk, bn="frozen")
     engine = Engine(row.graph, (97, 64), "2ps", 1, 4, False)
-    assert folded_convs(engine.forward_graph) == 6 and folded_convs(engine.backward_graph) == 0
-    assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy="2ps", bn="frozen"), 1e-5)
+    assert folded_convs(engine.forward_graph) == 3 and folded_convs(engine.backward_graph) == 2
+    for strategy in STRATEGIES:
+        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
+                                bn="frozen"), 1e-5)
 
 
 def test_norms_after_convolutions_with_large_weights_stay_unfolded():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from memtile.errors import InputShapeError, UnsupportedOpError
+from memtile.foldnorm import FoldedConvBN
 
 Interval = tuple[int, int]
 Region = tuple[Interval, ...]
@@ -90,30 +91,6 @@ class _Op:
     inputs: list[fx.Node]
     windows: tuple[Window, ...] = (IDENTITY, IDENTITY)
     module: nn.Module | FoldedConvBN | None = None
-
-
-@dataclass(frozen=True)
-class FoldedConvBN:
-    """A convolution and the batch norm after it (running statistics) as one convolution.
-
-    Same function; the norm's pass over the output and its backward disappear. The fold is
-    recomputed at every call from the live parameters, so gradients reach the convolution's
-    weight and bias and the norm's weight and bias as before (autograd through the fold).
-    """
-
-    conv: nn.Conv2d
-    bn: nn.BatchNorm2d
-
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self.conv, self.bn
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
-        bias = bias * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias
-        return conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1)), bias
 
 
 class SpatialGraph:
@@ -466,9 +443,7 @@ def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: 
 def _call_local(mod: nn.Module | FoldedConvBN, x: torch.Tensor,
                 padding: tuple[int, ...]) -> torch.Tensor:
     if isinstance(mod, FoldedConvBN):
-        weight, bias = mod.weights()
-        conv = mod.conv
-        return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+        return mod(x, padding)
     if isinstance(mod, nn.Conv2d):
         return F.conv2d(x, mod.weight, mod.bias, mod.stride, padding, mod.dilation, mod.groups)
     if isinstance(mod, nn.MaxPool2d):

@@ -13,8 +13,8 @@ gradients on ordinary parameters.
   it receives is carried to band i-1, where it is added to the gradient of the rows that
   produced it.
 - Frozen batch norms after the convolutions of wide layers run folded into them
-  (`worth_folding`): in the no_grad forward always, in backward when the norm's weight and
-  bias are not trained.
+  (`worth_folding`, `memtile.foldnorm`); in backward, a trained one only where its result stays
+  intact for its gradient (`keeps_result`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from memtile.foldnorm import FoldedConvBN, read_back_from
 from memtile.spatial import Interval, Region, Size, SpatialGraph
 
 Rows = Interval
@@ -253,6 +254,7 @@ class BandRunner:
         if idempotent(graph.gm, v):
             buf = target = torch.cat([kept, src], -2)
             rows = self.band.value[v]
+            read_back_from(env[inputs[0]], _rows(buf, (kept.shape[-2], buf.shape[-2])))
         else:  # in-place on a slice: autograd copies the slices around (CopySlices)
             k, n = kept.shape[-2], new[1] - new[0]
             buf = src.new_empty(*src.shape[:-2], k + n, src.shape[-1])
@@ -465,24 +467,30 @@ def worth_folding(graph: SpatialGraph, sizes: dict[fx.Node, Size], plan: Plan,
     Folding rescales the weight in every band (and backward goes through that); the norm it
     saves costs a pass over the band's output and its gradient. So fold where the weight is no
     larger than one image's output rows in an average band: the early, wide layers, where
-    activations (and the norms' time) are.
-
-    With `grad` (the backward pass), only norms without trainable weight and bias: through the
-    fold, a norm weight's gradient is a difference of two large sums (sum of gradient x
-    convolution, less the mean times sum of gradient), which loses float32 digits that the
-    norm's own backward keeps (measured: mobilenet_v2 224², stem norm weight 1.1e-5 from float64
-    folded, 3.7e-6 unfolded).
+    activations (and the norms' time) are. With `grad` (backward), a trained norm reads its
+    normalized output back from the result, so only where nothing but a ReLU or clamp writes
+    into it (`keeps_result`).
     """
     out = set()
     for conv, bn in graph.conv_bn_pairs().items():
-        norm = graph.ops[bn].module
-        if grad and any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
+        fold = FoldedConvBN(graph.ops[conv].module, graph.ops[bn].module)
+        if grad and fold.trained() and not keeps_result(graph, bn):
             continue
         rows = [hi - lo for band in plan.bands for lo, hi in [band.new[conv]] if hi > lo]
-        weight = graph.ops[conv].module.weight
+        weight = fold.conv.weight
         if rows and weight.numel() <= weight.shape[0] * sizes[conv][1] * sum(rows) / len(rows):
             out.add(conv)
     return out
+
+
+def keeps_result(graph: SpatialGraph, node: fx.Node) -> bool:
+    """Whether `node`'s result is left as computed wherever a gradient flows back into it: no
+    consumer writes into it (an in-place op writes into its first input), except a sole ReLU
+    or clamp (which passes no gradient where it changed a value) whose result is kept too."""
+    consumers = graph.consumers[node]
+    if len(consumers) == 1 and idempotent(graph.gm, consumers[0]):
+        return keeps_result(graph, consumers[0])  # its result is the same storage
+    return not any(in_place(graph.gm, c) and graph.ops[c].inputs[0] is node for c in consumers)
 
 
 def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:
