@@ -16,6 +16,7 @@ channel, as the norm's backward does, reading the normalized output back from th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +67,48 @@ def read_back_from(result: torch.Tensor, copy: torch.Tensor) -> None:
     For 2PS, which copies a band's new rows next to the kept ones and runs ReLU over the copy:
     without this, the result would be held until backward beside the copy.
     """
-    base = result if result._base is None else result._base
-    node = base.grad_fn
-    if (isinstance(node, _ConvThenNorm._backward_cls) and copy.shape == result.shape
-            and result.shape[:-2] == base.shape[:-2] and result.shape[-1] == base.shape[-1]):
+    node = _fold_node(result, copy)
+    if node is not None:
+        node.y, node.other = copy.detach(), None
+
+
+def read_back_through_sum(result: torch.Tensor, total: torch.Tensor,
+                          other: torch.Tensor) -> Any | None:
+    """Like `read_back_from`, for a result added to `other` (total = result + other, same
+    shape, kept as computed where the gradient flows): backward reads total - other. Returns
+    the fold's backward node (to move `total` along, `move_total`), or None if `result` is no
+    trained fold's."""
+    node = _fold_node(result, total)
+    if node is not None:
+        node.y, node.other = total.detach(), other.detach()
+    return node
+
+
+def move_total(node: Any, copy: torch.Tensor) -> None:
+    """The total a fold reads back through (`read_back_through_sum`) now lives in `copy`."""
+    if node.y.shape == copy.shape:
         node.y = copy.detach()
-        node.y_start = (result.storage_offset() - base.storage_offset()) // base.stride(-2)
+
+
+def reads_back(t: torch.Tensor) -> bool:
+    """Whether `t` is (rows of) a trained fold's result."""
+    return isinstance(_base(t).grad_fn, _ConvThenNorm._backward_cls)
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _fold_node(result: torch.Tensor, like: torch.Tensor) -> Any | None:
+    """The fold's backward node if `result` is a band of rows of its output shaped like
+    `like`; records where the band starts."""
+    base = _base(result)
+    node = base.grad_fn
+    if (not isinstance(node, _ConvThenNorm._backward_cls) or like.shape != result.shape
+            or result.shape[:-2] != base.shape[:-2] or result.shape[-1] != base.shape[-1]):
+        return None
+    node.y_start = (result.storage_offset() - base.storage_offset()) // base.stride(-2)
+    return node
 
 
 def _fold(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
@@ -96,9 +133,9 @@ class _ConvThenNorm(torch.autograd.Function):
     """Folded forward; backward gives each parameter the gradient of conv then norm.
 
     The norm weight's gradient is sum(grad * x_hat) per channel, x_hat = (y - beta) / gamma
-    read from the result y (or a copy, `read_back_from`). An in-place ReLU or clamp after it
-    may have overwritten y, but only where it passes no gradient, so those positions add
-    nothing.
+    read from the result y (or a copy, `read_back_from`, or a sum it went into less the other
+    term, `read_back_through_sum`). An in-place ReLU or clamp after it may have overwritten
+    y, but only where it passes no gradient, so those positions add nothing.
     """
 
     @staticmethod
@@ -108,7 +145,8 @@ class _ConvThenNorm(torch.autograd.Function):
         conv = fold.conv
         y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
         ctx.save_for_backward(x, weight, scale, bn_weight, bn_bias)
-        ctx.y, ctx.y_start = y.detach(), 0  # rows of y from y_start on; see the docstring
+        # rows of y (less `other`, if set) from y_start on; see the class docstring
+        ctx.y, ctx.other, ctx.y_start = y.detach(), None, 0
         ctx.conv, ctx.padding = conv, padding
         return y
 
@@ -124,11 +162,11 @@ class _ConvThenNorm(torch.autograd.Function):
         grad_bn_weight = None
         if need[3]:
             view = (1, -1, *[1] * (grad.dim() - 2))
-            y = ctx.y
+            y = ctx.y if ctx.other is None else ctx.y - ctx.other
             x_hat = y - bn_bias.reshape(view) if bn_bias is not None else y.clone()
             rows = grad.narrow(-2, ctx.y_start, y.shape[-2])  # zero outside
             grad_bn_weight = _per_channel_sum(x_hat.div_(bn_weight.reshape(view)).mul_(rows))
-        ctx.y = None
+        ctx.y = ctx.other = None
         return (grad_x, grad_weight * scale.reshape(channel) if need[1] else None,
                 grad_sum * scale if need[2] else None, grad_bn_weight,
                 grad_sum if need[4] else None, None, None)

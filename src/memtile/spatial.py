@@ -173,6 +173,14 @@ class SpatialGraph:
                 out.ops[bn] = _Op("pointwise", self.ops[bn].inputs, module=nn.Identity())
         return out
 
+    def is_sum(self, node: fx.Node) -> bool:
+        """Whether `node` is an out-of-place a + b of two image tensors (a residual add)."""
+        op = self.ops[node]
+        if len(op.inputs) != 2 or node.kwargs or len(node.args) != 2:
+            return False
+        return ((node.op == "call_function" and node.target in (operator.add, torch.add))
+                or (node.op == "call_method" and node.target == "add"))
+
     def aliases(self, node: fx.Node) -> bool:
         """Whether `node` returns its input tensor itself (identity, folded batch norm)."""
         return isinstance(self.ops[node].module, nn.Identity)

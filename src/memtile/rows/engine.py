@@ -30,7 +30,13 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from memtile.foldnorm import FoldedConvBN, read_back_from
+from memtile.foldnorm import (
+    FoldedConvBN,
+    move_total,
+    read_back_from,
+    read_back_through_sum,
+    reads_back,
+)
 from memtile.spatial import Interval, Region, Size, SpatialGraph
 
 Rows = Interval
@@ -198,6 +204,7 @@ class BandRunner:
 
     def __init__(self, graph: SpatialGraph, sizes: dict[fx.Node, Size], band: BandRows) -> None:
         self.graph, self.sizes, self.band = graph, sizes, band
+        self.sums: dict[fx.Node, list] = {}  # sum node -> folds reading back through it
 
     def region(self, node: fx.Node, rows: Rows) -> Region:
         return (rows, (0, self.sizes[node][1]))
@@ -222,11 +229,31 @@ class BandRunner:
                     fresh = _rows(env[v], (new[0] - value[0], new[1] - value[0]))
             elif not _empty(new):
                 env[v] = fresh = self._compute(v, env, out_of_place)
+                if self.graph.is_sum(v):
+                    self._read_back_through(v, env)
             if v in env and after is not None:
                 after(v, fresh, env[v])
             for a in graph.ops[v].inputs:
                 if last_use.get(a) is v and a not in keep:
                     env.pop(a, None)
+
+    def _read_back_through(self, v: fx.Node, env: Env) -> None:
+        """Sum `v` = a + b of a trained fold's result and another tensor: the fold reads its
+        result back as v - other, so that the result can be freed (it would be held only for
+        that). Only where `v` adds every row of the result this band has (rows kept for the
+        next band get gradients from there) and the other term is no fold result (each would
+        hold the other)."""
+        band = self.band
+        if not keeps_result(self.graph, v):
+            return
+        a, b = self.graph.ops[v].inputs
+        rows = {u: _rows(env[u], _shift(band.new[v], band.value[u][0])) for u in (a, b)}
+        for u, w in ((a, b), (b, a)):
+            if (band.value[u] == band.new[v] and reads_back(rows[u])
+                    and not reads_back(rows[w])):
+                node = read_back_through_sum(rows[u], env[v], rows[w])
+                if node is not None:
+                    self.sums.setdefault(v, []).append(node)
 
     def _compute(self, v: fx.Node, env: Env, out_of_place: bool) -> torch.Tensor:
         inputs = [(env[a], self.region(a, self.band.value[a])) for a in self.graph.ops[v].inputs]
@@ -254,7 +281,10 @@ class BandRunner:
         if idempotent(graph.gm, v):
             buf = target = torch.cat([kept, src], -2)
             rows = self.band.value[v]
-            read_back_from(env[inputs[0]], _rows(buf, (kept.shape[-2], buf.shape[-2])))
+            copy = _rows(buf, (kept.shape[-2], buf.shape[-2]))
+            read_back_from(env[inputs[0]], copy)
+            for node in self.sums.pop(inputs[0], ()):
+                move_total(node, copy)
         else:  # in-place on a slice: autograd copies the slices around (CopySlices)
             k, n = kept.shape[-2], new[1] - new[0]
             buf = src.new_empty(*src.shape[:-2], k + n, src.shape[-1])
