@@ -240,17 +240,18 @@ class BandRunner:
     def _read_back_through(self, v: fx.Node, env: Env) -> None:
         """Sum `v` = a + b of a trained fold's result and another tensor: the fold reads its
         result back as v - other, so that the result can be freed (it would be held only for
-        that). Only where `v` adds every row of the result this band has (rows kept for the
-        next band get gradients from there) and the other term is no fold result (each would
-        hold the other)."""
+        that). Only where the result's gradient comes through `v` alone: `v` is its only
+        consumer and adds every row of it this band has (rows kept for the next band get
+        gradients from there); and where the other term is no fold result (each would hold
+        the other)."""
         band = self.band
         if not keeps_result(self.graph, v):
             return
         a, b = self.graph.ops[v].inputs
         rows = {u: _rows(env[u], _shift(band.new[v], band.value[u][0])) for u in (a, b)}
         for u, w in ((a, b), (b, a)):
-            if (band.value[u] == band.new[v] and reads_back(rows[u])
-                    and not reads_back(rows[w])):
+            if (self.graph.consumers[u] == [v] and band.value[u] == band.new[v]
+                    and reads_back(rows[u]) and not reads_back(rows[w])):
                 node = read_back_through_sum(rows[u], env[v], rows[w])
                 if node is not None:
                     self.sums.setdefault(v, []).append(node)
