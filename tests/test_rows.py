@@ -656,3 +656,31 @@ def test_trained_fold_reads_its_result_back_through_a_residual_sum(monkeypatch):
     held = step_peak()
     one_band_of_outputs = 6 * 16 * (128 // 4) * 64 * 4
     assert held - read_back >= 0.75 * one_band_of_outputs, (read_back, held)
+
+
+class SharedNormBlock(nn.Module):
+    """The norm's result feeds the residual sum and a convolution: its gradient also comes
+    where the sum's ReLU overwrote the sum, so it cannot be read back through the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.side = nn.Conv2d(16, 16, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        return self.relu(out + x) + self.side(out)
+
+
+def test_fold_read_back_needs_the_sum_to_be_its_only_consumer():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(*(SharedNormBlock() for _ in range(3)))
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    x = torch.randn(1, 16, 64, 32)
+    for strategy in STRATEGIES:
+        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
+                                bn="frozen"), 1e-5)
