@@ -684,3 +684,36 @@ def test_fold_read_back_needs_the_sum_to_be_its_only_consumer():
     for strategy in STRATEGIES:
         assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
                                 bn="frozen"), 1e-5)
+
+
+def test_checkpointed_bands_keep_trained_norms_unfolded(monkeypatch):
+    # A checkpoint drops what backward saves and recomputes it, but not the result a trained
+    # fold holds to read back: folded, a checkpointed band would hold every layer's result.
+    from memtile.measure import measure
+    from memtile.rows import engine as row_engine
+    from memtile.rows.engine import Engine, RowFunction
+
+    trunk, x = conv_bn_stack(12, affine=True), torch.randn(1, 16, 64, 64)
+    graph = RowCentric(trunk, bn="frozen").graph
+    params = list(trunk.parameters())
+
+    def step_peak() -> tuple[int, Engine]:
+        engine = Engine(graph, (64, 64), "2ps", 1, 1, True)
+
+        def step():
+            y = RowFunction.apply(engine, x, *params)
+            torch.autograd.grad(y, params, torch.ones_like(y))
+
+        return measure(step).peak_bytes, engine
+
+    unfolded, engine = step_peak()
+    assert folded_convs(engine.backward_graph) == 0 and folded_convs(engine.forward_graph) == 12
+    real = row_engine.worth_folding
+    monkeypatch.setattr(row_engine, "worth_folding",
+                        lambda *args, **kwargs: real(*args, grad=kwargs["grad"]))
+    folded, engine = step_peak()
+    assert folded_convs(engine.backward_graph) == 12
+    layer = 16 * 64 * 64 * 4
+    assert folded - unfolded >= 4 * layer, (folded, unfolded)
+    assert_exact(row_errors(trunk, torch.randn(1, 16, 61, 64), rows=3, strategy="2ps",
+                            bn="frozen", checkpoint=True), 1e-5)
