@@ -90,8 +90,8 @@ def wrap(model: nn.Module, stop_before: str | None = None, **kwargs) -> RowWrapp
 
     Finds vgg/mobilenet `features`, resnet stem + layer1-4 and the like; the head runs unchanged.
     `stop_before` ends the prefix before a submodule (see `split_trunk`): resnet50 at 2x512²
-    with "layer4" measured 16% of ordinary activations at 1.39x the step time, against 18% at
-    1.84x with layer4 banded too.
+    with "layer4" measured 16% of ordinary activations at 1.39-1.44x the step time, against 17%
+    at 1.60x with layer4 banded too (BENCHMARKS.md).
     """
     trunk, head = split_trunk(model, stop_before)
     return RowWrapped(RowCentric(trunk, **kwargs), head)
