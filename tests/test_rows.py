@@ -507,6 +507,32 @@ def test_folded_conv_bn_is_conv_then_frozen_bn_with_the_same_gradients(bias, aff
         assert rel_error(FoldedConvBN(conv, bn)(x, (1, 1)), bn(conv(x))) <= 1e-14
 
 
+def engine_step_peak(trunk: nn.Module, x: torch.Tensor, backward_rows: int,
+                     checkpoint: bool = False):
+    """(measured peak of one 2PS trunk step with 1 forward band, its Engine)."""
+    from memtile.measure import measure
+    from memtile.rows.engine import Engine, RowFunction
+
+    params = list(trunk.parameters())
+    engine = Engine(RowCentric(trunk, bn="frozen").graph, tuple(x.shape[-2:]), "2ps", 1,
+                    backward_rows, checkpoint)
+
+    def step():
+        y = RowFunction.apply(engine, x, *params)
+        torch.autograd.grad(y, params, torch.ones_like(y))
+
+    return measure(step).peak_bytes, engine
+
+
+def train_norms(trunk: nn.Module) -> nn.Module:
+    """Random running statistics and trained-looking weights and biases in every norm."""
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    return trunk
+
+
 def conv_bn_stack(layers: int = 6, affine: bool = False) -> nn.Module:
     torch.manual_seed(0)
     mods = []
@@ -533,30 +559,16 @@ def test_2ps_folds_frozen_norms_of_wide_layers_same_gradients_less_memory(monkey
     # it next to the kept rows, and the fold must then read the copy (`read_back_from`), or
     # the result stays held beside it (measured: no saving at all).
     from memtile.rows import engine as row_engine
-    from memtile.rows.engine import Engine, RowFunction
 
     trunk, x = conv_bn_stack(affine=affine), torch.randn(1, 16, 128, 64)
     assert_exact(row_errors(trunk, x, rows=4, strategy="2ps", bn="frozen"), 1e-5)
-    graph = RowCentric(trunk, bn="frozen").graph
-    params = list(trunk.parameters())
 
-    def step_peak() -> tuple[int, Engine]:
-        from memtile.measure import measure
-
-        engine = Engine(graph, (128, 64), "2ps", 1, 4, False)
-
-        def step():
-            y = RowFunction.apply(engine, x, *params)
-            torch.autograd.grad(y, params, torch.ones_like(y))
-
-        return measure(step).peak_bytes, engine
-
-    folded, engine = step_peak()
+    folded, engine = engine_step_peak(trunk, x, 4)
     assert folded_convs(engine.backward_graph) == 6 == folded_convs(engine.forward_graph)
     assert not any(isinstance(op.module, nn.BatchNorm2d)
                    for op in engine.backward_graph.ops.values())
     monkeypatch.setattr(row_engine, "worth_folding", lambda *args, **kwargs: set())
-    unfolded, engine = step_peak()
+    unfolded, engine = engine_step_peak(trunk, x, 4)
     assert folded_convs(engine.backward_graph) == 0
     one_band_of_outputs = 6 * 16 * (128 // 4) * 64 * 4  # six layers, 32 rows, float32
     assert unfolded - folded >= 0.75 * one_band_of_outputs, (folded, unfolded)
@@ -578,11 +590,7 @@ def test_trained_norms_fold_in_backward_only_where_their_result_stays_intact():
     from memtile.rows.engine import Engine
 
     torch.manual_seed(0)
-    trunk = nn.Sequential(conv_bn_stack(2, affine=True), ResidualBlock())
-    for m in trunk.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    trunk = train_norms(nn.Sequential(conv_bn_stack(2, affine=True), ResidualBlock()))
     x = torch.randn(2, 16, 97, 64)
     row = RowCentric(trunk, bn="frozen")
     engine = Engine(row.graph, (97, 64), "2ps", 1, 4, False)
@@ -625,35 +633,18 @@ def test_trained_fold_reads_its_result_back_through_a_residual_sum(monkeypatch):
     # The sum's result is kept (ReLU runs in place on it), so the fold reads its own result
     # back as sum - identity and the result can be freed right after the add: a band holds
     # one tensor per block instead of two.
-    from memtile.measure import measure
-    from memtile.rows.engine import BandRunner, Engine, RowFunction
+    from memtile.rows.engine import BandRunner
 
     torch.manual_seed(0)
-    trunk = nn.Sequential(*(AddBlock() for _ in range(6)))
-    for m in trunk.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    trunk = train_norms(nn.Sequential(*(AddBlock() for _ in range(6))))
     x = torch.randn(1, 16, 128, 64)
     for strategy in STRATEGIES:
         assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
                                 bn="frozen"), 1e-5)
-    graph = RowCentric(trunk, bn="frozen").graph
-    params = list(trunk.parameters())
-
-    def step_peak() -> int:
-        engine = Engine(graph, (128, 64), "2ps", 1, 4, False)
-        assert folded_convs(engine.backward_graph) == 6
-
-        def step():
-            y = RowFunction.apply(engine, x, *params)
-            torch.autograd.grad(y, params, torch.ones_like(y))
-
-        return measure(step).peak_bytes
-
-    read_back = step_peak()
+    read_back, engine = engine_step_peak(trunk, x, 4)
+    assert folded_convs(engine.backward_graph) == 6
     monkeypatch.setattr(BandRunner, "_read_back_through", lambda *args: None)
-    held = step_peak()
+    held, _ = engine_step_peak(trunk, x, 4)
     one_band_of_outputs = 6 * 16 * (128 // 4) * 64 * 4
     assert held - read_back >= 0.75 * one_band_of_outputs, (read_back, held)
 
@@ -675,11 +666,7 @@ class SharedNormBlock(nn.Module):
 
 def test_fold_read_back_needs_the_sum_to_be_its_only_consumer():
     torch.manual_seed(0)
-    trunk = nn.Sequential(*(SharedNormBlock() for _ in range(3)))
-    for m in trunk.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    trunk = train_norms(nn.Sequential(*(SharedNormBlock() for _ in range(3))))
     x = torch.randn(1, 16, 64, 32)
     for strategy in STRATEGIES:
         assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
@@ -689,29 +676,15 @@ def test_fold_read_back_needs_the_sum_to_be_its_only_consumer():
 def test_checkpointed_bands_keep_trained_norms_unfolded(monkeypatch):
     # A checkpoint drops what backward saves and recomputes it, but not the result a trained
     # fold holds to read back: folded, a checkpointed band would hold every layer's result.
-    from memtile.measure import measure
     from memtile.rows import engine as row_engine
-    from memtile.rows.engine import Engine, RowFunction
 
     trunk, x = conv_bn_stack(12, affine=True), torch.randn(1, 16, 64, 64)
-    graph = RowCentric(trunk, bn="frozen").graph
-    params = list(trunk.parameters())
-
-    def step_peak() -> tuple[int, Engine]:
-        engine = Engine(graph, (64, 64), "2ps", 1, 1, True)
-
-        def step():
-            y = RowFunction.apply(engine, x, *params)
-            torch.autograd.grad(y, params, torch.ones_like(y))
-
-        return measure(step).peak_bytes, engine
-
-    unfolded, engine = step_peak()
+    unfolded, engine = engine_step_peak(trunk, x, 1, checkpoint=True)
     assert folded_convs(engine.backward_graph) == 0 and folded_convs(engine.forward_graph) == 12
     real = row_engine.worth_folding
     monkeypatch.setattr(row_engine, "worth_folding",
                         lambda *args, **kwargs: real(*args, grad=kwargs["grad"]))
-    folded, engine = step_peak()
+    folded, engine = engine_step_peak(trunk, x, 1, checkpoint=True)
     assert folded_convs(engine.backward_graph) == 12
     layer = 16 * 64 * 64 * 4
     assert folded - unfolded >= 4 * layer, (folded, unfolded)
