@@ -533,6 +533,13 @@ def train_norms(trunk: nn.Module) -> nn.Module:
     return trunk
 
 
+def assert_exact_both_strategies(trunk: nn.Module, x: torch.Tensor) -> None:
+    """OverL and 2PS, 4 backward bands after 1 forward band, frozen norms: exact gradients."""
+    for strategy in STRATEGIES:
+        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
+                                bn="frozen"), 1e-5)
+
+
 def conv_bn_stack(layers: int = 6, affine: bool = False) -> nn.Module:
     torch.manual_seed(0)
     mods = []
@@ -595,9 +602,7 @@ def test_trained_norms_fold_in_backward_only_where_their_result_stays_intact():
     row = RowCentric(trunk, bn="frozen")
     engine = Engine(row.graph, (97, 64), "2ps", 1, 4, False)
     assert folded_convs(engine.forward_graph) == 3 and folded_convs(engine.backward_graph) == 2
-    for strategy in STRATEGIES:
-        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
-                                bn="frozen"), 1e-5)
+    assert_exact_both_strategies(trunk, x)
 
 
 def test_norms_after_convolutions_with_large_weights_stay_unfolded():
@@ -638,9 +643,7 @@ def test_trained_fold_reads_its_result_back_through_a_residual_sum(monkeypatch):
     torch.manual_seed(0)
     trunk = train_norms(nn.Sequential(*(AddBlock() for _ in range(6))))
     x = torch.randn(1, 16, 128, 64)
-    for strategy in STRATEGIES:
-        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
-                                bn="frozen"), 1e-5)
+    assert_exact_both_strategies(trunk, x)
     read_back, engine = engine_step_peak(trunk, x, 4)
     assert folded_convs(engine.backward_graph) == 6
     monkeypatch.setattr(BandRunner, "_read_back_through", lambda *args: None)
@@ -668,9 +671,7 @@ def test_fold_read_back_needs_the_sum_to_be_its_only_consumer():
     torch.manual_seed(0)
     trunk = train_norms(nn.Sequential(*(SharedNormBlock() for _ in range(3))))
     x = torch.randn(1, 16, 64, 32)
-    for strategy in STRATEGIES:
-        assert_exact(row_errors(trunk, x, rows=4, forward_rows=1, strategy=strategy,
-                                bn="frozen"), 1e-5)
+    assert_exact_both_strategies(trunk, x)
 
 
 def test_checkpointed_bands_keep_trained_norms_unfolded(monkeypatch):
