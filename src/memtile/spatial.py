@@ -413,8 +413,8 @@ def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     return x
 
 
-def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: torch.Tensor, have: Region,
-                 out: Region, size: Size) -> torch.Tensor:
+def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: torch.Tensor,
+                 have: Region, out: Region, size: Size) -> torch.Tensor:
     """Conv/pool on a band: read window clipped to the tensor, border padding added here.
 
     Where possible the op's own symmetric padding supplies the border (no copy of the input) and

@@ -27,10 +27,10 @@ class RowCentric(nn.Module):
     backward bands shrink toward the bottom (see `Engine`); budget mode chooses it too.
     `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
     `bn="error"` refuses BatchNorm layers in training mode. A frozen norm right after a
-    convolution of a wide layer is folded into it per band (`memtile.spatial.FoldedConvBN`):
-    in the forward pass always; in backward only if the norm's weight and bias are not
-    trained (`requires_grad=False`), where the band then holds one tensor instead of two for
-    the pair (through the fold, a trained norm weight's gradient loses float32 digits).
+    convolution of a wide layer is folded into it per band (`memtile.foldnorm.FoldedConvBN`),
+    so a band holds one tensor instead of two for the pair; a trained norm keeps the gradients
+    its own backward computes, and in backward is folded only where its result stays intact
+    for them and bands are not checkpointed (`rows.engine.worth_folding`).
     """
 
     def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
