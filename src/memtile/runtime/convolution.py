@@ -1,11 +1,20 @@
 """Convolutions computed straight into a given buffer, through oneDNN (mkldnn).
 
 `aten.convolution.out` on CPU is a generated wrapper: it computes into a temporary and copies.
-`mkldnn._convolution_pointwise_.binary(other, x, w, ...)` with the post-op "add" computes
-`conv(x) + other` into `other` itself; with `other` zeroed first it is the convolution, and on
-channels_last tensors bit-identical to `aten.convolution` (measured). It avoids temporaries only
-when its destination is channels_last (an NCHW destination costs an input reorder and a blocked
-output, 2x the output), which is why `layout` plans 4-D activations in channels_last.
+Two oneDNN bindings write into arena memory instead:
+
+- `mkldnn._convolution_pointwise(x, packed_w, ...)` allocates its output, channels_last with a
+  packed weight, and writes it once; with the destination armed as a slot (`slots`) that
+  allocation *is* the destination. The default, where the slot allocator could be installed.
+- `mkldnn._convolution_pointwise_.binary(other, x, w, ...)` with the post-op "add" computes
+  `conv(x) + other` into `other` itself; with `other` zeroed first it is the convolution. It
+  costs the zeroing pass (5-8% of a large layer, measured on vgg16's 224² and 112² layers at
+  batch 8) and an extra read; it is the residual add's own kernel (`fusion`) and the fallback.
+
+Both are bit-identical to `aten.convolution` on channels_last tensors (measured). They avoid
+temporaries only when the destination is channels_last (an NCHW destination costs an input
+reorder and a blocked output, 2x the output), which is why `layout` plans 4-D activations in
+channels_last.
 
 The weight is reordered into oneDNN's blocked format once, here, instead of at every call (eager
 reorders it each call): the module keeps that packed copy (`packed_bytes`) beside the model's
@@ -20,40 +29,51 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from memtile.runtime import slots
 from memtile.runtime.outvariants import OutVariant
 
 TARGET = "aten.convolution.default"
 POINTWISE = torch.ops.mkldnn._convolution_pointwise_.binary
+DIRECT = torch.ops.mkldnn._convolution_pointwise.default
 TOLERANCE = 1e-5  # relative to the output's magnitude; measured up to 2.4e-6 (vgg11, resnet18)
 SCRATCH_BYTES = 16 * 1024
 REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-sized buffers (measured)
 
 
 class ConvolutionInto:
-    """`conv(x, ...)` written into `out`: zero it, then oneDNN adds the convolution into it.
+    """`conv(x, ...)` written into `out`, then the oneDNN post-op `unary` ("relu") if any.
 
-    With an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
-    executor plans the two in one slot, so it is already there (else it is copied in). `unary`
-    ("relu") is a oneDNN post-op applied after the add, in the same pass over `out`."""
+    `direct` (a packed weight, slot allocator installed): the functional kernel allocates its
+    output in `out` (`slots.call_into`), a channels_last tensor of the same shape, so the bytes
+    are laid out alike. Otherwise `out` is zeroed and
+    oneDNN adds the convolution into it. With an `addend` (a residual add, see `fusion`) `out`
+    starts from it instead of zero: the executor plans the two in one slot, so it is already
+    there (else it is copied in)."""
 
-    def __init__(self, unary: str | None = None):
-        self.unary = unary
+    def __init__(self, unary: str | None = None, direct: bool = False):
+        self.unary, self.direct = unary, direct
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
-        if not addend:
+        if addend:
+            if (addend[0].data_ptr(), addend[0].stride()) != (out.data_ptr(), out.stride()):
+                out.copy_(addend[0])
+        elif self.direct and out.is_contiguous(memory_format=torch.channels_last):
+            return slots.call_into(out, DIRECT, x, weight, bias, padding, stride, dilation,
+                                   groups, self.unary or "none", [], None)
+        else:
             out.zero_()
-        elif (addend[0].data_ptr(), addend[0].stride()) != (out.data_ptr(), out.stride()):
-            out.copy_(addend[0])
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
                          "add", 1.0, self.unary, [], None)
 
+    def with_relu(self) -> ConvolutionInto:
+        return ConvolutionInto("relu", self.direct)
+
     def __repr__(self) -> str:
         then = f", then {self.unary}" if self.unary else ""
+        if self.direct:
+            return (f"mkldnn._convolution_pointwise (its output allocated in out=){then}; "
+                    "mkldnn._convolution_pointwise_.binary onto an addend")
         return f"mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend{then})"
-
-
-INTO = ConvolutionInto()
-INTO_RELU = ConvolutionInto("relu")
 
 
 def is_convolution(node: fx.Node) -> bool:
@@ -77,18 +97,24 @@ def unsupported(node: fx.Node, device: torch.device) -> str | None:
     return None
 
 
+def is_into(variant: OutVariant) -> bool:
+    return isinstance(variant.overload, ConvolutionInto)
+
+
 def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
-            into: ConvolutionInto = INTO, bias: torch.Tensor | None = None) -> OutVariant:
+            unary: str | None = None, bias: torch.Tensor | None = None) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
     weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
-    weight at every call: that scratch is allowed too (freed within the call). `bias` replaces
-    the node's own (a batch norm folded in, see `fusion`)."""
+    weight at every call: that scratch is allowed too (freed within the call). `unary` is the
+    post-op after it; `bias` replaces the node's own (a batch norm folded in, see `fusion`)."""
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     packed = None
     if pack and weight is not None:
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, list(padding), list(stride), list(dilation), groups,
             list(node.args[0].meta["val"].shape))
+    # a packed weight makes the functional kernel's output channels_last (measured), like `out`
+    into = ConvolutionInto(unary, direct=packed is not None and slots.load() is None)
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args

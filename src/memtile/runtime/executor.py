@@ -26,7 +26,7 @@ from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.planner import prepare
 from memtile.planning import Plan, Problem, solve
-from memtile.runtime import convolution, fusion, outvariants
+from memtile.runtime import convolution, fusion, linear, outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
 from memtile.runtime.layout import LAYOUTS, channels_last_strides, channels_last_tensors
 from memtile.units import format_bytes
@@ -75,7 +75,7 @@ class ArenaProgram:
         self.unfused: dict[str, str] = {}  # convolution node name -> why its chain runs apart
         variants = self._candidates(pack_weights)
         self.channels_last = channels_last_tensors(
-            self.graph, layout, any(v.overload is convolution.INTO for v in variants.values()))
+            self.graph, layout, any(convolution.is_into(v) for v in variants.values()))
         chains = fusion.chains(self.graph, self.order, variants, self.channels_last,
                                self._constants, fold_batch_norm=pack_weights) if fuse else {}
         self.planned = self._check_kernels(variants, chains, inputs)
@@ -126,7 +126,9 @@ class ArenaProgram:
         """fx node name -> out= variant, for ops that make new storage and have one.
 
         Convolutions are computed into the arena by oneDNN unless `layout="eager"`, where they
-        go through ATen's `convolution.out` (which the measurement then rejects)."""
+        go through ATen's `convolution.out` (which the measurement then rejects); so are linear
+        layers where oneDNN is faster than `addmm` (`linear`; not with `layout="eager"`, which
+        keeps bit-exact outputs)."""
         variants = {}
         for op in self.graph.ops:
             node = op.node
@@ -143,6 +145,12 @@ class ArenaProgram:
                     weight = self._constants.get(node.args[1].name)
                     variants[node.name] = convolution.variant(node, weight, pack_weights)
                 continue
+            parameters = linear.weight_and_bias(node, self._constants)
+            if parameters is not None and self.layout != "eager":
+                variant = linear.variant(node, *parameters)
+                if variant is not None:
+                    variants[node.name] = variant
+                    continue
             variant = (outvariants.find_out_variant(node.target)
                        if isinstance(node.target, torch._ops.OpOverload) else None)
             if variant is None:
@@ -174,7 +182,7 @@ class ArenaProgram:
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 variant = variants.get(node.name)
                 reference = args
-                if variant is not None and variant.overload is convolution.INTO \
+                if variant is not None and convolution.is_into(variant) \
                         and self.graph.value_of[node] in self.channels_last:
                     # oneDNN reorders an NCHW input itself; compare with eager on the same layout
                     reference = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])

@@ -1,8 +1,7 @@
 """Batch norm, residual add and ReLU fused into the planned convolution before them: one call.
 
-A planned convolution zeroes its arena slot and oneDNN adds the convolution into it
-(`convolution`); an eval-mode batch norm, a residual add and a ReLU after it would each pass over
-the same bytes once more. Instead:
+A planned convolution writes its arena slot (`convolution`); an eval-mode batch norm, a residual
+add and a ReLU after it would each pass over the same bytes once more. Instead:
 
 - the batch norm is folded into the convolution's weight and bias (inference only: `w * s`,
   `(b - mean) * s + beta` per output channel, `s = gamma / sqrt(var + eps)`, computed in float64
@@ -92,7 +91,7 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
     for op in graph.ops:
         conv = op.node
         variant = candidates.get(conv.name)
-        if variant is None or variant.overload is not convolution.INTO:
+        if variant is None or not convolution.is_into(variant):
             continue
         chain = Chain(conv)
         value = conv
@@ -122,12 +121,13 @@ def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor])
     into a new packed weight and bias, and the ReLU as post-op; with an add, it takes the
     identity as its last argument. A ReLU alone must equal the convolution's variant followed by
     ReLU bit for bit (tolerance 0)."""
-    into = convolution.INTO_RELU if chain.relu is not None else convolution.INTO
+    unary = "relu" if chain.relu is not None else None
     if chain.batch_norm is None:
+        into = variant.overload.with_relu() if unary else variant.overload
         return dataclasses.replace(variant, overload=into,
                                    tolerance=variant.tolerance if chain.add else 0.0)
     weight, bias = folded(chain, constants)
-    return convolution.variant(chain.convolution, weight, pack=True, into=into, bias=bias)
+    return convolution.variant(chain.convolution, weight, pack=True, unary=unary, bias=bias)
 
 
 def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ CHECK_MARK = "memtile.outcheck::"
 class OutVariant:
     """How to run one functional op into given tensors: `overload(*args, **kwargs, **outs)`."""
 
-    overload: Callable  # an ATen out= overload, or `convolution.INTO`
+    overload: Callable  # an ATen out= overload, or a `convolution.ConvolutionInto`
     out_names: tuple[str, ...]  # the overload's out= keyword names, one per output
     rewrite: Callable[[tuple, dict], tuple[tuple, dict]] | None = None  # functional args -> its args
     packed_bytes: int = 0  # constants it keeps in another format (packed convolution weights)
