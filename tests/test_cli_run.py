@@ -29,6 +29,7 @@ def test_json_compares_eager_and_planned(capsys):
     assert summary["eager_p95_ms"] >= summary["eager_ms"] > 0
     assert summary["planned_p95_ms"] >= summary["planned_ms"] > 0
     assert summary["unplanned_ops"] == []
+    assert summary["slot_allocator"] == {"installed": True, "reason": None}
 
 
 def test_eager_layout_planned_is_bit_exact_with_convolutions_unplanned(capsys):

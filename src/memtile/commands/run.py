@@ -94,7 +94,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     fresh outputs); the eager peak is what one eager call allocates.
     """
     from memtile.measure import measure
-    from memtile.runtime import PlannedModule
+    from memtile.runtime import PlannedModule, slots
     from memtile.runtime.outvariants import relative_error
 
     previous = torch.get_num_threads()
@@ -131,6 +131,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "max_abs_diff": float((expected - got).abs().max()),
         "max_rel_diff": relative_error(expected, got),
         "packed_weight_bytes": planned.packed_bytes,
+        "slot_allocator": {"installed": slots.load() is None, "reason": slots.load()},
         "planned_ops": len(planned.main.planned),
         "unplanned_ops": [{"op": op, "reason": reason} for op, reason in planned.unplanned_ops],
         "build_seconds": build_seconds,
@@ -250,6 +251,8 @@ def table(summary: dict) -> Table:
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
     grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}, "
                  "ReLUs {relu}".format(**summary["fused"]) if summary["fuse"] else "off (--no-fuse)")
+    grid.add_row("slot allocator", "", "installed" if summary["slot_allocator"]["installed"]
+                 else f"not installed ({summary['slot_allocator']['reason']}): destinations zeroed")
     grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g} "
                  f"({summary['max_rel_diff']:.3g} of the output's magnitude)")
     for entry in summary["unplanned_ops"]:
