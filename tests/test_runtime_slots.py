@@ -1,6 +1,7 @@
 """The slot allocator, and the ops it lets write into the arena: convolutions without zeroing
 their destination, large linear layers through oneDNN."""
 
+import os
 import threading
 
 import pytest
@@ -151,3 +152,15 @@ def test_linear_layers_stay_on_addmm_where_onednn_does_not_pay(monkeypatch, case
     assert counts_addmm(module, inputs) == 2
     with torch.no_grad():
         assert torch.equal(module(*inputs), model(*inputs))
+
+
+def test_build_falls_back_to_a_temporary_folder_when_the_cache_is_unusable(monkeypatch,
+                                                                           tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder would be")
+    monkeypatch.delenv("MEMTILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
+    monkeypatch.setattr(slots.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = slots._build()
+    assert built.parent == tmp_path / "tmp" / f"memtile-{os.getuid()}" and built.exists()
+    assert list(built.parent.iterdir()) == [built]  # no scratch folder left behind

@@ -8,8 +8,8 @@ that a thread can *arm* a slot (pointer, bytes) and the op's first allocation of
 size on that thread is the slot. The caller then checks that the result landed there.
 
 The wrapper is compiled on first use with the system C++ compiler against torch's own headers
-and libc10 (about a second), cached under `$MEMTILE_CACHE` (default `~/.cache/memtile`), and
-installed once per process; every other allocation goes on to the allocator that was in place,
+and libc10 (about a second), cached under `$MEMTILE_CACHE` (default `~/.cache/memtile`, else a
+temporary folder), and installed once per process; every other allocation goes on to the allocator that was in place,
 with its profiler reporting. Without a compiler, or with `MEMTILE_SLOT_ALLOCATOR=0`, nothing is
 installed and `load()` says why (convolutions then zero their destination).
 """
@@ -31,10 +31,13 @@ SOURCE = Path(__file__).with_name("slot_allocator.cpp")
 DISABLE = "MEMTILE_SLOT_ALLOCATOR"
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the build is kept: `$MEMTILE_CACHE`, else the user cache, else a temporary folder
+    (a read-only home must not cost the fast path)."""
     if "MEMTILE_CACHE" in os.environ:
-        return Path(os.environ["MEMTILE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memtile"
+        return [Path(os.environ["MEMTILE_CACHE"])]
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memtile"
+    return [user, Path(tempfile.gettempdir()) / f"memtile-{os.getuid()}"]
 
 
 def _build() -> Path:
@@ -42,24 +45,34 @@ def _build() -> Path:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {abi}".encode())
-    target = _cache_dir() / f"slot_allocator-{digest.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
+    name = f"slot_allocator-{digest.hexdigest()[:16]}.so"
+    cached = [folder / name for folder in _cache_dirs() if (folder / name).exists()]
+    if cached:
+        return cached[0]
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise OSError(f"no C++ compiler ({compiler!r}) to build the slot allocator")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC",
-                   f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", str(SOURCE),
-                   f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
-                   "-o", str(built)]
-        done = subprocess.run(command, check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(f"building the slot allocator failed: {done.stderr.strip()[-500:]}")
-        os.replace(built, target)  # atomic: a concurrent build finds a whole file or none
-    return target
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC",
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", str(SOURCE),
+               f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o"]
+    failures = []
+    for folder in _cache_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(dir=folder))
+        except OSError as error:
+            failures.append(f"{folder}: {error.strerror}")
+            continue
+        try:
+            done = subprocess.run([*command, str(scratch / name)], check=False,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"building the slot allocator failed: {done.stderr.strip()[-500:]}")
+            os.replace(scratch / name, folder / name)  # atomic: a concurrent build sees all or none
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return folder / name
+    raise OSError(f"no writable folder for the slot allocator build ({'; '.join(failures)})")
 
 
 _library: ctypes.CDLL | None = None
