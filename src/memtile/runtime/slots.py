@@ -9,9 +9,10 @@ size on that thread is the slot. The caller then checks that the result landed t
 
 The wrapper is compiled on first use with the system C++ compiler against torch's own headers
 and libc10 (about a second), cached under `$MEMTILE_CACHE` (default `~/.cache/memtile`, else a
-temporary folder), and installed once per process; every other allocation goes on to the allocator that was in place,
-with its profiler reporting. Without a compiler, or with `MEMTILE_SLOT_ALLOCATOR=0`, nothing is
-installed and `load()` says why (convolutions then zero their destination).
+temporary folder), and installed once per process; every other allocation goes on to the
+allocator that was in place, with its profiler reporting. Without a compiler, or with
+`MEMTILE_SLOT_ALLOCATOR=0`, nothing is installed and `load()` says why (convolutions then zero
+their destination, linear layers stay on `addmm`).
 """
 
 from __future__ import annotations
