@@ -45,10 +45,9 @@ class ConvolutionInto:
 
     `direct` (a packed weight, slot allocator installed): the functional kernel allocates its
     output in `out` (`slots.call_into`), a channels_last tensor of the same shape, so the bytes
-    are laid out alike. Otherwise `out` is zeroed and
-    oneDNN adds the convolution into it. With an `addend` (a residual add, see `fusion`) `out`
-    starts from it instead of zero: the executor plans the two in one slot, so it is already
-    there (else it is copied in)."""
+    are laid out alike. Otherwise `out` is zeroed and oneDNN adds the convolution into it. With
+    an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
+    executor plans the two in one slot, so it is already there (else it is copied in)."""
 
     def __init__(self, unary: str | None = None, direct: bool = False):
         self.unary, self.direct = unary, direct
