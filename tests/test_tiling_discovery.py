@@ -232,3 +232,24 @@ def test_fdt_discovery_refines_earlier_splits():
     assert report.peak_after_bytes == (4 + 64 // 32 + 4) * pixel
     assert report.macs_after == report.macs_before
     assert equivalent(*compare(model, tiled, [x]))
+
+
+def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
+    """auto runs three greedy searches from the same model; a rewrite that two of them try
+    (the same accepted steps, in order) is captured and planned once."""
+    from memtile.tiling import discovery
+
+    requested, planned = [], []
+    real_request, real_plan = discovery._PlannedPeaks.__call__, discovery.planned_peak
+
+    def request(self, gm, steps):
+        requested.append(tuple((a.candidate.method, a.candidate.paths, a.candidate.partitions,
+                                a.candidate.grid) for a in steps))
+        return real_request(self, gm, steps)
+
+    monkeypatch.setattr(discovery._PlannedPeaks, "__call__", request)
+    monkeypatch.setattr(discovery, "planned_peak",
+                        lambda gm, inputs: planned.append(gm) or real_plan(gm, inputs))
+    model, inputs = zoo.get("resnet8_cifar", batch=1)
+    tile(model, inputs, max_mac_overhead=0.1)
+    assert len(planned) == len(set(requested)) < len(requested)

@@ -313,7 +313,8 @@ def tile(
     model = model.eval()
     say = progress or (lambda _: None)
     original = propagate_shapes(to_graph_module(model), inputs)
-    before = planned_peak(original, inputs)
+    peaks = _PlannedPeaks(inputs)
+    before = peaks(original, [])
     say(f"planned peak before: {before.arena_bytes} B")
     mac_limit = int(before.macs * (1 + max_mac_overhead))
     rejected: list[str] = []
@@ -322,7 +323,7 @@ def tile(
         say(f"search starting with {'+'.join(first)}")
         search = _Search([(original, before, [])], [])
         for phase in dict.fromkeys([first, tuple(methods)]):
-            search.run(phase, original, inputs, budget, mac_limit, rejected, say)
+            search.run(phase, original, peaks, budget, mac_limit, rejected, say)
         search.trim()
         found.append(search)
         if budget is not None and search.now.arena_bytes <= budget:
@@ -343,6 +344,25 @@ def tile(
             "--max-mac-overhead", current, report,
         )
     return current, report
+
+
+class _PlannedPeaks:
+    """`planned_peak` of each distinct rewrite once per `tile` call: the greedy searches of auto
+    start from the same model and often try the same rewrites (mobilenet_v2: 5 of 30 re-plans
+    repeated, each a capture and a schedule of seconds). A rewrite is named by its recipe, the
+    accepted steps applied to the original in order: `_rebuild` makes the same graph from the
+    same recipe (a graph's code alone is not enough: an FFMT grid lives in its module)."""
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...]):
+        self.inputs = inputs
+        self._found: dict[tuple, PlannedPeak] = {}
+
+    def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
+        recipe = tuple((a.candidate.method, a.candidate.paths, a.candidate.partitions,
+                        a.candidate.grid) for a in steps)
+        if recipe not in self._found:
+            self._found[recipe] = planned_peak(gm, self.inputs)
+        return self._found[recipe]
 
 
 def _starts(methods: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -367,9 +387,9 @@ class _Search:
     def now(self) -> PlannedPeak:
         return self.history[-1][1]
 
-    def run(self, methods: Sequence[str], original: fx.GraphModule,
-            inputs: tuple[torch.Tensor, ...], budget: int | None, mac_limit: int,
-            rejected: list[str], say: Callable[[str], None]) -> None:
+    def run(self, methods: Sequence[str], original: fx.GraphModule, peaks: _PlannedPeaks,
+            budget: int | None, mac_limit: int, rejected: list[str],
+            say: Callable[[str], None]) -> None:
         """Greedy steps until nothing improves, the budget is met or too many only thin."""
         while (len(self.steps) < MAX_STEPS and _thinning(self.history) < MAX_THINNING
                and not (budget is not None and self.now.arena_bytes <= budget)):
@@ -377,7 +397,7 @@ class _Search:
             candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
             for candidate in candidates[:TRIES]:
                 accepted = _try(candidate, current, applied, len(self.steps) + 1, original,
-                                inputs, now, mac_limit, rejected)
+                                peaks, now, mac_limit, rejected)
                 if accepted is not None:
                     self.steps.append(_step(candidate, current, accepted[1], applied))
                     self.history.append(accepted)
@@ -416,10 +436,11 @@ def _rebuild(candidate: Candidate, number: int, current: fx.GraphModule,
 
 
 def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied], number: int,
-         original: fx.GraphModule, inputs: tuple[torch.Tensor, ...], now: PlannedPeak,
-         mac_limit: int, rejected: list[str],
+         original: fx.GraphModule, peaks: _PlannedPeaks, now: PlannedPeak, mac_limit: int,
+         rejected: list[str],
          ) -> tuple[fx.GraphModule, PlannedPeak, list[_Applied]] | None:
     """Apply, check and re-plan one candidate; None (with the reason recorded) if it fails."""
+    inputs = peaks.inputs
     try:
         tiled, done = _rebuild(candidate, number, current, applied, inputs)
     except (MemtileError, KeyError) as error:  # KeyError: a replayed step's node is gone
@@ -429,7 +450,7 @@ def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied],
     if not equivalent(error, scale):
         rejected.append(f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
         return None
-    planned = planned_peak(tiled, inputs)
+    planned = peaks(tiled, done)
     if planned.macs > mac_limit:
         rejected.append(f"{candidate.describe()}: {planned.macs} MACs exceed the limit {mac_limit}")
         return None
