@@ -42,9 +42,9 @@ def test_vgg11_runs_each_conv_relu_pair_as_one_step():
     assert [s.label for s in fused.main.program.steps].count(FUSED_LABEL) == len(pairs)
     program = fused.main
     for conv, pair in program.fused.items():
-        assert pair.chain.batch_norm is None and pair.chain.relu.args[0].name == conv
+        assert pair.chain.batch_norm is None and pair.chain.activation.args[0].name == conv
         conv_out, relu_out = (program.graph.value_of[n] for n in (pair.chain.convolution,
-                                                                   pair.chain.relu))
+                                                                   pair.chain.activation))
         assert program.shared[relu_out] == conv_out  # one slot for the pair
         assert pair.variant.overload.unary == "relu"
     expected = eager(model, inputs)
@@ -206,3 +206,27 @@ def test_a_wrong_fold_is_refused_at_construction(monkeypatch):
     assert sorted(module.main.unfused) == sorted(conv_bn_pairs(module.main.graph))
     assert all("differs from the functional op" in why for why in module.main.unfused.values())
     assert relative_error(eager(model, inputs), module(*inputs)) <= CONV_TOLERANCE
+
+
+def test_relu6_fuses_as_hardtanh_where_the_convolution_writes_its_slot(monkeypatch):
+    """mobilenet_v2: all 35 ReLU6s (`hardtanh(x, 0, 6)`, none after an add) become oneDNN's
+    hardtanh post-op; outputs within the convolution tolerance of eager and of the unfused
+    module. Without the slot allocator the convolution accumulates into its destination, and
+    oneDNN takes no activation but ReLU after that add: the ReLU6s stay steps of their own."""
+    from memtile.runtime import slots
+
+    model, inputs = zoo.get("mobilenet_v2", input_shape=SMALL)
+    model = with_random_batch_norm(model)
+    fused = PlannedModule(model, inputs)
+    assert fused.main.fused_counts() == {"batch_norm": 52, "add": 10, "relu": 0, "relu6": 35}
+    relu6 = [op.node for op in fused.main.graph.ops if op.target == fusion.HARDTANH]
+    absorbed = {n for c in fused.main.fused.values() for n in c.chain.absorbed}
+    assert len(relu6) == 35 and set(relu6) <= absorbed
+    expected = eager(model, inputs)
+    assert relative_error(expected, fused(*inputs)) <= CONV_TOLERANCE
+    with monkeypatch.context() as patched:
+        patched.setattr(slots, "load", lambda: "not installed (test)")
+        accumulating = PlannedModule(model, inputs)
+    assert accumulating.main.fused_counts()["relu6"] == 0
+    assert len(accumulating.main.program.steps) - len(fused.main.program.steps) == 35
+    assert relative_error(expected, accumulating(*inputs)) <= CONV_TOLERANCE

@@ -250,7 +250,7 @@ def table(summary: dict) -> Table:
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
     grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}, "
-                 "ReLUs {relu}".format(**summary["fused"]) if summary["fuse"] else "off (--no-fuse)")
+                 "ReLUs {relu}, ReLU6s {relu6}".format(**summary["fused"]) if summary["fuse"] else "off (--no-fuse)")
     grid.add_row("slot allocator", "", "installed" if summary["slot_allocator"]["installed"]
                  else f"not installed ({summary['slot_allocator']['reason']}): destinations zeroed")
     grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g} "

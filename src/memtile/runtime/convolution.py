@@ -41,7 +41,8 @@ REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-siz
 
 
 class ConvolutionInto:
-    """`conv(x, ...)` written into `out`, then the oneDNN post-op `unary` ("relu") if any.
+    """`conv(x, ...)` written into `out`, then the oneDNN post-op `unary` if any: "relu", or
+    "hardtanh" with `scalars` (min, max; ReLU6), which oneDNN takes only without an add.
 
     `direct` (a packed weight, slot allocator installed): the functional kernel allocates its
     output in `out` (`slots.call_into`), a channels_last tensor of the same shape, so the bytes
@@ -49,8 +50,9 @@ class ConvolutionInto:
     an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
     executor plans the two in one slot, so it is already there (else it is copied in)."""
 
-    def __init__(self, unary: str | None = None, direct: bool = False):
-        self.unary, self.direct = unary, direct
+    def __init__(self, unary: str | None = None, direct: bool = False,
+                 scalars: tuple[float, ...] = ()):
+        self.unary, self.direct, self.scalars = unary, direct, scalars
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
         if addend:
@@ -58,14 +60,15 @@ class ConvolutionInto:
                 out.copy_(addend[0])
         elif self.direct and out.is_contiguous(memory_format=torch.channels_last):
             return slots.call_into(out, DIRECT, x, weight, bias, padding, stride, dilation,
-                                   groups, self.unary or "none", [], None)
+                                   groups, self.unary or "none", list(self.scalars), None)
         else:
             out.zero_()
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
-                         "add", 1.0, self.unary, [], None)
+                         "add", 1.0, self.unary, list(self.scalars), None)
 
-    def with_relu(self) -> ConvolutionInto:
-        return ConvolutionInto("relu", self.direct)
+    def then(self, unary: str, scalars: tuple[float, ...] = ()) -> ConvolutionInto:
+        """The same convolution with the post-op `unary`."""
+        return ConvolutionInto(unary, self.direct, scalars)
 
     def __repr__(self) -> str:
         then = f", then {self.unary}" if self.unary else ""
@@ -100,12 +103,12 @@ def is_into(variant: OutVariant) -> bool:
     return isinstance(variant.overload, ConvolutionInto)
 
 
-def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
-            unary: str | None = None, bias: torch.Tensor | None = None) -> OutVariant:
+def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool, unary: str | None = None,
+            scalars: tuple[float, ...] = (), bias: torch.Tensor | None = None) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
     weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
-    weight at every call: that scratch is allowed too (freed within the call). `unary` is the
-    post-op after it; `bias` replaces the node's own (a batch norm folded in, see `fusion`)."""
+    weight at every call: that scratch is allowed too (freed within the call). `unary` (with
+    `scalars`) is the post-op after it; `bias` replaces the node's own (a batch norm folded in, see `fusion`)."""
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     packed = None
     if pack and weight is not None:
@@ -113,7 +116,7 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
             weight, list(padding), list(stride), list(dilation), groups,
             list(node.args[0].meta["val"].shape))
     # a packed weight makes the functional kernel's output channels_last (measured), like `out`
-    into = ConvolutionInto(unary, direct=packed is not None and slots.load() is None)
+    into = ConvolutionInto(unary, packed is not None and slots.load() is None, scalars)
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args

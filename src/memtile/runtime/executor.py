@@ -112,10 +112,12 @@ class ArenaProgram:
         return sum(v.packed_bytes for v in self.planned.values())
 
     def fused_counts(self) -> dict[str, int]:
-        """How many batch norms, adds and ReLUs run inside a convolution's call."""
+        """How many batch norms, adds, ReLUs and ReLU6s run inside a convolution's call."""
         chains = [fused.chain for fused in self.fused.values()]
-        return {op: sum(getattr(c, op) is not None for c in chains)
-                for op in ("batch_norm", "add", "relu")}
+        counts = {op: sum(getattr(c, op) is not None for c in chains)
+                  for op in ("batch_norm", "add")}
+        return counts | {name: sum(c.activation_name == name for c in chains)
+                         for name in ("relu", "relu6")}
 
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]

@@ -1,4 +1,4 @@
-"""Batch norm, residual add and ReLU fused into the planned convolution before them: one call.
+"""Batch norm, residual add and ReLU/ReLU6 fused into the planned convolution before them: one call.
 
 A planned convolution writes its arena slot (`convolution`); an eval-mode batch norm, a residual
 add and a ReLU after it would each pass over the same bytes once more. Instead:
@@ -10,8 +10,9 @@ add and a ReLU after it would each pass over the same bytes once more. Instead:
   identity's slot instead of a zeroed one (no zeroing, no add pass), where the identity dies at
   the add and nothing else reads it after the convolution (else the call first copies it into
   its destination), and
-- the ReLU runs as oneDNN's post-op, in the same call (oneDNN takes no other activation after
-  its add, so ReLU6 stays a separate step),
+- a ReLU runs as oneDNN's post-op, in the same call, and so does a ReLU6 (`hardtanh(x, 0, 6)`)
+  where there is no add and the convolution writes its slot directly (oneDNN takes no other
+  activation after its in-place add),
 
 so the chain becomes one step writing one slot (the identity's, or else the convolution's),
 which the outputs of the ops it absorbs share, as in-place ops would.
@@ -40,6 +41,7 @@ from memtile.runtime import convolution
 from memtile.runtime.outvariants import OutVariant
 
 RELU = "aten.relu.default"
+HARDTANH = "aten.hardtanh.default"  # ReLU6 is hardtanh(x, 0, 6)
 BATCH_NORM = "aten._native_batch_norm_legit_no_training.default"
 ADD = "aten.add.Tensor"
 
@@ -52,12 +54,26 @@ class Chain:
     batch_norm: fx.Node | None = None  # eval-mode batch norm, folded into the weight and bias
     add: fx.Node | None = None  # residual add: the convolution accumulates into `identity`
     identity: fx.Node | None = None  # the add's other operand
-    relu: fx.Node | None = None  # applied as the call's post-op
+    activation: fx.Node | None = None  # ReLU or ReLU6, applied as the call's post-op
 
     @property
     def absorbed(self) -> tuple[fx.Node, ...]:
         """The ops that no longer run as steps of their own, in order."""
-        return tuple(n for n in (self.batch_norm, self.add, self.relu) if n is not None)
+        return tuple(n for n in (self.batch_norm, self.add, self.activation) if n is not None)
+
+    @property
+    def post_op(self) -> tuple[str | None, tuple[float, ...]]:
+        """oneDNN's name and scalars for the activation: ("relu", ()), ("hardtanh", (0, 6))."""
+        if self.activation is None:
+            return None, ()
+        if str(self.activation.target) == RELU:
+            return "relu", ()
+        return "hardtanh", tuple(float(a) for a in self.activation.args[1:3])
+
+    @property
+    def activation_name(self) -> str | None:
+        """"relu", "relu6" or None, as `PlannedModule.fused_counts` counts them."""
+        return {None: None, "relu": "relu", "hardtanh": "relu6"}[self.post_op[0]]
 
     @property
     def result(self) -> fx.Node:
@@ -106,9 +122,10 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
                 and _overwritable(graph, identity, add, op.index, position, viewed):
             chain = dataclasses.replace(chain, add=add, identity=identity)
             value = add
-        relu = _sole_user(value) if value is not None else None
-        if relu is not None and str(relu.target) == RELU:
-            chain = dataclasses.replace(chain, relu=relu)
+        activation = _sole_user(value) if value is not None else None
+        if activation is not None and (str(activation.target) == RELU or (
+                _is_relu6(activation) and chain.add is None and variant.overload.direct)):
+            chain = dataclasses.replace(chain, activation=activation)
         if chain.absorbed and value is not None and all(
                 n.name in candidates and first_value(graph, n) in channels_last
                 for n in (conv, *chain.absorbed)):
@@ -118,16 +135,17 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
 
 def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor]) -> OutVariant:
     """The variant that computes the whole chain: the convolution's, with the batch norm folded
-    into a new packed weight and bias, and the ReLU as post-op; with an add, it takes the
-    identity as its last argument. A ReLU alone must equal the convolution's variant followed by
-    ReLU bit for bit (tolerance 0)."""
-    unary = "relu" if chain.relu is not None else None
+    into a new packed weight and bias, and the activation as post-op; with an add, it takes the
+    identity as its last argument. An activation alone must equal the convolution's variant
+    followed by it bit for bit (tolerance 0)."""
+    unary, scalars = chain.post_op
     if chain.batch_norm is None:
-        into = variant.overload.with_relu() if unary else variant.overload
+        into = variant.overload.then(unary, scalars) if unary else variant.overload
         return dataclasses.replace(variant, overload=into,
                                    tolerance=variant.tolerance if chain.add else 0.0)
     weight, bias = folded(chain, constants)
-    return convolution.variant(chain.convolution, weight, pack=True, unary=unary, bias=bias)
+    return convolution.variant(chain.convolution, weight, pack=True, unary=unary,
+                               scalars=scalars, bias=bias)
 
 
 def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +208,10 @@ def _constant(arg, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu6(node: fx.Node) -> bool:
+    return str(node.target) == HARDTANH and tuple(node.args[1:3]) == (0.0, 6.0)
 
 
 def first_value(graph: MemGraph, node: fx.Node) -> str:
