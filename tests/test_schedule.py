@@ -47,6 +47,28 @@ def test_no_time_keeps_the_exported_order():
     assert not result.exact
 
 
+class ManyBranches(nn.Module):
+    """16 expand-then-shrink branches: millions of executed-op sets, buckets of seconds."""
+
+    def __init__(self, branches: int = 16):
+        super().__init__()
+        self.up = nn.ModuleList(nn.Conv2d(4, 32, 1, bias=False) for _ in range(branches))
+        self.down = nn.ModuleList(nn.Conv2d(32, 4, 1, bias=False) for _ in range(branches))
+
+    def forward(self, x):
+        ups = [up(x) for up in self.up]
+        return torch.cat([down(u) for down, u in zip(self.down, ups)], 1)
+
+
+def test_the_time_limit_holds_inside_a_long_bucket():
+    """The deadline is checked per expanded set, not only between buckets (one bucket took
+    1.1 s past a 0.5 s limit here before)."""
+    graph = capture(ManyBranches().eval(), (torch.ones(1, 4, 8, 8),))
+    result = schedule(graph, time_limit=0.5, width=10**6)
+    assert result.seconds < 0.8 and not result.exact
+    assert is_topological(graph, result.order) and result.load <= result.exported_load
+
+
 # ---- random graphs, checked against every topological order -------------------------------
 
 ELEMENTWISE, OTHER = "aten.relu.default", "aten.convolution.default"

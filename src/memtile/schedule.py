@@ -146,6 +146,8 @@ def _search(
         for now, state in states.items():
             if now == goal:
                 return _unwind(state.path), state.peak, exact
+            if time.perf_counter() > deadline:  # a bucket can take seconds: stop inside it
+                return None
             for op in _ready(effects, now, ops):
                 after, new = _run(effects, now, state, op, ops)
                 bucket = buckets.setdefault((after & ~done).bit_count(), {})
