@@ -243,8 +243,7 @@ def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
     real_request, real_plan = discovery._PlannedPeaks.__call__, discovery.planned_peak
 
     def request(self, gm, steps):
-        requested.append(tuple((a.candidate.method, a.candidate.paths, a.candidate.partitions,
-                                a.candidate.grid) for a in steps))
+        requested.append(discovery._recipe(steps))
         return real_request(self, gm, steps)
 
     monkeypatch.setattr(discovery._PlannedPeaks, "__call__", request)

@@ -101,6 +101,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     torch.set_num_threads(1)
     try:
         started = time.perf_counter()
+        slot_allocator_missing = slots.load()  # before the module: it installs the allocator
         planned = PlannedModule(model, inputs, strategy=strategy, layout=layout,
                                 pack_weights=pack_weights, fuse=fuse)
         build_seconds = time.perf_counter() - started
@@ -131,7 +132,8 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "max_abs_diff": float((expected - got).abs().max()),
         "max_rel_diff": relative_error(expected, got),
         "packed_weight_bytes": planned.packed_bytes,
-        "slot_allocator": {"installed": slots.load() is None, "reason": slots.load()},
+        "slot_allocator": {"installed": slot_allocator_missing is None,
+                           "reason": slot_allocator_missing},
         "planned_ops": len(planned.main.planned),
         "unplanned_ops": [{"op": op, "reason": reason} for op, reason in planned.unplanned_ops],
         "build_seconds": build_seconds,
@@ -250,9 +252,11 @@ def table(summary: dict) -> Table:
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
     grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}, "
-                 "ReLUs {relu}, ReLU6s {relu6}".format(**summary["fused"]) if summary["fuse"] else "off (--no-fuse)")
-    grid.add_row("slot allocator", "", "installed" if summary["slot_allocator"]["installed"]
-                 else f"not installed ({summary['slot_allocator']['reason']}): destinations zeroed")
+                 "ReLUs {relu}, ReLU6s {relu6}".format(**summary["fused"])
+                 if summary["fuse"] else "off (--no-fuse)")
+    slot = summary["slot_allocator"]
+    grid.add_row("slot allocator", "", "installed" if slot["installed"] else
+                 f"not installed ({slot['reason']}): convolutions zero their destinations")
     grid.add_row("max |planned - eager|", "", f"{summary['max_abs_diff']:.3g} "
                  f"({summary['max_rel_diff']:.3g} of the output's magnitude)")
     for entry in summary["unplanned_ops"]:

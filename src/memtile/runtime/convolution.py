@@ -108,7 +108,8 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool, unary: str |
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
     weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
     weight at every call: that scratch is allowed too (freed within the call). `unary` (with
-    `scalars`) is the post-op after it; `bias` replaces the node's own (a batch norm folded in, see `fusion`)."""
+    `scalars`) is the post-op after it; `bias` replaces the node's own (a batch norm folded in,
+    see `fusion`)."""
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     packed = None
     if pack and weight is not None:

@@ -358,11 +358,16 @@ class _PlannedPeaks:
         self._found: dict[tuple, PlannedPeak] = {}
 
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
-        recipe = tuple((a.candidate.method, a.candidate.paths, a.candidate.partitions,
-                        a.candidate.grid) for a in steps)
+        recipe = _recipe(steps)
         if recipe not in self._found:
             self._found[recipe] = planned_peak(gm, self.inputs)
         return self._found[recipe]
+
+
+def _recipe(steps: Sequence[_Applied]) -> tuple:
+    """What `_rebuild` applies to the original, in order: it names the graph it makes."""
+    return tuple((a.candidate.method, a.candidate.paths, a.candidate.partitions,
+                  a.candidate.grid) for a in steps)
 
 
 def _starts(methods: tuple[str, ...]) -> list[tuple[str, ...]]:
