@@ -62,3 +62,38 @@ def test_callable_and_pt2_models(tmp_path):
     assert torch.allclose(loaded(*loaded_inputs), model(*loaded_inputs))
     with pytest.raises(InputShapeError, match="--input-shape"):
         zoo.get("tests_models:conv_flatten_linear")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet8_cifar", "timm:regnetx_002", "smp:Unet:resnet18"])
+def test_norm_statistics_are_calibrated_so_outputs_are_of_order_one(name):
+    model, inputs = zoo.get(name)
+    with torch.no_grad():
+        scale = model(*inputs).abs().mean().item()
+    assert 1e-2 < scale < 1e2, f"{name}: output scale {scale:.3g}"  # uncalibrated: ~1e-9
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert all(m.momentum == 0.1 for m in norms)  # restored after the cumulative passes
+
+
+def test_timm_and_smp_names_build_with_their_input_shapes():
+    _, (x,) = zoo.get("timm:tinynet_a", batch=2)
+    assert tuple(x.shape) == (2, 3, 192, 192)
+    model, (x,) = zoo.get("smp:Linknet:resnet18")
+    assert tuple(x.shape) == (1, 3, 256, 256) and not model.training
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("timm:regnetx_00", "closest: timm:regnetx_0"),
+    ("smp:Unet", "name the encoder"),
+    ("smp:Unetz:resnet18", "unknown architecture 'unetz'"),
+    ("smp:Unet:resnet1", "unknown encoder 'resnet1'; closest: resnet18"),
+])
+def test_unknown_timm_and_smp_names_are_clear_errors(name, hint):
+    with pytest.raises(UnknownModelError, match=hint):
+        zoo.get(name)
+
+
+def test_user_models_keep_their_own_statistics():
+    model, _ = zoo.get("tests_models:conv_bn_relu")
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var))
+               for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

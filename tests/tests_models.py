@@ -20,3 +20,10 @@ def data_dependent():
 def conv_flatten_linear():
     """conv -> flatten (a view) -> linear: the conv output must live until the linear reads it."""
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+
+
+def conv_bn_relu():
+    """A user's model with BatchNorm: the zoo must not touch its running statistics."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), (
+        torch.randn(1, 3, 8, 8),
+    )

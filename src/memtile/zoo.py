@@ -1,8 +1,14 @@
 """Model zoo: a name becomes an eval-mode `nn.Module` and its example inputs, with no downloads.
 
 Names: every torchvision classification model, the MLPerf Tiny models built in `memtile.tinyml`,
-`mobilenet_v2_035_144`, a `package.module:attr` callable, or a `.pt2` file from `torch.export.save`.
-Weights are initialised from a fixed seed, so two calls give the same model.
+`mobilenet_v2_035_144`, `timm:NAME` (any timm model), `smp:ARCH:ENCODER` (segmentation-models-pytorch,
+e.g. `smp:Unet:resnet18`), a `package.module:attr` callable, or a `.pt2` file from
+`torch.export.save`. Weights are initialised from a fixed seed, so two calls give the same model.
+
+Models built by name have their BatchNorm statistics calibrated (`calibrate_norms`): with random
+weights and the default running statistics (mean 0, variance 1) a deep net's output is of order
+1e-9, and an equivalence check on such outputs proves nothing. A user's own model (`pkg.mod:attr`,
+`.pt2`) keeps the statistics it came with.
 """
 
 import difflib
@@ -34,6 +40,10 @@ _TINY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 TINY_MODELS = tuple(_TINY)
 _TORCHVISION_KWARGS = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
 _TORCHVISION_SHAPE = {"inception_v3": (3, 299, 299)}
+SMP_INPUT_SHAPE = (3, 256, 256)
+CALIBRATION_BATCH = 4
+CALIBRATION_PASSES = 3
+_INSTALL_MODELS = "pip install 'memtile[models]'"
 
 
 def torchvision_models() -> list[str]:
@@ -50,19 +60,59 @@ def default_input_shape(name: str) -> tuple[int, ...]:
     """The input shape (without batch) a zoo model is benchmarked at."""
     if name in _TINY:
         return _TINY[name][1]
+    if name.startswith("timm:"):
+        return _timm_input_shape(name.removeprefix("timm:"))
+    if name.startswith("smp:"):
+        return SMP_INPUT_SHAPE
     return _TORCHVISION_SHAPE.get(name, (3, 224, 224))
 
 
+def is_zoo_name(name: str) -> bool:
+    """True for names `build` makes (as opposed to `pkg.mod:attr` callables and `.pt2` files)."""
+    return name.startswith(("timm:", "smp:")) or (":" not in name and not name.endswith(".pt2"))
+
+
 def build(name: str) -> nn.Module:
-    """Build a zoo model by name, deterministically initialised, in eval mode."""
+    """Build a zoo model by name, deterministically initialised and calibrated, in eval mode."""
     torch.manual_seed(SEED)
     if name in _TINY:
         model = _TINY[name][0]()
+    elif name.startswith("timm:"):
+        model = _build_timm(name.removeprefix("timm:"))
+    elif name.startswith("smp:"):
+        model = _build_smp(name.removeprefix("smp:"))
     elif name in torchvision_models():
         model = torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
     else:
         raise _unknown(name)
-    return model.eval()
+    return calibrate_norms(model, default_input_shape(name))
+
+
+@torch.no_grad()
+def calibrate_norms(model: nn.Module, input_shape: tuple[int, ...],
+                    passes: int = CALIBRATION_PASSES, batch: int = CALIBRATION_BATCH) -> nn.Module:
+    """Set every BatchNorm's running statistics from train-mode passes on seeded random data.
+
+    The momentum is switched to a cumulative average for the passes, so the statistics are the
+    exact mean over them, not 10% of the way from the defaults. The model is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    generator = torch.Generator().manual_seed(SEED + 1)
+    model.train()
+    try:
+        for _ in range(passes):
+            model(torch.randn((batch, *input_shape), generator=generator))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return model
 
 
 def get(
@@ -73,11 +123,11 @@ def get(
         raise InputShapeError(f"batch must be at least 1, got {batch}")
     if name.endswith(".pt2"):
         return _load_exported(Path(name), batch, input_shape)
-    if ":" in name:
-        model, inputs = _load_callable(name, batch, input_shape)
-    else:
+    if is_zoo_name(name):
         model = build(name)
         inputs = None
+    else:
+        model, inputs = _load_callable(name, batch, input_shape)
     if inputs is None:
         shape = tuple(input_shape) if input_shape else _shape_for(name)
         inputs = (_example(batch, shape),)
@@ -86,7 +136,7 @@ def get(
 
 
 def _shape_for(name: str) -> tuple[int, ...]:
-    if ":" in name:
+    if not is_zoo_name(name):
         raise InputShapeError(f"{name} returned a module without inputs: pass --input-shape C,H,W")
     return default_input_shape(name)
 
@@ -151,6 +201,44 @@ def _load_exported(path: Path, batch: int, input_shape) -> tuple[nn.Module, tupl
         torch.randn(shape, generator=generator, dtype=v.dtype) for shape, v in zip(shapes, placeholders)
     )
     return program.module(), inputs
+
+
+def _timm(name: str):
+    """The timm package, once `name` is known to be one of its models."""
+    try:
+        import timm
+    except ImportError as error:
+        raise MemtileError(f"timm:{name} needs timm: {_INSTALL_MODELS}") from error
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join('timm:' + c for c in close)}" if close else ""
+        raise UnknownModelError(f"unknown timm model {name!r}{hint}")
+    return timm
+
+
+def _timm_input_shape(name: str) -> tuple[int, ...]:
+    return tuple(_timm(name).models.get_pretrained_cfg(name).input_size)
+
+
+def _build_timm(name: str) -> nn.Module:
+    return _timm(name).create_model(name, pretrained=False)
+
+
+def _build_smp(spec: str) -> nn.Module:
+    arch, _, encoder = spec.partition(":")
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as error:
+        raise MemtileError(f"smp:{spec} needs segmentation-models-pytorch: {_INSTALL_MODELS}") from error
+    if not encoder:
+        raise UnknownModelError(f"smp:{spec}: name the encoder too, e.g. smp:{arch or 'Unet'}:resnet18")
+    for kind, given, known in (("architecture", arch.lower(), list(smp.MODEL_ARCHITECTURES_MAPPING)),
+                               ("encoder", encoder, smp.encoders.get_encoder_names())):
+        if given not in known:
+            close = difflib.get_close_matches(given, known, n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else f"; known: {', '.join(known[:12])}, ..."
+            raise UnknownModelError(f"smp:{spec}: unknown {kind} {given!r}{hint}")
+    return smp.create_model(arch, encoder_name=encoder, encoder_weights=None)
 
 
 def _unknown(name: str) -> UnknownModelError:
