@@ -104,3 +104,50 @@ def test_training_step_breakdown_in_the_optimizer():
     # both moment buffers exist.
     assert split["gradients"] == parameter_bytes
     assert split["optimizer_state"] == pytest.approx(2 * parameter_bytes, rel=1e-3)
+
+
+def _four_mib_step() -> torch.Tensor:
+    return torch.ones(2**20).sum()  # one 4 MiB block, freed before the call returns
+
+
+def test_measure_inside_measure_gives_both_their_peaks():
+    inner = []
+
+    def outer_step():
+        big = torch.ones(2**21)  # 8 MiB held while the inner measure runs
+        inner.append(measure(_four_mib_step))
+        return big.sum()
+
+    outer = measure(outer_step)
+    assert inner[0].peak_bytes >= 2**22
+    assert outer.peak_bytes >= 2**23 + 2**22  # the inner call's 4 MiB ran on top of the 8 MiB
+
+
+def test_garbage_left_by_earlier_code_does_not_lower_the_peak():
+    # The profiler reports the free of a block it saw allocated in an earlier session; if the
+    # collector frees such garbage during a measurement, the peak comes out low by that much.
+    import gc
+
+    baseline = measure(_four_mib_step).peak_bytes
+
+    def cycle() -> list:
+        junk = [torch.empty(2**20)]  # 4 MiB, allocated while the profiler watches
+        junk.append(junk)
+        return junk
+
+    def step_while_collector_runs() -> torch.Tensor:
+        gc.enable()  # the collector runs at the next container allocation, as it may anywhere
+        return _four_mib_step()
+
+    thresholds, enabled = gc.get_threshold(), gc.isenabled()
+    try:
+        gc.disable()
+        held = measure(cycle).result
+        del held  # garbage now, freed only by the collector
+        gc.set_threshold(1)
+        peak = measure(step_while_collector_runs).peak_bytes
+    finally:
+        gc.set_threshold(*thresholds)
+        if enabled:
+            gc.enable()
+    assert peak == baseline

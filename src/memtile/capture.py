@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from memtile import callable_module
 from memtile.errors import ExportError
 from memtile.planning import Buffer, Problem, live_bytes
 
@@ -318,3 +319,6 @@ def _op_macs(op: OpNode, tensors: dict[str, TensorInfo]) -> int:
         a = tensors[op.inputs[-2]].shape
         return numel * a[-1]
     return 0
+
+
+callable_module(__name__, capture)  # `memtile.capture(...)` works after `import memtile.capture`

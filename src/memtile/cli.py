@@ -8,8 +8,15 @@ from memtile.commands import COMMANDS
 from memtile.errors import MemtileError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (with where to look), not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memtile", description="Make CNNs fit in less memory, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +36,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as usage:  # argparse printed its one-line error (or --help)
+        return usage.code if isinstance(usage.code, int) else 2
     try:
         return modules[args.command].run(args)
     except MemtileError as error:

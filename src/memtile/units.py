@@ -1,5 +1,6 @@
 """Human byte units: the CLI accepts and prints "256KiB", "1.5MB"; code keeps ints."""
 
+import math
 import re
 
 from memtile.errors import MemtileError
@@ -23,8 +24,8 @@ def parse_bytes(text: str | int) -> int:
             f"cannot read {text!r} as a byte size; write e.g. 4096, 256KiB, 1.5MB or 4GiB"
         )
     value = float(match.group(1)) * _UNITS[unit]
-    if value < 0:
-        raise MemtileError(f"byte size {text!r} is negative")
+    if not math.isfinite(value) or value >= 2**63:
+        raise MemtileError(f"byte size {text!r} is too large; the most is 8 EiB (2**63 - 1 bytes)")
     return round(value)
 
 
@@ -38,3 +39,14 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_seconds(text: str) -> float:
+    """A positive, finite number of seconds ("10", "0.5"): a limit that can be met and is not 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise MemtileError(f"cannot use {text!r} as a time limit; write a positive number of seconds")
+    return value

@@ -118,19 +118,25 @@ def calibrate_norms(model: nn.Module, input_shape: tuple[int, ...],
 def get(
     name: str, batch: int = 1, input_shape: tuple[int, ...] | None = None
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Return `(model, example_inputs)` for a zoo name, `pkg.mod:attr` callable or `.pt2` file."""
+    """Return `(model, example_inputs)` for a zoo name, `pkg.mod:attr` callable or `.pt2` file.
+
+    The inputs always have `batch` rows: inputs that a `.pt2` file or a callable brings with
+    them are cut or repeated along their first axis, and the model is run once to show that
+    it takes them (a model that cannot is refused here, with the reason).
+    """
     if batch < 1:
         raise InputShapeError(f"batch must be at least 1, got {batch}")
     if name.endswith(".pt2"):
-        return _load_exported(Path(name), batch, input_shape)
-    if is_zoo_name(name):
-        model = build(name)
-        inputs = None
+        model, inputs = _load_exported(Path(name), input_shape)
+    elif is_zoo_name(name):
+        model, inputs = build(name), None
     else:
-        model, inputs = _load_callable(name, batch, input_shape)
+        model, inputs = _load_callable(name, input_shape)
     if inputs is None:
         shape = tuple(input_shape) if input_shape else _shape_for(name)
-        inputs = (_example(batch, shape),)
+        inputs = (_example((batch, *shape)),)
+    else:
+        inputs = tuple(_rebatched(t, batch, name) for t in inputs)
     _check_runs(model, inputs, name)
     return model, inputs
 
@@ -141,11 +147,46 @@ def _shape_for(name: str) -> tuple[int, ...]:
     return default_input_shape(name)
 
 
-def _example(batch: int, shape: tuple[int, ...]) -> torch.Tensor:
-    if any(d < 1 for d in shape):
-        raise InputShapeError(f"input shape {shape} has a non-positive dimension")
+def _allocated(shape: tuple[int, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()`, with the allocator's failure for a huge shape as a one-line error."""
+    try:
+        return make()
+    except (RuntimeError, MemoryError) as error:
+        if "allocate" not in str(error) and not isinstance(error, MemoryError):
+            raise
+        raise InputShapeError(
+            f"inputs of shape {shape} do not fit in memory ({_numel(shape) * 4 / 2**30:.3g} GiB "
+            "as float32); use a smaller --batch or --input-shape"
+        ) from None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def _example(full: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Seeded example data: normal floats, or 0/1 for integer inputs (valid indices anywhere)."""
+    if any(d < 1 for d in full):
+        raise InputShapeError(f"input shape {full[1:]} has a non-positive dimension")
     generator = torch.Generator().manual_seed(SEED)
-    return torch.randn((batch, *shape), generator=generator)
+    if dtype.is_floating_point or dtype.is_complex:
+        return _allocated(full, lambda: torch.randn(full, generator=generator, dtype=dtype))
+    if dtype == torch.bool:
+        return _allocated(full, lambda: torch.randint(0, 2, full, generator=generator).bool())
+    return _allocated(full, lambda: torch.randint(0, 2, full, generator=generator, dtype=dtype))
+
+
+def _rebatched(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """`tensor` with `batch` rows: its first rows, or its rows repeated in turn."""
+    if not isinstance(tensor, torch.Tensor):
+        raise MemtileError(f"{name}: inputs must be tensors, got {type(tensor).__name__}")
+    if tensor.dim() == 0 or tensor.shape[0] == batch:
+        return tensor
+    shape = (batch, *tensor.shape[1:])
+    return _allocated(shape, lambda: tensor[torch.arange(batch) % tensor.shape[0]].contiguous())
 
 
 def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -> None:
@@ -153,35 +194,63 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -
     try:
         with torch.no_grad():
             model(*inputs)
-    except (RuntimeError, ValueError, AssertionError) as error:
+    except Exception as error:  # the user's forward may raise anything; say what and where
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
         raise InputShapeError(f"{name} cannot run on inputs {shapes}: {first_line}") from error
 
 
-def _load_callable(spec: str, batch: int, input_shape) -> tuple[nn.Module, tuple | None]:
+def _load_callable(spec: str, input_shape) -> tuple[nn.Module, tuple | None]:
+    """The model (and inputs, if it brings them) that `package.module:attr` names: an
+    `nn.Module`, or a function of no arguments that returns a module or `(module, inputs)`."""
     module_name, _, attr = spec.partition(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # as `python -m` would: the user's own modules
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
         raise UnknownModelError(f"cannot load {spec!r}: {error}") from error
     torch.manual_seed(SEED)
-    made = factory()
-    if isinstance(made, tuple):
-        model, inputs = made
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    else:
-        model, inputs = made, None
+    made = found if isinstance(found, nn.Module) else _call_factory(spec, found)
+    model, inputs = made if isinstance(made, tuple | list) and len(made) == 2 else (made, None)
     if not isinstance(model, nn.Module):
-        raise MemtileError(f"{spec} returned {type(model).__name__}, expected an nn.Module")
+        raise MemtileError(
+            f"{spec} gave {type(made).__name__}; expected an nn.Module or (nn.Module, inputs)"
+        )
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if inputs is not None and not (
+        isinstance(inputs, tuple | list) and inputs and all(isinstance(t, torch.Tensor) for t in inputs)
+    ):
+        raise MemtileError(
+            f"{spec} returned inputs of type {type(inputs).__name__}; expected a tensor or a "
+            "tuple of tensors"
+        )
     if input_shape is not None:
         inputs = None
-    return model.eval(), inputs
+    return model.eval(), None if inputs is None else tuple(inputs)
 
 
-def _load_exported(path: Path, batch: int, input_shape) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def _call_factory(spec: str, factory) -> object:
+    if not callable(factory):
+        raise MemtileError(f"{spec} is a {type(factory).__name__}; expected an nn.Module or a function")
+    try:
+        return factory()
+    except TypeError as error:
+        if "argument" in str(error):
+            raise MemtileError(
+                f"{spec} cannot be called without arguments ({error}); point at a function of "
+                "no arguments that returns the model, or at the model itself"
+            ) from error
+        raise MemtileError(f"{spec} raised TypeError: {error}") from error
+    except Exception as error:  # the user's code: report it on one line
+        raise MemtileError(f"{spec} raised {type(error).__name__}: {error}") from error
+
+
+def _load_exported(path: Path, input_shape) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The program's module and seeded inputs of its placeholders' shapes and dtypes (with
+    `input_shape`, the first input's shape after the batch axis)."""
     if not path.is_file():
         raise UnknownModelError(f"no such file: {path}")
     try:
@@ -195,10 +264,10 @@ def _load_exported(path: Path, batch: int, input_shape) -> tuple[nn.Module, tupl
     ]
     shapes = [tuple(v.shape) for v in placeholders]
     if input_shape is not None:
-        shapes[0] = (batch, *input_shape)
-    generator = torch.Generator().manual_seed(SEED)
+        shapes[0] = (shapes[0][0], *input_shape)
     inputs = tuple(
-        torch.randn(shape, generator=generator, dtype=v.dtype) for shape, v in zip(shapes, placeholders)
+        _example(shape, v.dtype)
+        for shape, v in zip(shapes, placeholders, strict=True)
     )
     return program.module(), inputs
 
@@ -243,5 +312,5 @@ def _build_smp(spec: str) -> nn.Module:
 
 def _unknown(name: str) -> UnknownModelError:
     close = difflib.get_close_matches(name, names(), n=5, cutoff=0.5)
-    hint = f"; closest: {', '.join(close)}" if close else "; run `memtile profile --list` for all names"
+    hint = f"; closest: {', '.join(close)}" if close else "; `memtile profile --list` prints all names"
     return UnknownModelError(f"unknown model {name!r}{hint}")

@@ -3,12 +3,16 @@
 import argparse
 import json
 import os
+import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
 from memtile.errors import InputShapeError, MemtileError
+from memtile.units import parse_bytes, parse_seconds
 
 console = Console(stderr=True)
 
@@ -29,13 +33,28 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_out: str | Non
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(d < 1 for d in shape):
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a shape; write e.g. 3,224,224")
-    return shape
+    """"3,224,224" or "3x224x224": every dimension a positive integer, none left out."""
+    parts = [part.strip() for part in re.split(r"[,x]", text)]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a shape; write positive integers, e.g. 3,224,224"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def _argument_type(parse: Callable, name: str) -> Callable:
+    """An argparse `type=` that reports a MemtileError as argparse's one-line usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except MemtileError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    convert.__name__ = name
+    return convert
+
+
+byte_size = _argument_type(parse_bytes, "byte size")
+seconds = _argument_type(parse_seconds, "seconds")
 
 
 def load_model(args: argparse.Namespace):
@@ -58,6 +77,35 @@ def output_dir(path: str | os.PathLike | None) -> Path | None:
     except OSError as error:
         raise MemtileError(f"cannot write to --out {folder}: {error.strerror or error}") from error
     return folder
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[Path]:
+    """Write an output file: a file system error becomes a one-line MemtileError naming it."""
+    try:
+        yield Path(path)
+    except OSError as error:
+        raise MemtileError(
+            f"cannot write {error.filename or path}: {error.strerror or error}; "
+            "choose another --out folder"
+        ) from error
+
+
+def output_differences(expected, got) -> tuple[float, float]:
+    """The largest absolute and relative difference over every tensor of two model outputs of
+    the same structure (a tensor, or tuples, lists and dicts of them)."""
+    from torch.utils._pytree import tree_flatten
+
+    from memtile.runtime.outvariants import relative_error
+
+    want, want_spec = tree_flatten(expected)
+    have, have_spec = tree_flatten(got)
+    if want_spec != have_spec:
+        return float("inf"), float("inf")
+    pairs = [(w, h) for w, h in zip(want, have, strict=True) if hasattr(w, "shape") and w.numel()]
+    absolute = max((float((w - h).abs().max()) for w, h in pairs), default=0.0)
+    relative = max((relative_error(w, h) for w, h in pairs), default=0.0)
+    return absolute, relative
 
 
 def print_json(payload: dict) -> None:

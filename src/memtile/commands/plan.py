@@ -15,10 +15,13 @@ from rich.table import Table
 from memtile.commands.common import (
     add_model_arguments,
     add_output_arguments,
+    byte_size,
     console,
     load_model,
     output_dir,
     print_json,
+    seconds,
+    writing,
 )
 from memtile.errors import BudgetError, MemtileError
 from memtile.planning import (
@@ -33,7 +36,7 @@ from memtile.planning import (
     solve_all,
 )
 from memtile.planning.io import write_plan_json
-from memtile.units import format_bytes, parse_bytes
+from memtile.units import format_bytes
 
 HELP = (
     "plan every intermediate tensor of a model (or a MiniMalloc FILE.csv) at an offset in one "
@@ -48,15 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.help = f"{model.help}, or a MiniMalloc FILE.csv (id,lower,upper,size)"
     parser.add_argument(
         "--strategy", default="all", metavar="NAME",
-        help=f"one of {', '.join(CHOICES)} (default all: every heuristic, then CP-SAT)",
+        help=f"one of {', '.join(CHOICES)} (default all: every heuristic, then CP-SAT, then "
+             "with --capacity the search if nothing fits yet)",
     )
-    parser.add_argument("--time-limit", type=float, default=10.0, metavar="S",
-                        help="seconds for CP-SAT or the search (default 10)")
+    parser.add_argument("--time-limit", type=seconds, default=10.0, metavar="S",
+                        help="seconds for CP-SAT, and again for the search (default 10)")
     parser.add_argument("--no-schedule", action="store_true",
                         help="keep the exported op order instead of searching for a better one")
     parser.add_argument("--no-inplace", action="store_true",
                         help="no elementwise op writes over its input")
-    parser.add_argument("--capacity", default=None, metavar="BYTES",
+    parser.add_argument("--capacity", type=byte_size, default=None, metavar="BYTES",
                         help="arena limit, e.g. 6MiB; exit 1 if no plan fits")
     add_output_arguments(parser, default_out="memtile-out")
 
@@ -104,10 +108,15 @@ def _prepare(args: argparse.Namespace, capacity: int | None) -> Prepared:
 
 
 def plans(problem: Problem, strategy: str, time_limit: float) -> list[Plan]:
-    """The plans `--strategy` asks for (each verified by `memtile.planning`)."""
-    if strategy == "all":
-        return solve_all(problem, time_limit)
-    return [solve(problem, strategy, time_limit)]
+    """The plans `--strategy` asks for (each verified by `memtile.planning`). With a capacity
+    that no heuristic or CP-SAT plan meets, "all" also runs the search, which is built to fit
+    a capacity (it fits MiniMalloc's challenging instances where CP-SAT does not)."""
+    if strategy != "all":
+        return [solve(problem, strategy, time_limit)]
+    results = solve_all(problem, time_limit)
+    if problem.capacity is not None and not any(fits(problem, p) for p in results):
+        results.append(solve(problem, "search", time_limit))
+    return results
 
 
 def summarize(prepared: Prepared, results: list[Plan]) -> dict:
@@ -170,17 +179,20 @@ def write_outputs(prepared: Prepared, best: Plan, out: Path) -> dict[str, str]:
     from memtile.report.plots import memory_map
 
     files = {"plan_json": out / "plan.json", "memory_map_png": out / "memory_map.png"}
-    write_plan_json(prepared.problem, best, files["plan_json"])
-    memory_map(prepared.problem, best, files["memory_map_png"], f"{prepared.name}: memory map")
+    with writing(files["plan_json"]) as path:
+        write_plan_json(prepared.problem, best, path)
+    with writing(files["memory_map_png"]) as path:
+        memory_map(prepared.problem, best, path, f"{prepared.name}: memory map")
     if prepared.csv is not None:
         files["solution_csv"] = out / f"{prepared.csv.stem}.solution.csv"
-        prepared.problem.to_csv(files["solution_csv"], best)
+        with writing(files["solution_csv"]) as path:
+            prepared.problem.to_csv(path, best)
     return {key: str(path) for key, path in files.items()}
 
 
 def run(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
-    capacity = parse_bytes(args.capacity) if args.capacity is not None else None
+    capacity = args.capacity
     if args.strategy not in CHOICES:
         raise MemtileError(f"unknown --strategy {args.strategy!r}; choose one of {', '.join(CHOICES)}")
     prepared = _prepare(args, capacity)
@@ -204,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     if not summary["fits"]:
         console.print(
             f"memtile plan: no plan fits the capacity {format_bytes(capacity)}: the best arena is "
-            f"{format_bytes(best.arena_bytes)} ({best.strategy}); try --strategy search with a "
-            "longer --time-limit", highlight=False, soft_wrap=True,
+            f"{format_bytes(best.arena_bytes)} ({best.strategy}); try a longer --time-limit",
+            highlight=False, soft_wrap=True,
         )
         return 1
     return 0

@@ -13,6 +13,7 @@ from memtile.commands.common import (
     load_model,
     output_dir,
     print_json,
+    writing,
 )
 from memtile.errors import MemtileError
 from memtile.units import format_bytes
@@ -22,7 +23,10 @@ HELP = "measure a model's real memory peak and compare it with LOAD from its cap
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    next(a for a in parser._actions if a.dest == "model").nargs = "?"  # not with --list
     parser.add_argument("--train", action="store_true", help="measure one SGD training step")
+    parser.add_argument("--list", action="store_true",
+                        help="print every model name the zoo builds by name, and exit")
     add_output_arguments(parser, default_out="memtile-out")
 
 
@@ -62,17 +66,25 @@ def _trace_plan_bytes(measurement) -> int:
 
 
 def _measure_training_step(model: torch.nn.Module, inputs: tuple):
-    """One SGD (momentum 0.9) step on a mean-square loss: forward, backward and optimizer step."""
+    """One SGD (momentum 0.9) step on a mean-square loss over every floating-point output:
+    forward, backward and optimizer step."""
+    from torch.utils._pytree import tree_leaves
+
     from memtile.measure import measure
 
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if not trained:
+        raise MemtileError("--train needs a model with trainable parameters; this one has none")
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.SGD(trained, lr=1e-3, momentum=0.9)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        output = model(*inputs)
-        output = output[0] if isinstance(output, tuple) else output
-        output.float().square().mean().backward()
+        outputs = [t for t in tree_leaves(model(*inputs))
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        if not outputs:
+            raise MemtileError("--train: no floating-point output of the model needs a gradient")
+        sum(t.float().square().mean() for t in outputs).backward()  # every output, any structure
         optimizer.step()
 
     try:
@@ -83,7 +95,20 @@ def _measure_training_step(model: torch.nn.Module, inputs: tuple):
         model.eval()
 
 
+def _print_names() -> int:
+    from memtile import zoo
+
+    print("\n".join(zoo.names()))
+    print("also: timm:NAME (any timm model), smp:ARCH:ENCODER (e.g. smp:Unet:resnet18), "
+          "pkg.module:attr, FILE.pt2")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _print_names()
+    if args.model is None:
+        raise MemtileError("name a MODEL to profile, or pass --list to see the zoo's names")
     out = output_dir(args.out)
     model, inputs = load_model(args)
     summary, measurement = profile(model, inputs, args.train)
@@ -103,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 def _timeline(measurement, path: Path, name: str, mode: str) -> None:
     from memtile.report.plots import timeline
 
-    timeline(measurement, path, f"{name}: {mode}, measured allocator timeline")
+    with writing(path) as target:
+        timeline(measurement, target, f"{name}: {mode}, measured allocator timeline")
 
 
 def table(summary: dict) -> Table:

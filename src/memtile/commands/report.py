@@ -2,10 +2,13 @@
 
 import argparse
 import importlib
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from memtile.commands import COMMANDS
-from memtile.commands.common import add_model_arguments, console, load_model, output_dir
+from memtile.commands.common import add_model_arguments, console, load_model, output_dir, writing
 
 HELP = "write a report (index.md and pictures) of a model's memory and what memtile does to it"
 
@@ -36,13 +39,21 @@ def run(args: argparse.Namespace) -> int:
         f"generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Every number below is "
         "either measured at the allocator or a planned arena size, and says which.\n"
     )
-    parts = [header]
-    for name, module in sections():
-        started = time.perf_counter()
-        with console.status(f"report: {name} section"):
-            parts.append(module.report_section(args.model, model, inputs, out))
-        console.print(f"[green]✓[/] {name} section ({time.perf_counter() - started:.1f} s)")
-    page = out / "index.md"
-    page.write_text("\n".join(parts))
-    console.print(f"report written to {page}")
+    # Sections write into a staging folder that replaces the report's files only once every
+    # section is done: a failing section leaves no half report behind.
+    stage = Path(tempfile.mkdtemp(prefix=".memtile-report-", dir=out))
+    try:
+        parts = [header]
+        for name, module in sections():
+            started = time.perf_counter()
+            with console.status(f"report: {name} section"):
+                parts.append(module.report_section(args.model, model, inputs, stage))
+            console.print(f"[green]✓[/] {name} section ({time.perf_counter() - started:.1f} s)")
+        (stage / "index.md").write_text("\n".join(parts))
+        for made in sorted(stage.iterdir()):
+            with writing(out / made.name) as target:
+                made.replace(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    console.print(f"report written to {out / 'index.md'}")
     return 0

@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from memtile.commands.common import add_model_arguments, console, load_model, print_json
+from memtile.commands.common import (
+    add_model_arguments,
+    console,
+    load_model,
+    output_differences,
+    print_json,
+)
 from memtile.errors import MemtileError
 from memtile.runtime.layout import LAYOUTS
 from memtile.units import format_bytes
@@ -95,7 +101,6 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
     """
     from memtile.measure import measure
     from memtile.runtime import PlannedModule, slots
-    from memtile.runtime.outvariants import relative_error
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -114,6 +119,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         eager_ms, planned_ms = _latencies((eager, planned), inputs, threads, iters)
     finally:
         torch.set_num_threads(previous)
+    max_abs_diff, max_rel_diff = output_differences(expected, got)  # tensors, tuples or dicts
     return {
         "layout": layout,
         "eager_layout": eager_layout,
@@ -129,8 +135,8 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "arena_bytes": planned.arena_bytes,
         "eager_peak_bytes": eager_peak,
         "planned_peak_bytes": planned.arena_bytes + call_peak,
-        "max_abs_diff": float((expected - got).abs().max()),
-        "max_rel_diff": relative_error(expected, got),
+        "max_abs_diff": max_abs_diff,
+        "max_rel_diff": max_rel_diff,
         "packed_weight_bytes": planned.packed_bytes,
         "slot_allocator": {"installed": slot_allocator_missing is None,
                            "reason": slot_allocator_missing},

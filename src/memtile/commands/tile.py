@@ -10,13 +10,14 @@ from rich.table import Table
 from memtile.commands.common import (
     add_model_arguments,
     add_output_arguments,
+    byte_size,
     check_batch,
     console,
     load_model,
     output_dir,
     print_json,
 )
-from memtile.units import format_bytes, parse_bytes
+from memtile.units import format_bytes
 
 HELP = "rewrite a model with fused tiling (FDT channel split, FFMT spatial tiles) to lower its peak"
 METHODS = {"auto": ("fdt", "ffmt"), "fdt": ("fdt",), "ffmt": ("ffmt",)}
@@ -24,7 +25,7 @@ METHODS = {"auto": ("fdt", "ffmt"), "fdt": ("fdt",), "ffmt": ("ffmt",)}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
+    parser.add_argument("--budget", type=byte_size, default=None, metavar="BYTES",
                         help="stop when the planned peak is at most this (e.g. 256KiB); "
                              "exit 1 with the best found if no tiling meets it")
     parser.add_argument("--max-mac-overhead", type=float, default=0.1, metavar="F",

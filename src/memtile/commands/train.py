@@ -11,9 +11,15 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from memtile.commands.common import add_model_arguments, check_batch, console, print_json
+from memtile.commands.common import (
+    add_model_arguments,
+    byte_size,
+    check_batch,
+    console,
+    print_json,
+)
 from memtile.errors import MemtileError, UnsupportedOpError
-from memtile.units import format_bytes, parse_bytes
+from memtile.units import format_bytes
 
 HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
         "gradient error against ordinary training")
@@ -27,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="row bands of the trunk output, or 'auto' with --budget (default 4)")
     parser.add_argument("--forward-rows", type=int, default=None, help="bands for forward only")
     parser.add_argument("--backward-rows", type=int, default=None, help="bands for backward only")
-    parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
+    parser.add_argument("--budget", type=byte_size, default=None, metavar="BYTES",
                         help="bytes one trunk training step may allocate (with --rows auto)")
     parser.add_argument("--strategy", choices=("overl", "2ps"), default=None,
                         help="default: overl, or with --rows auto the one budget mode picks")

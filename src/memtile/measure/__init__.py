@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from memtile import callable_module
 from memtile.measure.record import AllocatorEvent, record
 
 
@@ -119,6 +120,9 @@ def measure(
     if model is not None and optimizer is not None:
         measurement.breakdown = _training_breakdown(measurement, model, optimizer)
     return measurement
+
+
+callable_module(__name__, measure)  # `memtile.measure(...)` works after `import memtile.measure`
 
 
 def _lifetimes(events: list[AllocatorEvent]) -> tuple[list[Allocation], list[int]]:

@@ -6,6 +6,7 @@ carries the profiler stack it happened under; forward hooks on the model's submo
 `memtile.module::<path>` ranges so that an allocation names the module that caused it.
 """
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -34,23 +35,64 @@ class AllocatorEvent:
     module: str
 
 
-def record(fn: Callable, args: tuple, kwargs: dict, model: nn.Module | None):
-    """Run `fn(*args, **kwargs)` once under the profiler; return (result, events in time order)."""
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    prof = profile(activities=activities, profile_memory=True)
-    with _module_ranges(model):
+class _Session:
+    """One profiler run; `pause` and `resume` let a nested `record` take the profiler, which
+    cannot run twice at once, and hand back what it saw."""
+
+    def __init__(self) -> None:
+        self.events: list[AllocatorEvent] = []
+        self.profiler: profile | None = None
+
+    def resume(self) -> None:
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self.profiler = profile(activities=activities, profile_memory=True)
         with quiet_stderr():
-            prof.start()
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            with quiet_stderr():
-                prof.stop()
-    events = list(_allocations(prof.profiler.kineto_results.experimental_event_tree()))
-    events.sort(key=lambda e: e.time_ns)
-    return result, events
+            self.profiler.start()
+
+    def pause(self) -> None:
+        with quiet_stderr():
+            self.profiler.stop()
+        tree = self.profiler.profiler.kineto_results.experimental_event_tree()
+        self.events.extend(_allocations(tree))
+        self.profiler = None
+
+
+_SESSIONS: list[_Session] = []  # the open `record` calls, innermost last
+
+
+def record(fn: Callable, args: tuple, kwargs: dict, model: nn.Module | None):
+    """Run `fn(*args, **kwargs)` once under the profiler; return (result, events in time order).
+
+    The collector runs before and is off during the call: the profiler reports the frees of
+    blocks it saw allocated in an earlier session, so garbage left by earlier code (freed
+    whenever the collector happens to run) would otherwise lower the peak by chance. A `record`
+    inside another pauses the outer one, and the outer one also gets the inner one's events.
+    """
+    outer = _SESSIONS[-1] if _SESSIONS else None
+    if outer is not None:
+        outer.pause()
+    session = _Session()
+    _SESSIONS.append(session)
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with _module_ranges(model):
+            session.resume()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                session.pause()
+    finally:
+        if collecting:
+            gc.enable()
+        _SESSIONS.pop()
+        if outer is not None:
+            outer.events.extend(session.events)
+            outer.resume()
+    return result, sorted(session.events, key=lambda e: e.time_ns)
 
 
 def _allocations(roots) -> Iterator[AllocatorEvent]:

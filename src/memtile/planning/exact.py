@@ -12,6 +12,10 @@ import time
 from memtile.planning.intervals import components
 from memtile.planning.problem import BufferId, Problem, lower_bound, size_unit
 
+# CP-SAT's integers are 64-bit and its sums of them must not overflow: a group whose arena (in
+# size units) is beyond this keeps the heuristic plan, unproven.
+CP_SAT_LIMIT = 2**60
+
 
 def solve_exact(
     problem: Problem, hint: dict[BufferId, int], time_limit: float = 10.0, workers: int = 2
@@ -35,6 +39,9 @@ def solve_exact(
         left = max(deadline - time.perf_counter(), 0.0) / (len(needy) - k)
         group = [i for i in group if sizes[i]]
         top = max(hint[bs[i].id] + sizes[i] for i in group) // unit
+        if top > CP_SAT_LIMIT:
+            proven = False
+            continue
         model = cp_model.CpModel()
         arena = model.new_int_var(floor, top, "arena")
         steps, spaces, xs = [], [], {}

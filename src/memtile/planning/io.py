@@ -25,7 +25,7 @@ def _parse_id(text: str) -> BufferId:
 
 def _rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is no column
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             reader.fieldnames = header

@@ -33,6 +33,10 @@ class Buffer:
                 raise ProblemFormatError(
                     f"buffer {self.id!r}: {name} must be an integer, got {value!r}"
                 )
+        if self.start < 0:
+            raise ProblemFormatError(
+                f"buffer {self.id!r} starts at step {self.start}; steps count from 0"
+            )
         if self.size < 0:
             raise ProblemFormatError(
                 f"buffer {self.id!r} has negative size {self.size}; sizes are bytes >= 0"
