@@ -218,7 +218,7 @@ def pack_weights_tradeoff(model_name: str, iters: int, batch: int = 1) -> dict:
         module(*inputs)  # this thread's arena
         result[f"{label}_peak_bytes"] = module.arena_bytes + measure(module, *inputs).peak_bytes
     times = _latencies((model, packed, unpacked), inputs, 1, iters)
-    for label, samples in zip(("eager", "packed", "unpacked"), times):
+    for label, samples in zip(("eager", "packed", "unpacked"), times, strict=True):
         result[f"{label}_ms"] = statistics.median(samples)
     return result
 

@@ -151,3 +151,16 @@ def test_garbage_left_by_earlier_code_does_not_lower_the_peak():
         if enabled:
             gc.enable()
     assert peak == baseline
+
+
+def test_freeing_a_block_from_an_earlier_measurement_does_not_lower_the_peak():
+    # The profiler reports the free of a block it saw allocated in an earlier session (only
+    # those): counting it made a measurement depend on which measurements ran before it.
+    baseline = measure(_four_mib_step).peak_bytes
+    held = [measure(lambda: torch.empty(2**20)).result]  # 4 MiB, seen allocated
+
+    def step_that_frees_it() -> torch.Tensor:
+        held.clear()
+        return _four_mib_step()
+
+    assert measure(step_that_frees_it).peak_bytes == baseline

@@ -33,7 +33,7 @@ def test_builds_are_deterministic():
     a, x = zoo.get("resnet8_cifar", batch=2)
     b, y = zoo.get("resnet8_cifar", batch=2)
     assert torch.equal(x[0], y[0]) and x[0].shape[0] == 2
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -193,16 +193,6 @@ class MemGraph:
         """LOAD: the largest total bytes of buffers live at one step (unaligned)."""
         return max(self.live_bytes(order, shared))
 
-    def live_at(self, step: int, order: list[int] | None = None) -> list[Buffer]:
-        """Buffers live at one step, largest first: what makes the peak there."""
-        live = [b for b in self.buffers(order) if b.start <= step < b.end]
-        return sorted(live, key=lambda b: -b.size)
-
-    def peak_step(self, order: list[int] | None = None) -> int:
-        """The first step at which LOAD is reached."""
-        live = self.live_bytes(order)
-        return live.index(max(live))
-
     @property
     def parameter_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values() if t.category == PARAMETER and not t.is_view)

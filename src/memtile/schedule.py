@@ -271,11 +271,6 @@ def schedule(
     return Schedule(order, load, exported_load, exact, time.perf_counter() - began, peaks)
 
 
-def best_order(graph: MemGraph, time_limit: float = 5.0, inplace: bool = False) -> list[int]:
-    """An op order (a topological order of `graph.ops`) with LOAD at most the exported one's."""
-    return schedule(graph, time_limit, inplace).order
-
-
 def _load(graph: MemGraph, order: list[int], inplace: bool) -> int:
     return graph.load(order, inplace_pairs(graph, order) if inplace else None)
 

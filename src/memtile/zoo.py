@@ -262,7 +262,11 @@ def _load_exported(path: Path, input_shape) -> tuple[nn.Module, tuple[torch.Tens
         for node in program.graph.nodes
         if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
     ]
-    shapes = [tuple(v.shape) for v in placeholders]
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    # a dynamic dimension is a symbol: take the size it was exported with (`get` then applies
+    # --batch to the first axis)
+    shapes = [tuple(optimization_hint(d, fallback=2) for d in v.shape) for v in placeholders]
     if input_shape is not None:
         shapes[0] = (shapes[0][0], *input_shape)
     inputs = tuple(

@@ -29,6 +29,7 @@ from memtile.planning import (
     Plan,
     Problem,
     check_capacity,
+    fit,
     fits,
     lower_bound,
     naive_bytes,
@@ -43,6 +44,10 @@ HELP = (
     "arena; compare strategies with LOAD and naive"
 )
 CHOICES = (*STRATEGIES, "best", "all", "optimal", "search")
+TIME_LIMIT = 10.0
+# MiniMalloc's challenging instances take our search up to 13 s on an idle 2-core machine
+# (BENCHMARKS.md) and up to 7x that on a loaded one; it stops at the first plan that fits.
+SEARCH_TIME_LIMIT = 120.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(CHOICES)} (default all: every heuristic, then CP-SAT, then "
              "with --capacity the search if nothing fits yet)",
     )
-    parser.add_argument("--time-limit", type=seconds, default=10.0, metavar="S",
-                        help="seconds for CP-SAT, and again for the search (default 10)")
+    parser.add_argument("--time-limit", type=seconds, default=None, metavar="S",
+                        help=f"seconds for CP-SAT and for the search (default {TIME_LIMIT:g}; "
+                             f"{SEARCH_TIME_LIMIT:g} for the search that --strategy all runs "
+                             "under a --capacity nothing else meets)")
     parser.add_argument("--no-schedule", action="store_true",
                         help="keep the exported op order instead of searching for a better one")
     parser.add_argument("--no-inplace", action="store_true",
@@ -104,18 +111,19 @@ def _prepare(args: argparse.Namespace, capacity: int | None) -> Prepared:
         graph = capture(model, inputs)
     with console.status("scheduling"):
         return prepare_graph(graph, args.model, not args.no_schedule, not args.no_inplace,
-                             min(args.time_limit, 5.0), capacity)
+                             min(args.time_limit or TIME_LIMIT, 5.0), capacity)
 
 
-def plans(problem: Problem, strategy: str, time_limit: float) -> list[Plan]:
+def plans(problem: Problem, strategy: str, time_limit: float | None = None) -> list[Plan]:
     """The plans `--strategy` asks for (each verified by `memtile.planning`). With a capacity
     that no heuristic or CP-SAT plan meets, "all" also runs the search, which is built to fit
     a capacity (it fits MiniMalloc's challenging instances where CP-SAT does not)."""
     if strategy != "all":
-        return [solve(problem, strategy, time_limit)]
-    results = solve_all(problem, time_limit)
+        return [solve(problem, strategy, time_limit or TIME_LIMIT)]
+    results = solve_all(problem, time_limit or TIME_LIMIT)
     if problem.capacity is not None and not any(fits(problem, p) for p in results):
-        results.append(solve(problem, "search", time_limit))
+        found = fit(problem, time_limit or SEARCH_TIME_LIMIT)
+        results.extend([found] if found is not None else [])
     return results
 
 

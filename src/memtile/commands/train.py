@@ -63,6 +63,11 @@ def freeze_norms(model: nn.Module) -> list[str]:
 
 
 def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedOpError(
+            f"memtile train needs a model that returns one tensor; this one returns "
+            f"{type(out).__name__}"
+        )
     gen = torch.Generator().manual_seed(seed)
     if out.dim() == 2:
         target = torch.randint(0, out.shape[1], (out.shape[0],), generator=gen)

@@ -34,7 +34,8 @@ class Allocation:
 
 @dataclass
 class Measurement:
-    """The allocator's view of one call. Byte counts are relative to what was held before it."""
+    """The allocator's view of one call: the bytes it allocated (and had not yet freed) over
+    time; frees of blocks from before the call are not counted (see `_own`)."""
 
     peak_bytes: int
     peak_step: int
@@ -79,10 +80,6 @@ class Measurement:
         ranked = sorted(totals.items(), key=lambda item: -item[1])[:n]
         return [{"op": op, "module": module, "bytes": size} for (op, module), size in ranked]
 
-    def large_allocations(self, min_bytes: int) -> list[Allocation]:
-        """Every allocation of at least `min_bytes`, in time order."""
-        return [a for a in self.allocations if a.size >= min_bytes]
-
 
 def measure(
     fn: Callable,
@@ -101,7 +98,7 @@ def measure(
     result, events = record(fn, args, kwargs, model)
     seconds = time.perf_counter() - start
     device = "cuda" if any(e.device == "cuda" for e in events) else "cpu"
-    events = [e for e in events if e.device == device]
+    events = _own([e for e in events if e.device == device])
     allocations, timeline = _lifetimes(events)
     peak = max(timeline, default=0)
     peak_step = timeline.index(peak) if timeline else 0
@@ -123,6 +120,27 @@ def measure(
 
 
 callable_module(__name__, measure)  # `memtile.measure(...)` works after `import memtile.measure`
+
+
+def _own(events: list[AllocatorEvent]) -> list[AllocatorEvent]:
+    """The allocations made during the call and their frees, without frees of older blocks.
+
+    The profiler reports the free of an older block only if it saw that block allocated in an
+    earlier session (and then with the size it had then, even if the address was freed and
+    reused since): such frees depend on what ran before, so they are left out, and the peak is
+    that of the bytes the call itself allocated.
+    """
+    live: set[int] = set()
+    own = []
+    for event in events:
+        if event.delta > 0:
+            live.add(event.ptr)
+        elif event.ptr in live:
+            live.discard(event.ptr)
+        else:
+            continue
+        own.append(event)
+    return own
 
 
 def _lifetimes(events: list[AllocatorEvent]) -> tuple[list[Allocation], list[int]]:

@@ -23,7 +23,7 @@ from memtile.planning.problem import (
     lower_bound,
     naive_bytes,
 )
-from memtile.planning.search import minimize
+from memtile.planning.search import find_within, minimize
 from memtile.planning.strategies import STRATEGIES
 from memtile.planning.verify import check_capacity, fits, verify
 
@@ -34,6 +34,7 @@ __all__ = [
     "Problem",
     "best_heuristic",
     "check_capacity",
+    "fit",
     "fits",
     "live_bytes",
     "lower_bound",
@@ -102,3 +103,13 @@ def solve_all(problem: Problem, time_limit: float = 10.0) -> list[Plan]:
     best = min(plans, key=lambda p: p.arena_bytes)
     offsets, proven = solve_exact(problem, best.offsets, time_limit)
     return [*plans, _plan(problem, offsets, "optimal", began, proven)]
+
+
+def fit(problem: Problem, time_limit: float = 60.0) -> Plan | None:
+    """A plan within the problem's capacity, from the search (which stops at the first plan it
+    finds, unlike `solve(..., "search")`, which goes on shrinking); None if none was found."""
+    if problem.capacity is None:
+        raise MemtileError("fit needs a problem with a capacity")
+    began = time.perf_counter()
+    offsets = find_within(problem, problem.capacity, time_limit)
+    return None if offsets is None else _plan(problem, offsets, "search", began)

@@ -81,7 +81,7 @@ class _Instance:
         width = [bs[i].end - bs[i].start for i in indices]
         self.keys = {
             "W": width,
-            "A": [w * s for w, s in zip(width, self.size)],
+            "A": [w * s for w, s in zip(width, self.size, strict=True)],
             "T": [max(totals[self.lo[k]:self.hi[k]]) for k in range(n)],
             "Z": self.size,
             "L": [bs[i].start for i in indices],
@@ -146,7 +146,7 @@ class _Search:
         try:
             return (yield from self._solve(unplaced, first, last))
         finally:
-            for k, r in zip(unplaced, saved):
+            for k, r in zip(unplaced, saved, strict=True):
                 rank[k] = r
 
     def _solve(self, unplaced: list[int], first: int, last: int) -> Generator[None, None, bool]:
@@ -366,7 +366,7 @@ def _solve_instance(inst: _Instance, capacity: int, time_limit: float) -> list[i
             # both searches under MiniMalloc's three orders start; one more joins every third
             joined = min(len(searches), 6 + turn // 3)
             turn += 1
-            for search, run in zip(searches[:joined], runs[:joined]):
+            for search, run in zip(searches[:joined], runs[:joined], strict=True):
                 search.nodes_left = _SLICE
                 try:
                     next(run)
