@@ -1,0 +1,61 @@
+"""The export pipeline: (tile) -> capture + schedule -> edge -> memtile-planned .pte -> checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from memtile.errors import PlanVerificationError
+from memtile.export import ExportResult
+from memtile.export.check import compare, planned_buffer_sizes
+from memtile.export.hook import MemtilePlanner, load_bytes
+from memtile.export.program import lower, scheduled_program, to_edge_program
+
+
+def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: int | None,
+        time_limit: float, max_mac_overhead: float, say: Callable[[str], None]) -> ExportResult:
+    began = time.perf_counter()
+    model = model.eval()
+    source, steps = model, []
+    if tile:
+        source, steps = _tiled(model, inputs, budget, max_mac_overhead, say)
+    tile_seconds = time.perf_counter() - began
+    say("capturing and scheduling")
+    program, _ = scheduled_program(source, inputs)
+    say("lowering to the ExecuTorch edge dialect")
+    edge = to_edge_program(program)
+    say("planning ExecuTorch's tensor specs with memtile")
+    planner = MemtilePlanner(time_limit=time_limit)
+    lowered = lower(edge, planner)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(lowered.buffer)
+    record = planner.record
+    say("planning the same program with ExecuTorch's greedy, for comparison")
+    greedy = sum(lower(edge).executorch_program.execution_plan[0].non_const_buffer_sizes)
+    sizes = planned_buffer_sizes(out)
+    if sizes != [0, record.plan.arena_bytes]:
+        raise PlanVerificationError(
+            f"{out}: planned buffer sizes {sizes} are not memtile's arena "
+            f"{record.plan.arena_bytes}; the memory-planning hook was not used")
+    say("running the .pte with ExecuTorch's runtime")
+    diff = compare(out, model, inputs)
+    return ExportResult(
+        str(out), out.stat().st_size, sum(sizes), record.plan.arena_bytes, greedy,
+        load_bytes(record), record.plan.optimal, record.plan.strategy, record.alignment,
+        record.specs, record.inplace_pairs, diff, tile, steps, budget,
+        round(time.perf_counter() - began, 2), round(tile_seconds, 2))
+
+
+def _tiled(model, inputs, budget, max_mac_overhead, say):
+    """`memtile.tile`'s best model (also when a budget is not met: the arena check says so)."""
+    from memtile.tiling import BudgetNotMetError, tile
+
+    say("tiling (FDT/FFMT path discovery)")
+    try:
+        tiled, report = tile(model, inputs, budget, max_mac_overhead, progress=say)
+    except BudgetNotMetError as error:
+        tiled, report = error.model, error.report
+    return tiled, report.as_dict()["steps"]
