@@ -24,7 +24,7 @@ from _common import header
 
 from memtile import zoo
 from memtile.export import export
-from memtile.export.check import fresh_inputs, latency_ms
+from memtile.export.check import fresh_inputs, latency_ms, planned_buffer_sizes
 
 ZOO = (
     "alexnet", "vgg11", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -62,16 +62,59 @@ def measure(name: str, tiled: bool, folder: Path, default: bool) -> dict:
         return row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     row |= {k: v for k, v in result.as_dict().items() if k != "steps"}
     row["tiling_steps"] = len(result.steps)
+    # memtile tiling's own planned peak (its ATen graph, alignment 64), for the tiled rows
+    row["tiling_peak_bytes"] = result.steps[-1]["peak_bytes"] if result.steps else None
     row["latency_ms"] = latency_ms(folder / "m.pte", fresh_inputs(inputs))
     if default:
         row["executorch_default_bytes"] = default_pipeline_bytes(model, inputs)
     return row
 
 
+def xnnpack_row(name: str, folder: Path) -> dict:
+    """The same scheduled program with XNNPACK's partitioner: what stays in the planned arena,
+    the runtime latency, and the difference against eager. Delegated subgraphs allocate their
+    activations inside XNNPACK (outside the plan); the arena holds the delegate's inputs and
+    outputs and what XNNPACK did not take, plus ExecuTorch's 64-byte padding for XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from memtile.export.check import max_rel_diff, run_pte
+    from memtile.export.hook import MemtilePlanner
+    from memtile.export.program import lower, scheduled_program
+
+    model, inputs = zoo.get(name)
+    began = time.perf_counter()
+    program, _ = scheduled_program(model, inputs)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    planner = MemtilePlanner()
+    (folder / "x.pte").write_bytes(lower(edge, planner).buffer)
+    seconds = time.perf_counter() - began
+    greedy = sum(lower(edge).executorch_program.execution_plan[0].non_const_buffer_sizes)
+    nodes = edge.exported_program().graph_module.graph.nodes
+    fresh = fresh_inputs(inputs)
+    with torch.no_grad():
+        want = model(*fresh)
+    return {"model": name, "delegates": sum(str(n.target) == "executorch_call_delegate" for n in nodes),
+            "specs": planner.record.specs, "arena": sum(planned_buffer_sizes(folder / "x.pte")),
+            "memtile_arena": planner.record.plan.arena_bytes, "greedy": greedy, "seconds": seconds,
+            "max_rel_diff": max_rel_diff(run_pte(folder / "x.pte", fresh), want),
+            "latency_ms": latency_ms(folder / "x.pte", fresh)}
+
+
+def xnnpack_markdown(rows: list[dict]) -> str:
+    lines = [("| model | delegates | specs planned | .pte arena B (memtile + 64 padding) | "
+             "ExecuTorch greedy B | max rel diff | export s | latency ms (XNNPACK) |"),
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['delegates']} | {r['specs']} | {r['arena']:,} "
+              f"({r['memtile_arena']:,} + 64) | {r['greedy']:,} | {r['max_rel_diff']:.1e} | "
+              f"{r['seconds']:.1f} | {r['latency_ms']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
-        ("| model | input | tiled (steps) | specs / in-place | LOAD MiB | .pte arena MiB (proven) | "
-        "ExecuTorch greedy MiB | .pte / greedy | ExecuTorch default MiB | max rel diff | "
+        ("| model | input | tiled (steps, tiling's planned peak MiB) | specs / in-place | LOAD MiB | "
+        ".pte arena MiB (proven) | ExecuTorch greedy MiB | .pte / greedy | ExecuTorch default MiB | max rel diff | "
         "export s | latency ms |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -82,15 +125,21 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['error']} | | | | | | | | |")
             continue
         default = r.get("executorch_default_bytes")
+        tiled = f"yes ({r['tiling_steps']}{_tiling_peak(r)})" if r["tiled"] else "no"
         lines.append(
-            f"| {r['model']} | {shape} | {'yes (' + str(r['tiling_steps']) + ')' if r['tiled'] else 'no'}"
-            f" | {r['specs']} / {r['inplace_pairs']} | {r['load_bytes'] / MIB:.3f} | "
+            f"| {r['model']} | {shape} | {tiled} | {r['specs']} / {r['inplace_pairs']} | "
+            f"{r['load_bytes'] / MIB:.3f} | "
             f"{r['planned_arena_bytes'] / MIB:.3f} ({'yes' if r['optimal'] else 'no'}) | "
             f"{r['executorch_greedy_bytes'] / MIB:.3f} | "
             f"{r['planned_arena_bytes'] / max(r['executorch_greedy_bytes'], 1):.3f} | "
             f"{'' if default is None else f'{default / MIB:.3f}'} | {r['max_rel_diff']:.1e} | "
             f"{r['seconds']:.1f} | {r['latency_ms']:.1f} |")
     return "\n".join(lines)
+
+
+def _tiling_peak(r: dict) -> str:
+    peak = r.get("tiling_peak_bytes")
+    return "" if peak is None else f", {peak / MIB:.3f}"
 
 
 def summary(rows: list[dict]) -> str:
@@ -116,6 +165,7 @@ def main() -> int:
     parser.add_argument("--tiled", default=",".join(TILED), help="models exported with --tile")
     parser.add_argument("--default-pipeline", action="store_true",
                         help="also ExecuTorch's default output for each untiled model")
+    parser.add_argument("--xnnpack", default="", help="models also lowered with XNNPACK")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rows", type=Path, default=None, help="append one JSON line per row")
     args = parser.parse_args()
@@ -132,7 +182,12 @@ def main() -> int:
             if args.rows:
                 with args.rows.open("a") as handle:
                     handle.write(json.dumps(rows[-1]) + "\n")
-    text = f"{header('Export: memtile-planned .pte vs ExecuTorch greedy')}\n{markdown(rows)}\n\n{summary(rows)}\n"
+        xnnpack = [xnnpack_row(m, Path(folder)) for m in args.xnnpack.split(",") if m]
+    text = f"{header('Export: memtile-planned .pte vs ExecuTorch greedy')}\n"
+    if rows:
+        text += f"{markdown(rows)}\n\n{summary(rows)}\n"
+    if xnnpack:
+        text += f"\nXNNPACK-delegated:\n\n{xnnpack_markdown(xnnpack)}\n"
     print(text)
     if args.out:
         args.out.write_text(text)
