@@ -39,6 +39,11 @@ class PlanningRecord:
     alignment: int
     groups: list[list[TensorSpec]] = field(repr=False, default_factory=list)
 
+    @property
+    def load_bytes(self) -> int:
+        """LOAD of the planned problem: no arena for these specs in this order is smaller."""
+        return lower_bound(self.problem)
+
 
 class MemtilePlanner:
     """A `MemoryPlanningAlgorithmSuite` algorithm: `(alignment, specs, graph_module,
@@ -175,9 +180,3 @@ def check_offsets(groups: list[list[TensorSpec]], offsets: dict) -> None:
                     f"ExecuTorch specs alive at node {span[0]} overlap in bytes "
                     f"[{span[2]}, {span[3]}) and [{other[2]}, {other[3]})")
         live.append(span)
-
-
-def load_bytes(record: PlanningRecord) -> int:
-    """LOAD of the planned problem: no arena for these specs in this order can be smaller."""
-    return lower_bound(record.problem)
-

@@ -11,7 +11,7 @@ import torch
 from memtile.errors import PlanVerificationError
 from memtile.export import ExportResult
 from memtile.export.check import compare, planned_buffer_sizes
-from memtile.export.hook import MemtilePlanner, load_bytes
+from memtile.export.hook import MemtilePlanner
 from memtile.export.program import lower, scheduled_program, to_edge_program
 
 
@@ -44,7 +44,7 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
     diff = compare(out, model, inputs)
     return ExportResult(
         str(out), out.stat().st_size, sum(sizes), record.plan.arena_bytes, greedy,
-        load_bytes(record), record.plan.optimal, record.plan.strategy, record.alignment,
+        record.load_bytes, record.plan.optimal, record.plan.strategy, record.alignment,
         record.specs, record.inplace_pairs, diff, tile, steps, budget,
         round(time.perf_counter() - began, 2), round(tile_seconds, 2))
 
