@@ -2,6 +2,7 @@
 the eager model computes (run through ExecuTorch's runtime)."""
 
 import builtins
+import copy
 import operator
 
 import pytest
@@ -75,6 +76,18 @@ def test_small_net_tiled(tmp_path):
     assert_memtile_planned(result, tmp_path / "tiled.pte")
     assert result.planned_arena_bytes < plain.planned_arena_bytes
     assert run_through_runtime(tmp_path / "tiled.pte", model, inputs) <= TOLERANCE
+
+
+def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
+    """A "tiling" that changes nothing gives no smaller arena: the untiled program is written."""
+    from memtile.export import pipeline
+
+    model, inputs = small_net()
+    monkeypatch.setattr(pipeline, "_tiled", lambda m, *_: (copy.deepcopy(m), [{"step": 1}]))
+    result = export(model, inputs, tmp_path / "n.pte", tile=True)
+    assert not result.tiled and result.steps == [{"step": 1}]
+    assert result.planned_arena_bytes == result.untiled_arena_bytes
+    assert_memtile_planned(result, tmp_path / "n.pte")
 
 
 def test_mobilenet_v2_035_144(tmp_path):

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         console.print(table(summary))
-        console.print(_verdicts(summary), highlight=False, soft_wrap=True)
+        console.print(_verdicts(summary, args.tile), highlight=False, soft_wrap=True)
     return 0 if result.equivalent and result.budget_met else 1
 
 
@@ -71,7 +71,9 @@ def table(summary: dict) -> Table:
         ("LOAD of those specs (lower bound)", format_bytes(summary["load_bytes"])),
         ("ExecuTorch greedy, same program", f"{format_bytes(greedy)} ({arena / max(greedy, 1):.3f}x)"),
         ("specs planned / in-place pairs", f"{summary['specs']} / {summary['inplace_pairs']}"),
-        ("tiling steps", str(len(summary["steps"])) if summary["tiled"] else "not tiled"),
+        ("tiling steps found / kept",
+         f"{len(summary['steps'])} / {'yes' if summary['tiled'] else 'no'}"),
+        ("memtile's arena of the untiled program", format_bytes(summary["untiled_arena_bytes"])),
         (".pte size", format_bytes(summary["bytes"])),
         ("max relative difference vs eager", f"{summary['max_rel_diff']:.2e}"),
         ("seconds (tiling)", f"{summary['seconds']:.1f} ({summary['tile_seconds']:.1f})"),
@@ -81,11 +83,14 @@ def table(summary: dict) -> Table:
     return grid
 
 
-def _verdicts(summary: dict) -> str:
+def _verdicts(summary: dict, tile_requested: bool) -> str:
     lines = [
         (f"memtile planned ExecuTorch's own {summary['specs']} tensor specs (after to_edge/"
         f"to_executorch inserted its copies and out-variants) at alignment {summary['alignment']}; "
         "ExecuTorch's greedy was not used for the .pte.")]
+    if tile_requested and not summary["tiled"]:
+        lines.append("tiling did not lower the .pte's planned arena, so the untiled program "
+                     f"({format_bytes(summary['untiled_arena_bytes'])}) was written")
     if not summary["equivalent"]:
         lines.append(f"NOT equivalent: max relative difference {summary['max_rel_diff']:.3g} "
                      "is above 1e-5")

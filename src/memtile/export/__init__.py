@@ -55,11 +55,12 @@ class ExportResult:
     specs: int
     inplace_pairs: int
     max_rel_diff: float
-    tiled: bool
-    steps: list = field(default_factory=list)
+    tiled: bool  # the .pte holds the tiled program (with --tile: only if its arena is smaller)
+    steps: list = field(default_factory=list)  # what tiling found, also when not kept
     budget: int | None = None
     seconds: float = 0.0
     tile_seconds: float = 0.0
+    untiled_arena_bytes: int = 0  # memtile's arena of the untiled program, for comparison
 
     @property
     def equivalent(self) -> bool:
@@ -83,8 +84,8 @@ def export(
     max_mac_overhead: float = 0.1,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Write `model` as an ExecuTorch program at `out`, planned by memtile (tiled first with
-    `tile`, down to `budget` bytes if given), run it through ExecuTorch's runtime against the
+    """Write `model` as an ExecuTorch program at `out`, planned by memtile (with `tile`, the
+    tiled rewrite, down to `budget` bytes if given, when its arena is the smaller), run it through ExecuTorch's runtime against the
     eager model and read its planned arena back. Raises ExecuTorchMissingError without
     ExecuTorch and PlanVerificationError if the file's arena is not memtile's plan."""
     require_executorch()
