@@ -55,7 +55,7 @@ def default_pipeline_bytes(model, inputs) -> int:
 
 def measure(name: str, tiled: bool, folder: Path, default: bool) -> dict:
     model, inputs = zoo.get(name)
-    row = {"model": name, "input": list(inputs[0].shape), "tiled": tiled}
+    row = {"model": name, "input": list(inputs[0].shape), "tiled": tiled, "tile_requested": tiled}
     try:
         result = export(model, inputs, folder / "m.pte", tile=tiled)
     except Exception as error:  # noqa: BLE001 - a model that does not export is a row note
@@ -113,7 +113,7 @@ def xnnpack_markdown(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        ("| model | input | tiled (steps, tiling's planned peak MiB) | specs / in-place | LOAD MiB | "
+        ("| model | input | tiled (steps found, tiling's planned peak MiB) | specs / in-place | LOAD MiB | "
         ".pte arena MiB (proven) | ExecuTorch greedy MiB | .pte / greedy | ExecuTorch default MiB | max rel diff | "
         "export s | latency ms |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -125,7 +125,10 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['error']} | | | | | | | | |")
             continue
         default = r.get("executorch_default_bytes")
-        tiled = f"yes ({r['tiling_steps']}{_tiling_peak(r)})" if r["tiled"] else "no"
+        tiled = "no"
+        if r.get("tile_requested", r["tiled"]):
+            kept = "yes" if r["tiled"] else "not kept"
+            tiled = f"{kept} ({r['tiling_steps']}{_tiling_peak(r)})"
         lines.append(
             f"| {r['model']} | {shape} | {tiled} | {r['specs']} / {r['inplace_pairs']} | "
             f"{r['load_bytes'] / MIB:.3f} | "
