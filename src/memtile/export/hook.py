@@ -22,8 +22,11 @@ from memtile.inplace import ELEMENTWISE
 from memtile.planning import Buffer, Plan, Problem, lower_bound, solve
 
 # Out-variant ops whose output element i reads only input element i (memtile.inplace's table,
-# by schema name), and slice_scatter, which copies `self` to `out` element by element before
-# writing the slice: each may write over an input that dies at it.
+# by schema name), and slice_scatter, whose portable kernel memcpy's `self` to `out` (the same
+# pointer when in place: exactly overlapping, as compilers themselves emit for struct
+# self-assignment) and then writes `src` (never `self`'s storage: see `_overwritten`) into the
+# slice. Each may write over an input that dies at it. Not addmm: its kernel's pointers are
+# `restrict`, so accumulating into `self` would be undefined.
 ELEMENTWISE_NAMES = frozenset(name.split(".")[1] for name in ELEMENTWISE) | {"slice_scatter"}
 ARENA_ID = 1  # ExecuTorch's mem_id of the planned activation arena (0 holds constants)
 
