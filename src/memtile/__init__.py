@@ -1,7 +1,7 @@
 """memtile: make CNNs fit in less memory without changing what they compute.
 
 Public API (imported lazily so that `memtile.planning` stays free of torch):
-`capture`, `measure`, `plan`, `PlannedModule`, `tile`, `RowCentric`, `MemtileError`.
+`capture`, `measure`, `plan`, `PlannedModule`, `tile`, `RowCentric`, `export`, `MemtileError`.
 """
 
 import sys
@@ -22,6 +22,7 @@ _LAZY = {
     "PlannedModule": "memtile.runtime",
     "tile": "memtile.tiling",
     "RowCentric": "memtile.rows",
+    "export": "memtile.export",
     "zoo": "memtile.zoo",
 }
 
@@ -32,6 +33,7 @@ __all__ = [
     "PlannedModule",
     "RowCentric",
     "capture",
+    "export",
     "measure",
     "plan",
     "tile",

@@ -1,4 +1,4 @@
-"""`memtile profile|plan|run|tile|train|report`: one subcommand per capability."""
+"""`memtile profile|plan|run|tile|train|export|report`: one subcommand per capability."""
 
 import argparse
 import importlib

@@ -1,0 +1,193 @@
+"""memtile export: the .pte's planned memory is memtile's plan, and the program computes what
+the eager model computes (run through ExecuTorch's runtime)."""
+
+import builtins
+import copy
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+from memtile import zoo
+from memtile.cli import main
+from memtile.errors import PlanVerificationError
+from memtile.export import ExecuTorchMissingError, export, require_executorch
+from memtile.export.check import fresh_inputs, max_rel_diff, planned_buffer_sizes
+from memtile.export.hook import MemtilePlanner, check_offsets
+from memtile.export.program import scheduled_program
+
+TOLERANCE = 1e-5
+
+
+def small_net() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """conv-BN-ReLU twice, a 1x1 conv, pooling and a linear layer, BN statistics calibrated."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU6(),
+        nn.Conv2d(32, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    zoo.calibrate_norms(net, (3, 32, 32))
+    return net.eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def run_through_runtime(path, model, inputs) -> float:
+    """The test's own check: ExecuTorch's runtime on fresh inputs against eager, relative."""
+    from executorch.runtime import Runtime
+
+    fresh = fresh_inputs(inputs)
+    method = Runtime.get().load_program(path).load_method("forward")
+    got = method.execute(list(fresh))[0]
+    with torch.no_grad():
+        want = model(*fresh)
+    assert want.abs().max() > 0.1  # calibrated BatchNorm: outputs of order 1, not ~1e-9
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def assert_memtile_planned(result, path) -> None:
+    sizes = planned_buffer_sizes(path)
+    assert sizes == [0, result.memtile_arena_bytes]
+    assert result.planned_arena_bytes == result.memtile_arena_bytes
+    assert result.planned_arena_bytes <= result.executorch_greedy_bytes
+    assert result.load_bytes <= result.planned_arena_bytes
+
+
+def test_small_net_arena_is_memtiles_and_below_greedy(tmp_path):
+    """The hook is used: a model where memtile's plan (in-place pairs) beats ExecuTorch's
+    greedy, so the file's arena differs from greedy's; it would equal it if bypassed."""
+    model, inputs = small_net()
+    result = export(model, inputs, tmp_path / "net.pte")
+    assert_memtile_planned(result, tmp_path / "net.pte")
+    assert result.planned_arena_bytes < result.executorch_greedy_bytes
+    assert result.inplace_pairs > 0 and result.optimal
+    assert result.planned_arena_bytes == result.load_bytes  # proven: nothing smaller exists
+    assert run_through_runtime(tmp_path / "net.pte", model, inputs) <= TOLERANCE
+    assert result.max_rel_diff <= TOLERANCE and not result.tiled and result.steps == []
+
+
+def test_small_net_tiled(tmp_path):
+    model, inputs = small_net()
+    plain = export(model, inputs, tmp_path / "plain.pte")
+    # a budget lets discovery stop at its first tiling that meets it (keeps the test fast)
+    budget = plain.planned_arena_bytes * 3 // 4
+    result = export(model, inputs, tmp_path / "tiled.pte", tile=True, budget=budget)
+    assert result.tiled and result.steps and result.budget_met
+    assert_memtile_planned(result, tmp_path / "tiled.pte")
+    assert result.planned_arena_bytes < plain.planned_arena_bytes
+    assert run_through_runtime(tmp_path / "tiled.pte", model, inputs) <= TOLERANCE
+
+
+def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
+    """A "tiling" that changes nothing gives no smaller arena: the untiled program is written."""
+    from memtile.export import pipeline
+
+    model, inputs = small_net()
+    monkeypatch.setattr(pipeline, "_tiled", lambda m, *_: (copy.deepcopy(m), [{"step": 1}]))
+    result = export(model, inputs, tmp_path / "n.pte", tile=True)
+    assert not result.tiled and result.steps == [{"step": 1}]
+    assert result.planned_arena_bytes == result.untiled_arena_bytes
+    assert_memtile_planned(result, tmp_path / "n.pte")
+
+
+def test_mobilenet_v2_035_144(tmp_path):
+    model, inputs = zoo.get("mobilenet_v2_035_144")
+    result = export(model, inputs, tmp_path / "m.pte")
+    assert_memtile_planned(result, tmp_path / "m.pte")
+    assert result.planned_arena_bytes < result.executorch_greedy_bytes
+    assert run_through_runtime(tmp_path / "m.pte", model, inputs) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_035_144_tiled(tmp_path):
+    model, inputs = zoo.get("mobilenet_v2_035_144")
+    result = export(model, inputs, tmp_path / "t.pte", tile=True)
+    assert result.tiled and result.steps
+    assert_memtile_planned(result, tmp_path / "t.pte")
+    assert result.planned_arena_bytes < 1244160  # the untiled .pte's arena
+    assert run_through_runtime(tmp_path / "t.pte", model, inputs) <= TOLERANCE
+
+
+class Branches(nn.Module):
+    """Two branches off one input; running the one whose big intermediate dies first lowers
+    the peak, so memtile's schedule differs from the exported order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 64, 1)
+        self.b1, self.b2 = nn.Conv2d(4, 64, 1), nn.Conv2d(64, 4, 1)
+
+    def forward(self, x):
+        a = self.a2(self.a1(x))  # small, then big: a lives until the end
+        b = self.b2(self.b1(x))  # big, then small
+        return a.sum(dim=1, keepdim=True) + b
+
+
+def test_program_follows_memtiles_schedule(tmp_path):
+    model, inputs = Branches().eval(), (torch.randn(1, 4, 16, 16),)
+    program, ready = scheduled_program(model, inputs)
+    assert ready.order != sorted(ready.order)  # the schedule reorders this model
+    ops = [n for n in program.graph.nodes
+           if n.op == "call_function" and n.target is not operator.getitem]
+    assert ops == [ready.graph.ops[i].node for i in ready.order]
+    result = export(model, inputs, tmp_path / "b.pte")
+    assert_memtile_planned(result, tmp_path / "b.pte")
+    assert run_through_runtime(tmp_path / "b.pte", model, inputs) <= TOLERANCE
+
+
+def test_check_offsets_rejects_overlap():
+    """The spec-side check fails on two live storages that share bytes."""
+    from executorch.exir.tensor import TensorSpec
+
+    a = TensorSpec.from_tensor(torch.empty(16))
+    b = TensorSpec.from_tensor(torch.empty(16))
+    a.lifetime, b.lifetime = [0, 3], [3, 5]
+    check_offsets([[a], [b]], {0: 0, 1: 64})
+    with pytest.raises(PlanVerificationError):
+        check_offsets([[a], [b]], {0: 0, 1: 32})
+    check_offsets([[a, b]], {0: 0})  # an in-place pair is one storage
+
+
+def test_max_rel_diff_nan_and_scale():
+    want = torch.tensor([1.0, float("nan"), -2.0])
+    assert max_rel_diff([want.clone()], want) == 0.0
+    assert max_rel_diff([torch.tensor([1.0, 0.0, -2.0])], want) == float("inf")
+    assert max_rel_diff([torch.tensor([1.0, float("nan"), -2.002])], want) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_planner_refuses_control_flow_submodules():
+    planner = MemtilePlanner()
+    module = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    module.input_mem_buffer_sizes = [0, 128]
+    with pytest.raises(Exception, match="control-flow"):
+        planner(16, set(), module, None, 0)
+
+
+def test_missing_executorch_says_how_to_install(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name == "executorch" or name.startswith("executorch."):
+            raise ImportError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    with pytest.raises(ExecuTorchMissingError, match=r"pip install 'memtile\[export\]'"):
+        require_executorch()
+    assert main(["export", "tests_models:conv_bn_relu", "--out", "unused.pte"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'memtile[export]'" in err[0]
+
+
+def test_cli_json_keys(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "c.pte"
+    assert main(["export", "tests_models:conv_bn_relu", "--out", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("pte", "bytes", "planned_arena_bytes", "executorch_greedy_bytes", "max_rel_diff",
+                "tiled", "steps"):
+        assert key in summary
+    assert summary["bytes"] == path.stat().st_size
+    assert summary["planned_arena_bytes"] == planned_buffer_sizes(path)[1]
+    assert summary["max_rel_diff"] <= TOLERANCE
