@@ -16,7 +16,7 @@ from torch import nn
 from memtile import zoo
 from memtile.commands.tile import measured_peak
 from memtile.tiling import tile
-from memtile.tiling.rewrite import to_graph_module
+from memtile.trace import trace
 from memtile.units import format_bytes
 
 MODELS = [*zoo.TINY_MODELS, "mobilenet_v2", "resnet18", "mlp_100_1000_10"]
@@ -69,7 +69,7 @@ def main() -> None:
               f"{format_bytes(auto.peak_before_without_input_bytes)} → "
               f"{format_bytes(auto.peak_after_without_input_bytes)} "
               f"({ratio(auto.peak_before_without_input_bytes, auto.peak_after_without_input_bytes)}) | "
-              f"{macs} | {format_bytes(measured_peak(to_graph_module(model), inputs))} → "
+              f"{macs} | {format_bytes(measured_peak(trace(model), inputs))} → "
               f"{format_bytes(measured_peak(tiled, inputs))} | {steps} | "
               f"{auto.max_abs_error:.2g} / {auto.output_scale:.2g} | {seconds:.0f} s |", flush=True)
 

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.foldnorm import FoldedConvBN
+from memtile.trace import trace
 
 Interval = tuple[int, int]
 Region = tuple[Interval, ...]
@@ -103,7 +104,7 @@ class SpatialGraph:
 
     def __init__(self, module: nn.Module, *, frozen_bn: bool = False) -> None:
         self.module = module
-        self.gm = module if isinstance(module, fx.GraphModule) else _trace(module)
+        self.gm = trace(module)
         self.frozen_bn = frozen_bn
         self.ops: dict[fx.Node, _Op] = {}
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -332,16 +333,6 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def _trace(module: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(module)
-    except Exception as exc:  # fx raises many types for data-dependent control flow
-        raise UnsupportedOpError(
-            f"cannot trace {type(module).__name__} with torch.fx ({exc}); a spatial trunk must be "
-            "free of data-dependent control flow"
-        ) from exc
 
 
 def _target_name(node: fx.Node) -> str:

@@ -6,7 +6,8 @@ from torch import fx, nn
 
 from memtile.errors import UnsupportedOpError
 from memtile.rows.module import RowCentric
-from memtile.spatial import _trace, classify
+from memtile.spatial import classify
+from memtile.trace import trace
 
 
 class RowWrapped(nn.Module):
@@ -30,7 +31,7 @@ def split_trunk(model: nn.Module, stop_before: str | None = None
     first op: the deep layers of a tail hold little activation memory, but their few output rows
     make every band thin there, so running them ordinarily is faster for about the same peak.
     """
-    gm = _trace(model)
+    gm = trace(model)
     nodes = list(gm.graph.nodes)
     if sum(n.op == "placeholder" for n in nodes) != 1:
         raise UnsupportedOpError("wrap() needs a model with exactly one image input")

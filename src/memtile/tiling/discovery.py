@@ -34,7 +34,8 @@ from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
 from memtile.tiling.planned import PlannedPeak, planned_peak
-from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape, to_graph_module
+from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape
+from memtile.trace import trace
 
 PARTITIONS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 GRIDS = ((2, 1), (4, 1), (8, 1), (16, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8))
@@ -312,7 +313,7 @@ def tile(
         raise MemtileError(f"unknown tiling method(s) {sorted(unknown)}; use fdt and/or ffmt")
     model = model.eval()
     say = progress or (lambda _: None)
-    original = propagate_shapes(to_graph_module(model), inputs)
+    original = propagate_shapes(trace(model), inputs)
     peaks = _PlannedPeaks(inputs)
     before = peaks(original, [])
     say(f"planned peak before: {before.arena_bytes} B")

@@ -31,19 +31,6 @@ BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.
 BINARY_METHODS = {"add", "add_", "mul", "mul_"}
 
 
-def to_graph_module(model: nn.Module) -> fx.GraphModule:
-    """Trace `model` at module level (leaf modules stay call_module nodes) unless it already is one."""
-    if isinstance(model, fx.GraphModule):
-        return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for untraceable Python control flow
-        raise UnsupportedOpError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}; tiling needs a model whose "
-            "forward has no data-dependent control flow"
-        ) from exc
-
-
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """Run `gm` once so that every node carries `meta['tensor_meta']` (shape, dtype)."""
     with torch.no_grad():
