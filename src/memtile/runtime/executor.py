@@ -4,8 +4,8 @@ Construction captures the model (core ATen), orders its ops (`memtile.schedule` 
 finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
-kernel (see `outvariants`) and each convolution with the batch norm, residual add and ReLU
-after it fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
+kernel (see `outvariants`) and each convolution with the batch norm and residual add after it
+fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
 compiles the straight-line program (`codegen`). A call then runs each planned op into its view
 of the arena; unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and
 their results are freed as soon as their last reader ran.
@@ -29,6 +29,8 @@ from memtile.planning import Plan, Problem, solve
 from memtile.runtime import convolution, fusion, linear, outvariants
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
 from memtile.runtime.layout import LAYOUTS, channels_last_strides, channels_last_tensors
+from memtile.runtime.packing import Packings
+from memtile.runtime.refusals import refuse_side_effects
 from memtile.units import format_bytes
 
 ALIGNMENT = 64
@@ -61,6 +63,7 @@ class ArenaProgram:
                  schedule_seconds: float, layout: str = "auto", pack_weights: bool = True,
                  fuse: bool = True):
         self.graph = capture(model, inputs)
+        refuse_side_effects(self.graph.program, model)
         self.device = inputs[0].device if inputs else torch.device("cpu")
         prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
         self.order = prepared.order
@@ -79,6 +82,7 @@ class ArenaProgram:
         chains = fusion.chains(self.graph, self.order, variants, self.channels_last,
                                self._constants, fold_batch_norm=pack_weights) if fuse else {}
         self.planned = self._check_kernels(variants, chains, inputs)
+        self.packings = Packings([v.packing for v in self.planned.values() if v.packing])
         self.arena_storages = self._arena_storages()
         self.shared = {  # in-place pairs within the arena and of one layout
             out: source for out, source in prepared.shared.items()
@@ -112,12 +116,9 @@ class ArenaProgram:
         return sum(v.packed_bytes for v in self.planned.values())
 
     def fused_counts(self) -> dict[str, int]:
-        """How many batch norms, adds, ReLUs and ReLU6s run inside a convolution's call."""
+        """How many batch norms and adds run inside a convolution's call."""
         chains = [fused.chain for fused in self.fused.values()]
-        counts = {op: sum(getattr(c, op) is not None for c in chains)
-                  for op in ("batch_norm", "add")}
-        return counts | {name: sum(c.activation_name == name for c in chains)
-                         for name in ("relu", "relu6")}
+        return {op: sum(getattr(c, op) is not None for c in chains) for op in ("batch_norm", "add")}
 
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
@@ -134,7 +135,7 @@ class ArenaProgram:
         variants = {}
         for op in self.graph.ops:
             node = op.node
-            if op.is_view:
+            if op.is_view or not op.outputs:  # views, and checks that return nothing
                 continue
             if any(self.graph.tensors[t].is_view for t in op.outputs):
                 self.unplanned[node.name] = "returns a view of an input"
@@ -191,7 +192,7 @@ class ArenaProgram:
                     if reference[0] is not args[0]:  # if it runs unplanned, it returns NCHW
                         self._restride.add(self.graph.value_of[node])
                 result = node.target(*reference, **kwargs)
-                if not op.is_view:
+                if op.outputs and not op.is_view:  # not views, nor checks that return nothing
                     result = self._to_call_layout(node, result)
                 for user in node.users:
                     if user.target is getitem:
@@ -399,10 +400,12 @@ class PlannedModule(nn.Module):
     each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
     held) instead of at every call. `fuse` computes, in a planned convolution's call, the
     eval-mode batch norm after it (folded into a packed copy of its weight and bias; only with
-    `pack_weights`), a residual add after that (the convolution accumulates into the identity's
-    slot) and the ReLU after that: one step, one pass over its slot, checked against the
-    separate steps at construction (see `fusion`). The weights are read at construction:
-    change the model's parameters, build a new module.
+    `pack_weights`) and a residual add after that (the convolution accumulates into the
+    identity's slot): one step, one pass over its slot, checked against the separate steps at
+    construction (see `fusion`); activations stay steps of their own, so that NaN and Inf
+    propagate as in eager. Packed and folded weights are recomputed before a call when their
+    sources were updated in place (`packing`; not through `.data`); parameters replaced by new
+    tensors are not seen: build a new module.
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
@@ -458,6 +461,9 @@ class PlannedModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         program = self._program_for(inputs)
+        if program.packings.stale():  # weights updated in place: repack them (`packing`)
+            with self._lock:
+                program.packings.refresh()
         arenas = self._local.__dict__.setdefault("arenas", {})
         views = arenas.get(id(program))
         if views is None:

@@ -21,6 +21,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from memtile.measure.record import quiet_stderr
+from memtile.runtime.packing import Packing
 
 aten = torch.ops.aten
 CHECK_MARK = "memtile.outcheck::"
@@ -36,6 +37,7 @@ class OutVariant:
     packed_bytes: int = 0  # constants it keeps in another format (packed convolution weights)
     tolerance: float = 0.0  # largest difference from the functional op, relative to its magnitude
     scratch_bytes: int = 0  # a fixed workspace it may allocate per call however small its output
+    packing: Packing | None = None  # the copies of constants it reads, kept up to date
 
     def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return self.rewrite(args, kwargs) if self.rewrite else (args, dict(kwargs))
