@@ -86,7 +86,7 @@ def find_out_variant(overload: torch._ops.OpOverload) -> OutVariant | None:
 def run_candidate(key: int, variant: OutVariant, args: tuple, kwargs: dict, outs: tuple) -> None:
     """Run one candidate into `outs` under its own profiler range (see `profile_candidates`)."""
     args, kwargs = variant.arguments(args, kwargs)
-    kwargs.update(zip(variant.out_names, outs))
+    kwargs.update(zip(variant.out_names, outs, strict=True))
     with torch.profiler.record_function(f"{CHECK_MARK}{key}"):
         variant.overload(*args, **kwargs)
 
