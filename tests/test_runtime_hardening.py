@@ -119,3 +119,18 @@ def test_cli_refuses_side_effects_in_one_line(capsys, tmp_path, command, factory
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "✓" not in line]
     assert len(err) == 1 and f"memtile {command[0]}: error:" in err[0] and "in place" in err[0]
     assert not list(tmp_path.glob("report/*"))
+
+
+def test_relative_error_sees_non_finite_values():
+    """NaN or ±Inf where the other side has another value is an infinite error; the same
+    non-finite values in the same places leave the finite ones to compare."""
+    from memtile.runtime.outvariants import relative_error
+
+    expected = torch.tensor([1.0, 2.0, float("nan"), float("inf")])
+    assert relative_error(expected, expected.clone()) == 0.0
+    close = torch.tensor([1.0, 2.5, float("nan"), float("inf")])
+    assert relative_error(expected, close) == 0.25
+    for other in ([1.0, 2.0, 3.0, float("inf")], [1.0, float("nan"), float("nan"), float("inf")],
+                  [1.0, 2.0, float("nan"), -float("inf")], [1.0, 2.0, float("nan"), 5.0]):
+        assert relative_error(expected, torch.tensor(other)) == float("inf")
+        assert relative_error(torch.tensor(other), expected) == float("inf")

@@ -69,3 +69,15 @@ def test_a_kernel_that_differs_is_refused_with_its_reason():
     _, _, _, _, report = passes("auto", {relu: wrong})
     assert relu not in report.planned
     assert "differs from the functional op" in report.unplanned[relu]
+
+
+def test_a_kernel_that_writes_nan_is_refused():
+    """clamp_min(x, nan) writes NaN everywhere: its error against the finite ReLU is inf, not
+    NaN (which compares below any tolerance and was planned)."""
+    graph, _, _, _, _ = passes("auto")
+    relu = next(op.node.name for op in graph.ops if op.target == "aten.relu.default")
+    nan = OutVariant(aten.clamp_min.out, ("out",),
+                     lambda args, kwargs: ((args[0], float("nan")), {}))
+    _, _, _, _, report = passes("auto", {relu: nan})
+    assert relu not in report.planned
+    assert "differs from the functional op by inf" in report.unplanned[relu]
