@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
-from memtile.planner import prepare
+from memtile.planner import ALIGNMENT, prepare
 from memtile.planning import Plan, Problem, solve
 from memtile.runtime import convolution, fusion
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
@@ -33,7 +33,6 @@ from memtile.runtime.packing import Packings
 from memtile.runtime.refusals import refuse_side_effects
 from memtile.units import format_bytes
 
-ALIGNMENT = 64
 ON_NEW_SHAPE = ("error", "replan")
 
 
