@@ -312,7 +312,7 @@ def main() -> None:
     print("\n## Why: page faults and allocator traffic per call (batch 8, 1 thread, glibc)\n")
     print("| model | minor faults eager | minor faults planned | allocations eager | "
           "allocations planned | bytes allocated eager | bytes allocated planned | "
-          "batch norms / adds / ReLUs / ReLU6s fused into their convolution |")
+          "batch norms / adds fused into their convolution |")
     print("|---|---|---|---|---|---|---|---|")
     for d in diagnostics:
         print(f"| {d['model']} | {d['eager_faults']:.0f} | {d['planned_faults']:.0f} | "

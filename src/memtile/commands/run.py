@@ -9,7 +9,7 @@ channels_last` runs eager on a channels_last copy of the model (its input conver
 call), to separate what the layout gains from what planning gains. `--no-pack-weights` leaves
 convolution weights in the model's format (oneDNN reorders them at every call) instead of
 holding a packed copy beside them: less memory held, more work per call. `--no-fuse` runs
-batch norm, residual add and ReLU as steps of their own instead of inside the convolution's call.
+batch norm and residual add as steps of their own instead of inside the convolution's call.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pack-weights", dest="pack_weights", action="store_false",
                         help="planned: no packed copy of convolution weights (reordered per call)")
     parser.add_argument("--no-fuse", dest="fuse", action="store_false",
-                        help="planned: batch norm, residual add and ReLU as separate steps, not "
+                        help="planned: batch norm and residual add as separate steps, not "
                              "inside the convolution's call")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
 
@@ -262,8 +262,8 @@ def table(summary: dict) -> Table:
                  format_bytes(summary["planned_peak_bytes"]))
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
-    grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}, "
-                 "ReLUs {relu}, ReLU6s {relu6}".format(**summary["fused"])
+    grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}"
+                 .format(**summary["fused"])
                  if summary["fuse"] else "off (--no-fuse)")
     slot = summary["slot_allocator"]
     grid.add_row("slot allocator", "", "installed" if slot["installed"] else

@@ -94,7 +94,7 @@ def generate(program: Program) -> tuple[str, dict]:
     lines = ["def planned_program(inputs, views):"]
     if program.inputs:
         lines.append(f"    {', '.join(_local(n) for n in program.inputs)}, = inputs")
-    for step, dead in zip(program.steps, program.dead_after):
+    for step, dead in zip(program.steps, program.dead_after, strict=True):
         call = f"{emitter.constant(step.fn, 'op')}({emitter.call_arguments(step.args, step.kwargs)})"
         lines.append(f"    {_local(step.result)} = {call}  # {step.label}")
         for name, index in step.items:
@@ -112,7 +112,7 @@ def generate(program: Program) -> tuple[str, dict]:
 
 def interpret(program: Program, inputs: tuple, views: tuple) -> list:
     """Run the program by walking its steps with a dictionary of values (the slow reference)."""
-    env = dict(zip(program.inputs, inputs))
+    env = dict(zip(program.inputs, inputs, strict=True))
 
     def value(arg):
         if isinstance(arg, Var):
@@ -125,7 +125,7 @@ def interpret(program: Program, inputs: tuple, views: tuple) -> list:
             return type(arg)(value(a) for a in arg)
         return arg
 
-    for step, dead in zip(program.steps, program.dead_after):
+    for step, dead in zip(program.steps, program.dead_after, strict=True):
         result = step.fn(*value(step.args), **{k: value(v) for k, v in step.kwargs.items()})
         env[step.result] = result
         for name, index in step.items:

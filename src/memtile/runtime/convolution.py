@@ -31,6 +31,7 @@ from torch import fx
 
 from memtile.runtime import slots
 from memtile.runtime.outvariants import OutVariant
+from memtile.runtime.packing import Packing
 
 TARGET = "aten.convolution.default"
 POINTWISE = torch.ops.mkldnn._convolution_pointwise_.binary
@@ -41,8 +42,8 @@ REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-siz
 
 
 class ConvolutionInto:
-    """`conv(x, ...)` written into `out`, then the oneDNN post-op `unary` if any: "relu", or
-    "hardtanh" with `scalars` (min, max; ReLU6), which oneDNN takes only without an add.
+    """`conv(x, ...)` written into `out` (no activation post-op: oneDNN's turn NaN into numbers,
+    see `fusion`).
 
     `direct` (a packed weight, slot allocator installed): the functional kernel allocates its
     output in `out` (`slots.call_into`), a channels_last tensor of the same shape, so the bytes
@@ -50,9 +51,8 @@ class ConvolutionInto:
     an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
     executor plans the two in one slot, so it is already there (else it is copied in)."""
 
-    def __init__(self, unary: str | None = None, direct: bool = False,
-                 scalars: tuple[float, ...] = ()):
-        self.unary, self.direct, self.scalars = unary, direct, scalars
+    def __init__(self, direct: bool = False):
+        self.direct = direct
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
         if addend:
@@ -60,22 +60,17 @@ class ConvolutionInto:
                 out.copy_(addend[0])
         elif self.direct and out.is_contiguous(memory_format=torch.channels_last):
             return slots.call_into(out, DIRECT, x, weight, bias, padding, stride, dilation,
-                                   groups, self.unary or "none", list(self.scalars), None)
+                                   groups, "none", [], None)
         else:
             out.zero_()
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
-                         "add", 1.0, self.unary, list(self.scalars), None)
-
-    def then(self, unary: str, scalars: tuple[float, ...] = ()) -> ConvolutionInto:
-        """The same convolution with the post-op `unary`."""
-        return ConvolutionInto(unary, self.direct, scalars)
+                         "add", 1.0, None, [], None)
 
     def __repr__(self) -> str:
-        then = f", then {self.unary}" if self.unary else ""
         if self.direct:
-            return (f"mkldnn._convolution_pointwise (its output allocated in out=){then}; "
+            return ("mkldnn._convolution_pointwise (its output allocated in out=); "
                     "mkldnn._convolution_pointwise_.binary onto an addend")
-        return f"mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend{then})"
+        return "mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend)"
 
 
 def is_convolution(node: fx.Node) -> bool:
@@ -103,30 +98,36 @@ def is_into(variant: OutVariant) -> bool:
     return isinstance(variant.overload, ConvolutionInto)
 
 
-def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool, unary: str | None = None,
-            scalars: tuple[float, ...] = (), bias: torch.Tensor | None = None) -> OutVariant:
+def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
+            packing: Packing | None = None) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
-    weight is computed in the graph), packed once when `pack`. Unpacked, oneDNN reorders the
-    weight at every call: that scratch is allowed too (freed within the call). `unary` (with
-    `scalars`) is the post-op after it; `bias` replaces the node's own (a batch norm folded in,
-    see `fusion`)."""
-    _, _, _, stride, padding, dilation, _, _, groups = node.args
-    packed = None
-    if pack and weight is not None:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(padding), list(stride), list(dilation), groups,
-            list(node.args[0].meta["val"].shape))
+    weight is computed in the graph), packed once when `pack` (`packing` keeps the copy up to
+    date). Unpacked, oneDNN reorders the weight at every call: that scratch is allowed too
+    (freed within the call). A given `packing`'s copies (packed weight, bias) replace the
+    node's own (a batch norm folded in, see `fusion`)."""
+    if packing is None and pack and weight is not None:
+        packing = Packing.of((weight,), lambda: (reorder(node, weight),))
+    packed, bias = (*packing.copies, None)[:2] if packing else (None, None)
     # a packed weight makes the functional kernel's output channels_last (measured), like `out`
-    into = ConvolutionInto(unary, packed is not None and slots.load() is None, scalars)
+    into = ConvolutionInto(packed is not None and slots.load() is None)
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args
         return (x, w if packed is None else packed, own_bias if bias is None else bias,
                 list(padding), list(stride), list(dilation), groups, *addend), {}
 
-    reorder = 0 if packed is not None else REORDER_COPIES * _nbytes(node.args[1].meta["val"])
+    per_call = 0 if packed is not None else REORDER_COPIES * _nbytes(node.args[1].meta["val"])
     return OutVariant(into, ("out",), rewrite, packed_bytes=_nbytes(packed) + _nbytes(bias),
-                      tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES + reorder)
+                      tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES + per_call,
+                      packing=packing)
+
+
+def reorder(node: fx.Node, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in the blocked format oneDNN picks for this convolution's input shape."""
+    _, _, _, stride, padding, dilation, _, _, groups = node.args
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, list(padding), list(stride), list(dilation), groups,
+        list(node.args[0].meta["val"].shape))
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:

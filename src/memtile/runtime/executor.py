@@ -4,8 +4,8 @@ Construction captures the model (core ATen), orders its ops (`memtile.schedule` 
 finds which outputs may overwrite an input in place (`memtile.inplace` when present), decides
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
-kernel (see `outvariants`) and each convolution with the batch norm, residual add and ReLU
-after it fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
+kernel (see `outvariants`) and each convolution with the batch norm and residual add after it
+fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
 compiles the straight-line program (`codegen`). A call then runs each planned op into its view
 of the arena; unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and
 their results are freed as soon as their last reader ran.
@@ -19,28 +19,21 @@ from operator import getitem
 
 import torch
 from torch import fx, nn
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
 from torch.utils import _pytree as pytree
 
 from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
-from memtile.planner import prepare
+from memtile.planner import ALIGNMENT, prepare
 from memtile.planning import Plan, Problem, solve
-from memtile.runtime import convolution, fusion, linear, outvariants
+from memtile.runtime import convolution, fusion
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
-from memtile.runtime.layout import LAYOUTS, channels_last_strides, channels_last_tensors
+from memtile.runtime.kernels import check_kernels, names_of, select_kernels
+from memtile.runtime.layout import LAYOUTS, Restride, channels_last_tensors
+from memtile.runtime.packing import Packings
+from memtile.runtime.refusals import refuse_side_effects
 from memtile.units import format_bytes
 
-ALIGNMENT = 64
 ON_NEW_SHAPE = ("error", "replan")
-
-
-@dataclass(frozen=True)
-class Fused:
-    """Ops computed by their convolution's call (`fusion`), with the variant that does it."""
-
-    chain: fusion.Chain
-    variant: outvariants.OutVariant
 
 
 @dataclass(frozen=True)
@@ -61,38 +54,30 @@ class ArenaProgram:
                  schedule_seconds: float, layout: str = "auto", pack_weights: bool = True,
                  fuse: bool = True):
         self.graph = capture(model, inputs)
+        refuse_side_effects(self.graph.program, model)
         self.device = inputs[0].device if inputs else torch.device("cpu")
         prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
         self.order = prepared.order
         self.copy_outputs = copy_outputs
         self.layout = layout
         self._constants = _constants(self.graph.program)
-        self.unplanned: dict[str, str] = {}  # fx node name -> reason
-        self._strides: dict[str, tuple[int, ...]] = {}  # produced tensor -> strides in a call
-        self._restride: set[str] = set()  # tensors whose functional op returns other strides
-        self.kernel_bytes: dict[str, int] = {}  # fx node name -> scratch its out= call allocated
-        self.fused: dict[str, Fused] = {}  # convolution node name -> the ops run with it
-        self.unfused: dict[str, str] = {}  # convolution node name -> why its chain runs apart
-        variants = self._candidates(pack_weights)
+        variants, self.unplanned = select_kernels(self.graph, self._constants, layout,
+                                                  self.device, pack_weights)
         self.channels_last = channels_last_tensors(
             self.graph, layout, any(convolution.is_into(v) for v in variants.values()))
         chains = fusion.chains(self.graph, self.order, variants, self.channels_last,
                                self._constants, fold_batch_norm=pack_weights) if fuse else {}
-        self.planned = self._check_kernels(variants, chains, inputs)
+        report = check_kernels(self.graph, self.order, variants, chains, self._constants,
+                               self.channels_last, inputs)
+        self.unplanned.update(report.unplanned)  # node name -> why it runs unplanned
+        self.planned = report.planned
+        self.fused, self.unfused = report.fused, report.unfused
+        self.kernel_bytes = report.kernel_bytes  # node name -> scratch its out= call allocated
+        self._strides = report.strides  # produced tensor -> strides in a call
+        self._restride = report.restride  # tensors whose functional op returns other strides
+        self.packings = Packings([v.packing for v in self.planned.values() if v.packing])
         self.arena_storages = self._arena_storages()
-        self.shared = {  # in-place pairs within the arena and of one layout
-            out: source for out, source in prepared.shared.items()
-            if out in self.arena_storages and source in self.arena_storages
-            and (out in self.channels_last) == (source in self.channels_last)
-        }
-        value_of = self.graph.value_of
-        for fused in self.fused.values():  # one slot per chain: the identity's, or the conv's
-            chain, slot = fused.chain, value_of[fused.chain.convolution]
-            if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
-                self.shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
-                slot = value_of[chain.identity]
-            self.shared.update({fusion.first_value(self.graph, node): slot
-                                for node in chain.absorbed})
+        self.shared = self._shared(prepared.shared)
         self.problem = Problem(
             [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
             alignment=ALIGNMENT,
@@ -112,187 +97,27 @@ class ArenaProgram:
         return sum(v.packed_bytes for v in self.planned.values())
 
     def fused_counts(self) -> dict[str, int]:
-        """How many batch norms, adds, ReLUs and ReLU6s run inside a convolution's call."""
+        """How many batch norms and adds run inside a convolution's call."""
         chains = [fused.chain for fused in self.fused.values()]
-        counts = {op: sum(getattr(c, op) is not None for c in chains)
-                  for op in ("batch_norm", "add")}
-        return counts | {name: sum(c.activation_name == name for c in chains)
-                         for name in ("relu", "relu6")}
+        return {op: sum(getattr(c, op) is not None for c in chains) for op in ("batch_norm", "add")}
 
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
 
-    # ---- which ops are planned -----------------------------------------------------------
-
-    def _candidates(self, pack_weights: bool) -> dict[str, outvariants.OutVariant]:
-        """fx node name -> out= variant, for ops that make new storage and have one.
-
-        Convolutions are computed into the arena by oneDNN unless `layout="eager"`, where they
-        go through ATen's `convolution.out` (which the measurement then rejects); so are linear
-        layers where oneDNN is faster than `addmm` (`linear`; not with `layout="eager"`, which
-        keeps bit-exact outputs)."""
-        variants = {}
-        for op in self.graph.ops:
-            node = op.node
-            if op.is_view:
-                continue
-            if any(self.graph.tensors[t].is_view for t in op.outputs):
-                self.unplanned[node.name] = "returns a view of an input"
-                continue
-            if convolution.is_convolution(node) and self.layout != "eager":
-                reason = convolution.unsupported(node, self.device)
-                if reason:
-                    self.unplanned[node.name] = reason
-                else:
-                    weight = self._constants.get(node.args[1].name)
-                    variants[node.name] = convolution.variant(node, weight, pack_weights)
-                continue
-            parameters = linear.weight_and_bias(node, self._constants)
-            if parameters is not None and self.layout != "eager":
-                variant = linear.variant(node, *parameters)
-                if variant is not None:
-                    variants[node.name] = variant
-                    continue
-            variant = (outvariants.find_out_variant(node.target)
-                       if isinstance(node.target, torch._ops.OpOverload) else None)
-            if variant is None:
-                self.unplanned[node.name] = f"{node.target} has no out= overload"
-                continue
-            variants[node.name] = variant
-        return variants
-
-    def _check_kernels(self, variants: dict, chains: dict[str, fusion.Chain],
-                       inputs: tuple) -> dict[str, outvariants.OutVariant]:
-        """Run the graph once; run each candidate's out= kernel beside the functional op, and
-        each fusable chain's call beside the functional ops of the chain applied to the
-        convolution candidate's result (`fusion`); fills `fused`."""
-        errors: dict[int, float] = {}
-        output_bytes: dict[int, int] = {}
-        keys = {name: k for k, name in enumerate(variants)}
-        fused_variants = {conv: (fusion.fused(chain, variants[conv], self._constants), len(keys) + k)
-                          for k, (conv, chain) in enumerate(chains.items())}
-        absorbed_by = {node: chain for chain in chains.values() for node in chain.absorbed}
-        running: dict[str, tuple] = {}  # convolution -> (its args, kwargs, the chain's value so far)
-
-        ops = self.ops_in_order()
-        last_read = {n: position for position, op in enumerate(ops) for n in op.node.all_input_nodes}
-
-        def example_pass():
-            values = self._example_values(inputs)
-            for position, op in enumerate(ops):
-                node = op.node
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-                variant = variants.get(node.name)
-                reference = args
-                if variant is not None and convolution.is_into(variant) \
-                        and self.graph.value_of[node] in self.channels_last:
-                    # oneDNN reorders an NCHW input itself; compare with eager on the same layout
-                    reference = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-                    if reference[0] is not args[0]:  # if it runs unplanned, it returns NCHW
-                        self._restride.add(self.graph.value_of[node])
-                result = node.target(*reference, **kwargs)
-                if not op.is_view:
-                    result = self._to_call_layout(node, result)
-                for user in node.users:
-                    if user.target is getitem:
-                        values[user] = result[user.args[1]]
-                    else:
-                        values[node] = result
-                for n in node.all_input_nodes:
-                    if last_read[n] == position:
-                        del values[n]  # free as eager would: the pass holds no more than it
-                if node.name not in variants:
-                    continue
-                refs = result if isinstance(result, (tuple, list)) else (result,)
-                if not all(is_dense(r) for r in refs):
-                    self.unplanned[node.name] = "its output is not dense"
-                    continue
-                outs = tuple(torch.empty_strided(r.shape, r.stride(), dtype=r.dtype,
-                                                 device=r.device) for r in refs)
-                key = keys[node.name]
-                outvariants.run_candidate(key, variants[node.name], args, kwargs, outs)
-                errors[key] = max(outvariants.relative_error(r, o) for r, o in zip(refs, outs))
-                output_bytes[key] = sum(r.numel() * r.element_size() for r in refs)
-                if node.name in chains:
-                    running[node.name] = (args, kwargs, outs[0])
-                chain = absorbed_by.get(node)
-                if chain is None or chain.convolution.name not in running:
-                    continue
-                conv_args, conv_kwargs, expected = running.pop(chain.convolution.name)
-                carried = chain.carried_into(node)
-                if node is chain.add:  # the fused call takes the identity last
-                    conv_args = (*conv_args, args[node.args.index(chain.identity)])
-                expected = node.target(*(expected if a is carried else v
-                                         for a, v in zip(node.args, args)), **kwargs)
-                if node is chain.batch_norm:
-                    expected = expected[0]
-                if node is not chain.absorbed[-1]:
-                    running[chain.convolution.name] = (conv_args, conv_kwargs, expected)
-                    continue
-                fused_variant, fused_key = fused_variants[chain.convolution.name]
-                got = torch.empty_strided(expected.shape,
-                                          self._strides[self.graph.value_of[chain.result]],
-                                          dtype=expected.dtype, device=expected.device)
-                outvariants.run_candidate(fused_key, fused_variant, conv_args, conv_kwargs, (got,))
-                errors[fused_key] = outvariants.relative_error(expected, got)
-                output_bytes[fused_key] = got.numel() * got.element_size()
-
-        with torch.no_grad():
-            kernels = outvariants.profile_candidates(example_pass)
-        planned = {}
-        for name, variant in variants.items():
-            key = keys[name]
-            if key not in errors:
-                continue
-            self.kernel_bytes[name] = kernels[key]
-            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], errors[key])
-            if reason:
-                self.unplanned[name] = reason
-            else:
-                planned[name] = variant
-        for conv, (variant, key) in fused_variants.items():
-            chain = chains[conv]
-            if key not in errors or not all(n.name in planned
-                                            for n in (chain.convolution, *chain.absorbed)):
-                continue
-            reason = outvariants.rejection(variant, kernels[key], output_bytes[key], errors[key])
-            if reason:
-                self.unfused[conv] = reason
-            else:  # the chain's call replaces the convolution's (and its packed weight)
-                self.fused[conv] = Fused(chain, variant)
-                planned[conv] = variant
-                self.kernel_bytes[conv] = kernels[key]
-                self.kernel_bytes.update({n.name: 0 for n in chain.absorbed})  # no call of theirs
-        return planned
-
-    def _to_call_layout(self, node: fx.Node, result):
-        """The op's result in the strides a planned call gives it: channels_last for the tensors
-        `layout` chose, eager's (the captured ones) for the others (the kernel's own when nothing
-        is channels_last). A tensor whose functional op returns other strides is noted in
-        `_restride`: if that op runs unplanned, its result is converted."""
-        several = isinstance(result, (tuple, list))
-        eager = node.meta["val"] if several else (node.meta["val"],)
-        converted = []
-        for name, value, fake in zip(_names(self.graph.value_of[node]), result if several
-                                     else (result,), eager):
-            if name is None or not isinstance(value, torch.Tensor) or not is_dense(value):
-                converted.append(value)
-                continue
-            stride = (channels_last_strides(value.shape) if name in self.channels_last
-                      else fake.stride() if self.channels_last else value.stride())
-            if value.stride() != stride:
-                self._restride.add(name)
-                value = Restride(stride)(value)
-            self._strides[name] = stride
-            converted.append(value)
-        return type(result)(converted) if several else converted[0]
-
-    def _example_values(self, inputs: tuple) -> dict:
-        user = iter(inputs)
-        return {
-            node: self._constants[node.name] if node.name in self._constants else next(user)
-            for node in self.graph.program.graph.nodes if node.op == "placeholder"
-        }
+    def _shared(self, in_place: dict[str, str]) -> dict[str, str]:
+        """Tensor -> the tensor whose slot it takes: the in-place pairs within the arena and of
+        one layout, and each fused chain's ops in one slot (the identity's, or the conv's)."""
+        shared = {out: source for out, source in in_place.items()
+                  if out in self.arena_storages and source in self.arena_storages
+                  and (out in self.channels_last) == (source in self.channels_last)}
+        value_of = self.graph.value_of
+        for fused in self.fused.values():
+            chain, slot = fused.chain, value_of[fused.chain.convolution]
+            if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
+                shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
+                slot = value_of[chain.identity]
+            shared.update({fusion.first_value(self.graph, node): slot for node in chain.absorbed})
+        return shared
 
     def _arena_storages(self) -> set[str]:
         """Storages written by planned ops, less graph outputs that are returned fresh."""
@@ -346,7 +171,7 @@ class ArenaProgram:
             if variant is not None:
                 args, kwargs = variant.arguments(args, kwargs)
                 kwargs.update({out: destination(name)
-                               for out, name in zip(variant.out_names, _names(value_of[node]))})
+                               for out, name in zip(variant.out_names, names_of(value_of[node]), strict=True)})
                 fn = variant.overload
             elif not op.is_view:
                 restride = {var: name for var, name in _output_variables(node, value_of)
@@ -399,10 +224,12 @@ class PlannedModule(nn.Module):
     each planned convolution's weight into oneDNN's format once (`packed_bytes` more memory
     held) instead of at every call. `fuse` computes, in a planned convolution's call, the
     eval-mode batch norm after it (folded into a packed copy of its weight and bias; only with
-    `pack_weights`), a residual add after that (the convolution accumulates into the identity's
-    slot) and the ReLU after that: one step, one pass over its slot, checked against the
-    separate steps at construction (see `fusion`). The weights are read at construction:
-    change the model's parameters, build a new module.
+    `pack_weights`) and a residual add after that (the convolution accumulates into the
+    identity's slot): one step, one pass over its slot, checked against the separate steps at
+    construction (see `fusion`); activations stay steps of their own, so that NaN and Inf
+    propagate as in eager. Packed and folded weights are recomputed before a call when their
+    sources were updated in place (`packing`; not through `.data`); parameters replaced by new
+    tensors are not seen: build a new module.
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
@@ -458,6 +285,9 @@ class PlannedModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         program = self._program_for(inputs)
+        if program.packings.stale():  # weights updated in place: repack them (`packing`)
+            with self._lock:
+                program.packings.refresh()
         arenas = self._local.__dict__.setdefault("arenas", {})
         views = arenas.get(id(program))
         if views is None:
@@ -535,7 +365,7 @@ def _check_like(inputs: tuple, example: tuple) -> None:
     """Dtype, device and count must match the example; only shapes may be replanned."""
     if len(inputs) != len(example):
         raise InputShapeError(f"expected {len(example)} input tensors, got {len(inputs)}")
-    for i, (tensor, (_, dtype, device)) in enumerate(zip(inputs, example)):
+    for i, (tensor, (_, dtype, device)) in enumerate(zip(inputs, example, strict=True)):
         if tensor.dtype != dtype or tensor.device != device:
             raise InputShapeError(
                 f"input {i} is {tensor.dtype} on {tensor.device}, but the model was planned "
@@ -547,27 +377,11 @@ def _shapes(signature: tuple) -> str:
     return ", ".join(str(shape) for shape, _, _ in signature)
 
 
-def _names(value) -> tuple:
-    """The tensor names of an op's outputs, in order (capture keeps a tuple for several)."""
-    return value if isinstance(value, tuple) else (value,)
-
-
 def _output_variables(node: fx.Node, value_of: dict) -> list[tuple[str, str]]:
     """(program variable, tensor name) of each tensor output of a node."""
     if not isinstance(value_of[node], tuple):
         return [(node.name, value_of[node])] if value_of[node] else []
     return [(u.name, value_of[u]) for u in node.users if u.target is getitem and value_of[u]]
-
-
-@dataclass(frozen=True)
-class Restride:
-    """Copy an unplanned op's result into the strides the planned ops after it were given."""
-
-    stride: tuple[int, ...]
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return torch.empty_strided(tensor.shape, self.stride, dtype=tensor.dtype,
-                                   device=tensor.device).copy_(tensor)
 
 
 def _root(name: str, shared: dict[str, str]) -> str:

@@ -1,30 +1,30 @@
-"""Batch norm, residual add and ReLU/ReLU6 fused into the planned convolution before them: one call.
+"""Batch norm and residual add fused into the planned convolution before them: one call.
 
-A planned convolution writes its arena slot (`convolution`); an eval-mode batch norm, a residual
-add and a ReLU after it would each pass over the same bytes once more. Instead:
+A planned convolution writes its arena slot (`convolution`); an eval-mode batch norm and a
+residual add after it would each pass over the same bytes once more. Instead:
 
 - the batch norm is folded into the convolution's weight and bias (inference only: `w * s`,
   `(b - mean) * s + beta` per output channel, `s = gamma / sqrt(var + eps)`, computed in float64
-  from the constants at construction and packed once),
+  from the constants at construction and packed once), and
 - a residual add `conv(x) + identity` is oneDNN's own add: the convolution accumulates into the
   identity's slot instead of a zeroed one (no zeroing, no add pass), where the identity dies at
   the add and nothing else reads it after the convolution (else the call first copies it into
-  its destination), and
-- a ReLU runs as oneDNN's post-op, in the same call, and so does a ReLU6 (`hardtanh(x, 0, 6)`)
-  where there is no add and the convolution writes its slot directly (oneDNN takes no other
-  activation after its in-place add),
+  its destination),
 
 so the chain becomes one step writing one slot (the identity's, or else the convolution's),
-which the outputs of the ops it absorbs share, as in-place ops would.
+which the outputs of the ops it absorbs share, as in-place ops would. Both propagate NaN and Inf
+as eager does (products and sums). The ReLU or ReLU6 after the chain is not fused: oneDNN's relu
+and hardtanh post-ops are `max`/`min` instructions that turn NaN into 0 (or 6), where eager keeps
+NaN. It runs as its own step, in place in the chain's slot (2.5% slower on mobilenet_v2 and
+resnet50 at batch 1, one thread, measured on a loaded machine, 2026-12-06).
 
 Only where each op of the chain is the previous one's sole reader (nothing else needs the value
 in between), the batch norm's parameters and statistics and the convolution's weight are
 constants, and all the chain's tensors are channels_last (the layout in which oneDNN writes
 without a temporary). The executor runs each fused call on the example inputs beside the chain
 it replaces and keeps it only when it allocates no more than the convolution's workspace and
-matches: bit-identical for a ReLU alone (measured so for all 8 pairs of vgg11 and 13 of vgg16),
-within the convolution's tolerance when a batch norm is folded (its weights are rounded once) or
-an add is absorbed; otherwise the ops run as separate steps.
+matches within the convolution's tolerance (a folded batch norm's weights are rounded once);
+otherwise the ops run as separate steps.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ from torch import fx
 from memtile.capture import MemGraph, positions
 from memtile.runtime import convolution
 from memtile.runtime.outvariants import OutVariant
+from memtile.runtime.packing import Packing
 
-RELU = "aten.relu.default"
-HARDTANH = "aten.hardtanh.default"  # ReLU6 is hardtanh(x, 0, 6)
 BATCH_NORM = "aten._native_batch_norm_legit_no_training.default"
 ADD = "aten.add.Tensor"
 
@@ -54,26 +53,11 @@ class Chain:
     batch_norm: fx.Node | None = None  # eval-mode batch norm, folded into the weight and bias
     add: fx.Node | None = None  # residual add: the convolution accumulates into `identity`
     identity: fx.Node | None = None  # the add's other operand
-    activation: fx.Node | None = None  # ReLU or ReLU6, applied as the call's post-op
 
     @property
     def absorbed(self) -> tuple[fx.Node, ...]:
         """The ops that no longer run as steps of their own, in order."""
-        return tuple(n for n in (self.batch_norm, self.add, self.activation) if n is not None)
-
-    @property
-    def post_op(self) -> tuple[str | None, tuple[float, ...]]:
-        """oneDNN's name and scalars for the activation: ("relu", ()), ("hardtanh", (0, 6))."""
-        if self.activation is None:
-            return None, ()
-        if str(self.activation.target) == RELU:
-            return "relu", ()
-        return "hardtanh", tuple(float(a) for a in self.activation.args[1:3])
-
-    @property
-    def activation_name(self) -> str | None:
-        """"relu", "relu6" or None, as `PlannedModule.fused_counts` counts them."""
-        return {None: None, "relu": "relu", "hardtanh": "relu6"}[self.post_op[0]]
+        return tuple(n for n in (self.batch_norm, self.add) if n is not None)
 
     @property
     def result(self) -> fx.Node:
@@ -94,7 +78,7 @@ class Chain:
 def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
            channels_last: set[str], constants: dict[str, torch.Tensor],
            fold_batch_norm: bool) -> dict[str, Chain]:
-    """Convolution node name -> the chain its call may compute (batch norm, add, ReLU).
+    """Convolution node name -> the chain its call may compute (batch norm, add).
 
     Every op of a chain must be an out= candidate (the convolution computed into the arena by
     oneDNN), each the sole reader of the one before (a graph output or a view read is another
@@ -121,11 +105,6 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
                 and (identity := _other_operand(add, value)) is not None \
                 and _overwritable(graph, identity, add, op.index, position, viewed):
             chain = dataclasses.replace(chain, add=add, identity=identity)
-            value = add
-        activation = _sole_user(value) if value is not None else None
-        if activation is not None and (str(activation.target) == RELU or (
-                _is_relu6(activation) and chain.add is None and variant.overload.direct)):
-            chain = dataclasses.replace(chain, activation=activation)
         if chain.absorbed and value is not None and all(
                 n.name in candidates and first_value(graph, n) in channels_last
                 for n in (conv, *chain.absorbed)):
@@ -135,17 +114,17 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
 
 def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor]) -> OutVariant:
     """The variant that computes the whole chain: the convolution's, with the batch norm folded
-    into a new packed weight and bias, and the activation as post-op; with an add, it takes the
-    identity as its last argument. An activation alone must equal the convolution's variant
-    followed by it bit for bit (tolerance 0)."""
-    unary, scalars = chain.post_op
+    into a new packed weight and bias; with an add, it takes the identity as its last argument."""
     if chain.batch_norm is None:
-        into = variant.overload.then(unary, scalars) if unary else variant.overload
-        return dataclasses.replace(variant, overload=into,
-                                   tolerance=variant.tolerance if chain.add else 0.0)
-    weight, bias = folded(chain, constants)
-    return convolution.variant(chain.convolution, weight, pack=True, unary=unary,
-                               scalars=scalars, bias=bias)
+        return variant
+    conv, bn = chain.convolution, chain.batch_norm
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = folded(chain, constants)
+        return convolution.reorder(conv, weight), bias
+
+    sources = tuple(_constant(a, constants) for a in (*conv.args[1:3], *bn.args[1:5]))
+    return convolution.variant(conv, None, pack=True, packing=Packing.of(sources, compute))
 
 
 def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +187,6 @@ def _constant(arg, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _is_relu6(node: fx.Node) -> bool:
-    return str(node.target) == HARDTANH and tuple(node.args[1:3]) == (0.0, 6.0)
 
 
 def first_value(graph: MemGraph, node: fx.Node) -> str:

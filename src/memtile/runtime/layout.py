@@ -15,6 +15,8 @@ eager NCHW by float rounding (measured: about 1e-6 of the output's magnitude per
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from memtile.capture import ACTIVATION, MemGraph
@@ -40,3 +42,14 @@ def channels_last_tensors(graph: MemGraph, layout: str, plannable_convolution: b
 
 def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+
+
+@dataclass(frozen=True)
+class Restride:
+    """Copy an unplanned op's result into the strides the planned ops after it were given."""
+
+    stride: tuple[int, ...]
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tensor.shape, self.stride, dtype=tensor.dtype,
+                                   device=tensor.device).copy_(tensor)

@@ -21,6 +21,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from memtile.measure.record import quiet_stderr
+from memtile.runtime.packing import Packing
 
 aten = torch.ops.aten
 CHECK_MARK = "memtile.outcheck::"
@@ -36,6 +37,7 @@ class OutVariant:
     packed_bytes: int = 0  # constants it keeps in another format (packed convolution weights)
     tolerance: float = 0.0  # largest difference from the functional op, relative to its magnitude
     scratch_bytes: int = 0  # a fixed workspace it may allocate per call however small its output
+    packing: Packing | None = None  # the copies of constants it reads, kept up to date
 
     def arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return self.rewrite(args, kwargs) if self.rewrite else (args, dict(kwargs))
@@ -84,7 +86,7 @@ def find_out_variant(overload: torch._ops.OpOverload) -> OutVariant | None:
 def run_candidate(key: int, variant: OutVariant, args: tuple, kwargs: dict, outs: tuple) -> None:
     """Run one candidate into `outs` under its own profiler range (see `profile_candidates`)."""
     args, kwargs = variant.arguments(args, kwargs)
-    kwargs.update(zip(variant.out_names, outs))
+    kwargs.update(zip(variant.out_names, outs, strict=True))
     with torch.profiler.record_function(f"{CHECK_MARK}{key}"):
         variant.overload(*args, **kwargs)
 
@@ -114,13 +116,23 @@ def profile_candidates(fn: Callable[[], None]) -> dict[int, int]:
 
 
 def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
-    """max |expected - got| / max |expected| (0 when equal, inf when only one is finite)."""
+    """max |expected - got| / max |expected| over the finite values of `expected`: 0 when
+    equal, inf when NaN or ±Inf differ in position (a kernel that writes NaN where the
+    functional op does not must fail a check, not pass it as a NaN error would)."""
     if torch.equal(expected, got):
         return 0.0
-    if expected.is_floating_point():
-        scale = float(expected.abs().max())
-        return float((expected - got).abs().max()) / scale if scale > 0 else float("inf")
-    return float("inf")
+    if not expected.is_floating_point():
+        return float("inf")
+    finite, nan = expected.isfinite(), expected.isnan()
+    infinite = ~finite & ~nan
+    if not (torch.equal(finite, got.isfinite()) and torch.equal(nan, got.isnan())
+            and torch.equal(expected[infinite], got[infinite])):
+        return float("inf")
+    expected, got = expected[finite], got[finite]
+    if expected.numel() == 0 or torch.equal(expected, got):
+        return 0.0
+    scale = float(expected.abs().max())
+    return float((expected - got).abs().max()) / scale if scale > 0 else float("inf")
 
 
 def rejection(variant: OutVariant, allocated: int, output_bytes: int,
