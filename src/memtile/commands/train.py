@@ -19,6 +19,7 @@ from memtile.commands.common import (
     print_json,
 )
 from memtile.errors import MemtileError, UnsupportedOpError
+from memtile.freeze import FrozenBatchNorm2d, freeze
 from memtile.units import format_bytes
 
 HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
@@ -53,13 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def freeze_norms(model: nn.Module) -> list[str]:
-    """Put BatchNorm and Dropout layers in eval mode; return what was frozen, for the report."""
-    frozen = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Dropout2d):
+    """Freeze BatchNorm by construction (`memtile.freeze`), put other norms and dropout in eval
+    mode; return the type names of what was replaced or switched, for the report."""
+    frozen = set(freeze(model))
+    for m in model.modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Dropout2d)
+                and not isinstance(m, FrozenBatchNorm2d)):
             m.eval()
-            frozen.append(type(m).__name__)
-    return sorted(set(frozen))
+            frozen.add(type(m).__name__)
+    return sorted(frozen)
 
 
 def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:

@@ -520,11 +520,19 @@ def worth_folding(graph: SpatialGraph, sizes: dict[fx.Node, Size], plan: Plan,
 def keeps_result(graph: SpatialGraph, node: fx.Node) -> bool:
     """Whether `node`'s result is left as computed wherever a gradient flows back into it: no
     consumer writes into it (an in-place op writes into its first input), except a sole ReLU
-    or clamp (which passes no gradient where it changed a value) whose result is kept too."""
+    or clamp (which passes no gradient where it changed a value) whose result is kept too.
+    Consumers that may return `node` itself (identity, eval dropout, contiguous) are looked
+    through: mobilenetv3's in-place activation after an identity wrote into a fold's result."""
     consumers = graph.consumers[node]
     if len(consumers) == 1 and idempotent(graph.gm, consumers[0]):
         return keeps_result(graph, consumers[0])  # its result is the same storage
-    return not any(in_place(graph.gm, c) and graph.ops[c].inputs[0] is node for c in consumers)
+    for c in consumers:
+        if graph.may_alias(c):  # hands `node`'s storage on: what writes into c writes into it
+            if not keeps_result(graph, c):
+                return False
+        elif in_place(graph.gm, c) and graph.ops[c].inputs[0] is node:
+            return False
+    return True
 
 
 def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:

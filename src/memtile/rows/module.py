@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from memtile.errors import InputShapeError, MemtileError
+from memtile.freeze import freeze
 from memtile.rows.engine import Engine, RowFunction
 from memtile.spatial import SpatialGraph
 
@@ -25,8 +26,10 @@ class RowCentric(nn.Module):
     (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band;
     left at None, it is off, or in budget mode chosen with the band counts. `taper` (2PS) makes
     backward bands shrink toward the bottom (see `Engine`); budget mode chooses it too.
-    `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
-    `bn="error"` refuses BatchNorm layers in training mode. A frozen norm right after a
+    `bn="frozen"` replaces the trunk's BatchNorm layers (in place, sharing their tensors) by
+    `memtile.freeze.FrozenBatchNorm2d`: running statistics, never updated, in any mode;
+    `frozen_layers` names what was replaced. `bn="error"` refuses BatchNorm layers in training
+    mode. A frozen norm right after a
     convolution of a wide layer is folded into it per band (`memtile.foldnorm.FoldedConvBN`),
     so a band holds one tensor instead of two for the pair; a trained norm keeps the gradients
     its own backward computes, and in backward is folded only where its result stays intact
@@ -47,6 +50,7 @@ class RowCentric(nn.Module):
                                "of the trunk may use)")
         if rows != "auto" and (not isinstance(rows, int) or rows < 1):
             raise MemtileError(f"rows={rows!r}: give a positive number of bands or 'auto'")
+        self.frozen_layers = freeze(trunk) if bn == "frozen" else []
         self.trunk = trunk
         self.rows, self.bn, self.taper = rows, bn, taper
         self.checkpoint = bool(checkpoint)
