@@ -18,8 +18,9 @@ from memtile.commands.common import (
     console,
     print_json,
 )
-from memtile.errors import MemtileError, UnsupportedOpError
+from memtile.errors import GradientMismatchError, MemtileError, UnsupportedOpError
 from memtile.freeze import FrozenBatchNorm2d, freeze
+from memtile.rows.verify import TOLERANCE
 from memtile.units import format_bytes
 
 HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
@@ -113,16 +114,38 @@ class Side:
         return [p.grad for p in self.params]
 
 
-def grad_error(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
-    """Max over parameters of max|a - b| / max|b| (0 where both are missing)."""
-    worst = 0.0
+def grad_errors(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> list[float]:
+    """Per parameter, max|a - b| / max|b| (0 where both are missing, inf where one is)."""
+    out = []
     for ga, gb in zip(a, b):
         if ga is None or gb is None:
-            if (ga is None) != (gb is None):
-                return float("inf")
-            continue
-        worst = max(worst, ((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30)).item())
-    return worst
+            out.append(0.0 if ga is None and gb is None else float("inf"))
+        else:
+            out.append(((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30)).item())
+    return out
+
+
+def grad_error(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """Max over parameters of max|a - b| / max|b| (0 where both are missing)."""
+    return max(grad_errors(a, b), default=0.0)
+
+
+def check_gradients(names: list[str], row: list, base: list, f64_row: float | None) -> None:
+    """GradientMismatchError naming the first parameter whose row-centric gradient is off by
+    more than TOLERANCE, unless the float64 reference says float32 rounding explains it."""
+    errors = grad_errors(row, base)
+    if max(errors, default=0.0) <= TOLERANCE or (f64_row is not None and f64_row <= TOLERANCE):
+        return
+    name, error = next((n, e) for n, e in zip(names, errors) if e > TOLERANCE)
+    raise GradientMismatchError(
+        f"row-centric gradients differ from ordinary training: parameter {name!r} is off by "
+        f"{error:.1e} relative (tolerance {TOLERANCE:.0e}{_f64_note(f64_row)}); this is a "
+        "memtile bug, please report it"
+    )
+
+
+def _f64_note(f64_row: float | None) -> str:
+    return "" if f64_row is None else f", {f64_row:.1e} against float64"
 
 
 def float64_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -152,7 +175,8 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
     row_params = list(row_copy.parameters())
     row_model = wrap(row_copy, **row_kwargs)
     freeze_norms(row_model.head)
-    row_model.trunk.engine(x)  # trace, plan (and in budget mode choose + verify) before timing
+    # trace, plan (in budget mode choose and measure) and verify on a crop, before timing
+    engine = row_model.trunk.engine(x)
     base_side, row_side = Side(base, list(base.parameters())), Side(row_model, row_params)
     checks: dict[str, float | None] = {"grad_max_rel_error_f64_baseline": None,
                                        "grad_max_rel_error_f64_row": None}
@@ -166,10 +190,13 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
                 checks = {"grad_max_rel_error_f64_baseline": grad_error(base_side.grads(), ref),
                           "grad_max_rel_error_f64_row": grad_error(row_side.grads(), ref)}
                 del ref
+            check_gradients([n for n, _ in base.named_parameters()], row_side.grads(),
+                            base_side.grads(), checks["grad_max_rel_error_f64_row"])
     base_m = base_side.measured_step(x, seed=steps)
     row_m = row_side.measured_step(x, seed=steps)
     trunk = row_model.trunk
-    fwd, bwd = trunk.band_counts()
+    fwd, bwd = engine.bands
+    check = trunk.checks[tuple(x.shape[-2:])]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-30)
                     for a, b in zip(row_side.losses, base_side.losses))
     return {
@@ -179,6 +206,9 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "strategy": trunk.strategy,
         "forward_rows": fwd,
         "backward_rows": bwd,
+        "rows_requested": list(trunk.band_counts()),
+        "max_rows": engine.max_bands,
+        "stopped_at": row_model.stopped_at,
         "checkpoint": trunk.checkpoint,
         "taper": trunk.taper,
         "trunk_output_shape": list(trunk.graph.output_size(tuple(x.shape[-2:]))),
@@ -195,6 +225,8 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "loss_row": row_side.losses,
         "loss_max_rel_diff": loss_diff,
         "frozen_layers": frozen,
+        "verify": {**check.as_json(),
+                   "step_fraction": check.seconds / statistics.median(row_side.seconds)},
         "budget_bytes": trunk.budget,
         "budget_measured_trunk_bytes": trunk.choice.measured_bytes if trunk.choice else None,
     }
@@ -273,6 +305,20 @@ def _print_table(r: dict) -> None:
         console.print(f"against float64 ordinary training: ordinary float32 "
                       f"{r['grad_max_rel_error_f64_baseline']:.2e}, row-centric "
                       f"{r['grad_max_rel_error_f64_row']:.2e}")
+    if r["rows_requested"] != [r["forward_rows"], r["backward_rows"]]:
+        unit = "input" if r["strategy"] == "2ps" else "trunk output"
+        console.print(f"asked for {' / '.join(map(str, r['rows_requested']))} (forward / "
+                      f"backward) bands; {r['strategy']} splits the {r['max_rows']} {unit} rows "
+                      "at most, so fewer are used")
+    if r["stopped_at"]:
+        stop = r["stopped_at"]
+        console.print(f"bands stop at {stop['node']} ({stop['op']}): {stop['reason']}")
+    else:
+        console.print("bands cover the whole model")
+    v = r["verify"]
+    console.print(f"checked at wrap time on a {'x'.join(map(str, v['input_shape']))} crop "
+                  f"({v['dtype']}): max relative error {v['max_rel_error']:.1e} in "
+                  f"{v['seconds']:.2f} s ({v['step_fraction']:.0%} of a row-centric step)")
     if r["frozen_layers"]:
         console.print(f"both sides ran with {', '.join(r['frozen_layers'])} in eval mode "
                       "(frozen BatchNorm statistics, no dropout), like for like")

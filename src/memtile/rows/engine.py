@@ -19,6 +19,7 @@ gradients on ordinary parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Container, Hashable
@@ -344,16 +345,24 @@ class Engine:
         self.taper = taper if strategy == "2ps" else 0.0
         self.sizes = graph.sizes(in_size)
         # OverL splits the output rows, 2PS the input rows (see the plans); counts are capped
-        cap = max_bands(graph, in_size, strategy)
+        self.max_bands = cap = max_bands(graph, in_size, strategy)
         make = two_phase_plan if strategy == "2ps" else overl_plan
         self.forward_plan = make(graph, self.sizes, _split(cap, forward_bands))
         self.backward_plan = make(graph, self.sizes, _split(cap, backward_bands, self.taper))
+        self.bands = (len(self.forward_plan.bands), len(self.backward_plan.bands))  # as run
         self.kept = KeptRows.of(graph, self.backward_plan)
         self.forward_graph = graph.folded(
             worth_folding(graph, self.sizes, self.forward_plan, grad=False))
         self.backward_graph = graph.folded(
             worth_folding(graph, self.sizes, self.backward_plan, grad=True,
                           checkpoint=checkpoint))
+
+    def narrowed(self, width: int) -> Engine:
+        """This engine for inputs `width` columns wide: the same bands, plans and folded norms
+        (all depend on rows only), e.g. to check it on a crop (`memtile.rows.verify`)."""
+        out = copy.copy(self)
+        out.sizes = self.graph.sizes((self.sizes[self.graph.input][0], width))
+        return out
 
     # ---- forward ------------------------------------------------------------------------
 
