@@ -63,6 +63,8 @@ def find_split(model: nn.Module, stop_before: str | None = None) -> Split:
     for node in nodes:
         if node.op == "output":
             break
+        if node.op == "get_attr":  # a parameter read: its consumer says whether it is local
+            continue
         if _inside(node, stop_before):
             stop = (node, f"stop_before={stop_before!r}: it and the rest run ordinarily")
             break
@@ -83,10 +85,8 @@ def find_split(model: nn.Module, stop_before: str | None = None) -> Split:
             cut = k
             break
     if cut is None:
-        first = nodes[len(prefix)]
-        raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap "
-                                 f"(first unsupported node: {first.name}"
-                                 f"{'; ' + stop[1] if stop else ''})")
+        raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap"
+                                 f"{f' ({stop[0].name}: {stop[1]})' if stop else ''}")
     trunk, last = prefix[: cut + 1], prefix[cut]
     stopped_at = None
     if stop is not None:
