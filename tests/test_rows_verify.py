@@ -24,16 +24,18 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def grad_error(model: nn.Module, wrapped: nn.Module, x: torch.Tensor) -> float:
+def grad_error(model: nn.Module, wrapped: nn.Module, x: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> float:
     """Max relative parameter-gradient error of `wrapped` (sharing `model`'s parameters)
-    against ordinary training of a frozen copy of `model`, on a mean-square loss."""
-    base = copy.deepcopy(model)
+    against ordinary training of a frozen copy of `model` in `dtype`, mean-square loss."""
+    base = copy.deepcopy(model).to(dtype)
     freeze(base)
-    target = torch.randn(base(x).shape, generator=torch.Generator().manual_seed(1))
-    (base(x) - target).square().mean().backward()
+    target = torch.randn(base(x.to(dtype)).shape, generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    (base(x.to(dtype)) - target.to(dtype)).square().mean().backward()
     (wrapped(x) - target).square().mean().backward()
-    return max(rel_error(p.grad, q.grad) for p, q in zip(model.parameters(), base.parameters(),
-                                                         strict=True))
+    return max(rel_error(p.grad.to(dtype), q.grad)
+               for p, q in zip(model.parameters(), base.parameters(), strict=True))
 
 
 TIMM = ["regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a"]
@@ -43,14 +45,21 @@ TIMM = ["regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a
                                            for n in TIMM[1:])])
 def test_timm_models_in_training_mode_train_exact(name):
     """timm's BatchNormAct2d is traced in train mode unless frozen before tracing: gradient
-    errors of 1.8 to 214 at 64² before. Bands now reach past the stem, and the check passed."""
+    errors of 1.8 to 214 at 64² before. Bands now reach the first global pooling, and the
+    check passed."""
     model, (x,) = zoo.get(f"timm:{name}", batch=2, input_shape=(3, 64, 64))
     model.train()
     wrapped = wrap(model, rows=3, strategy="2ps", bn="frozen")
-    assert grad_error(model, wrapped, x) <= TOL
+    # as `memtile train` judges: within TOL of ordinary float32 training or of float64. Either
+    # alone fails: ordinary float32 training is itself 0.13 off float64 on efficientnet_lite0
+    # (blocks.3.1.conv_pw.weight; row-centric 4e-6) and on mobilenetv3_large_100
+    # (blocks.1.0.conv_pw.weight; row-centric the same 0.13, 5e-6 from ordinary)
+    errors = [grad_error(model, wrapped, x, dtype) for dtype in (torch.float32, torch.float64)]
+    assert min(errors) <= TOL, errors
     check = wrapped.trunk.checks[(64, 64)]
     assert check.max_rel_error <= TOL and check.input_shape == (2, 3, 64, 16)
-    assert wrapped.trunk.graph.output_size((64, 64))[0] < 32  # not just the 32-row stem
+    # bands end at a global pooling (the head's, or a squeeze-excite), not at a norm
+    assert wrapped.stopped_at["reason"].startswith("global pooling"), wrapped.stopped_at
     assert any(isinstance(m, FrozenBatchNormAct2d) for m in model.modules())
 
 
@@ -174,3 +183,13 @@ def test_timm_norm_in_training_mode_without_freezing_says_why_bands_stop():
 def test_bad_band_counts_in_the_api():
     with pytest.raises(MemtileError, match="backward_rows=0"):
         RowCentric(nn.Conv2d(3, 3, 3), backward_rows=0)
+
+
+def test_train_defaults_to_2ps_budget_mode_at_a_fifth_of_an_ordinary_step(capsys):
+    assert main(["train", "resnet8_cifar", "--batch", "2", "--resolution", "64",
+                 "--no-f64-check", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["strategy"] == "2ps" and result["budget_bytes"] is not None
+    fraction = result["budget_of_ordinary_trunk_step"]
+    assert any(abs(fraction - f) < 1e-6 for f in (0.2, 0.4, 0.8, 1.0)), fraction
+    assert result["budget_measured_trunk_bytes"] <= result["budget_bytes"]
