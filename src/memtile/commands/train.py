@@ -24,7 +24,7 @@ from memtile.rows.trunk import find_split
 from memtile.rows.verify import TOLERANCE
 from memtile.units import format_bytes
 
-DEFAULT_FRACTION = 0.2  # default budget: this share of an ordinary trunk step's peak
+DEFAULT_FRACTION = 0.2  # default budget: this share of the trunk's ordinary activations
 
 HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
         "gradient error against ordinary training")
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square input R x R (overrides H,W of --input-shape)")
     parser.add_argument("--rows", default=None, metavar="N|auto",
                         help="row bands, or 'auto' (budget mode); default: auto, with --budget "
-                             "or else a budget of 20%% of an ordinary trunk step, 2PS unless "
+                             "or else a budget of 20%% of the trunk's ordinary activations, 2PS unless "
                              "--strategy says otherwise")
     parser.add_argument("--forward-rows", type=int, default=None, help="bands for forward only")
     parser.add_argument("--backward-rows", type=int, default=None, help="bands for backward only")
@@ -179,13 +179,13 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
     row_copy = copy.deepcopy(model).train()
     freeze_norms(row_copy)
     row_params = list(row_copy.parameters())
-    ordinary = None
     if budget_fraction is None:
         row_model = wrap(row_copy, **row_kwargs)
         # trace, plan (in budget mode choose and measure) and verify on a crop, before timing
         engine = row_model.trunk.engine(x)
     else:
-        row_model, engine, ordinary = _wrap_at_fraction(row_copy, x, budget_fraction, row_kwargs)
+        row_model, engine, budget_fraction = _wrap_at_fraction(row_copy, x, budget_fraction,
+                                                               row_kwargs)
     base_side, row_side = Side(base, list(base.parameters())), Side(row_model, row_params)
     checks: dict[str, float | None] = {"grad_max_rel_error_f64_baseline": None,
                                        "grad_max_rel_error_f64_row": None}
@@ -237,26 +237,30 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "verify": {**check.as_json(),
                    "step_fraction": check.seconds / statistics.median(row_side.seconds)},
         "budget_bytes": trunk.budget,
-        "budget_of_ordinary_trunk_step": trunk.budget / ordinary if ordinary else None,
+        "budget_fraction_of_ordinary_activations": budget_fraction,
         "budget_measured_trunk_bytes": trunk.choice.measured_bytes if trunk.choice else None,
     }
 
 
 def _wrap_at_fraction(model: nn.Module, x: torch.Tensor, fraction: float, row_kwargs: dict):
-    """`wrap(model)` in budget mode, the budget `fraction` of an ordinary trunk step, doubled
-    while no configuration meets it (small inputs leave little to save).
+    """`wrap(model)` in budget mode, aiming at `fraction` of the trunk's ordinary activations:
+    the budget is the trunk's parameter gradients (held either way) plus that fraction of the
+    rest of an ordinary trunk step's peak. The fraction doubles while no configuration meets
+    it (small inputs leave little to save).
 
-    Returns the wrapped model, its engine for `x` and the ordinary trunk step's peak.
+    Returns the wrapped model, its engine for `x` and the fraction used.
     """
     from memtile.rows import wrap
     from memtile.rows.budget import ordinary_step_bytes
 
-    ordinary = ordinary_step_bytes(find_split(model, row_kwargs.get("stop_before")).trunk, x)
+    trunk = find_split(model, row_kwargs.get("stop_before")).trunk
+    grads = sum(p.numel() * p.element_size() for p in trunk.parameters() if p.requires_grad)
+    activations = max(ordinary_step_bytes(trunk, x) - grads, 0)
     while True:
-        budget = int(fraction * ordinary)
+        budget = grads + int(fraction * activations)
         wrapped = wrap(model, **{**row_kwargs, "rows": "auto", "budget": budget})
         try:
-            return wrapped, wrapped.trunk.engine(x), ordinary
+            return wrapped, wrapped.trunk.engine(x), fraction
         except BudgetError:
             if fraction >= 1:
                 raise
