@@ -31,3 +31,7 @@ class ProblemFormatError(MemtileError):
 
 class PlanVerificationError(MemtileError):
     """A plan that breaks the memory model (overlap, misalignment, capacity)."""
+
+
+class GradientMismatchError(MemtileError):
+    """A transformed model whose outputs or gradients differ from the original's (a bug)."""

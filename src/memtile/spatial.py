@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.foldnorm import FoldedConvBN
+from memtile.freeze import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from memtile.trace import trace
 
 Interval = tuple[int, int]
@@ -154,7 +155,8 @@ class SpatialGraph:
         pairs = {}
         for node in self.order:
             op = self.ops[node]
-            if isinstance(op.module, nn.BatchNorm2d):
+            if (isinstance(op.module, nn.BatchNorm2d)
+                    and not isinstance(op.module, FrozenBatchNormAct2d)):
                 conv = op.inputs[0]
                 if (isinstance(self.ops[conv].module, nn.Conv2d)
                         and self.consumers[conv] == [node]):
@@ -185,6 +187,10 @@ class SpatialGraph:
     def aliases(self, node: fx.Node) -> bool:
         """Whether `node` returns its input tensor itself (identity, folded batch norm)."""
         return isinstance(self.ops[node].module, nn.Identity)
+
+    def may_alias(self, node: fx.Node) -> bool:
+        """Whether `node` may return its input's storage (`aliases`, or `contiguous`)."""
+        return self.aliases(node) or (node.op == "call_method" and node.target == "contiguous")
 
     def needs(self, node: fx.Node, out: Region) -> Region:
         """Unclipped region of each input that `node` reads to produce `out` (same for all)."""
@@ -228,6 +234,8 @@ class SpatialGraph:
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
         cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
+        if isinstance(op.module, FrozenBatchNorm2d):
+            return op.module(cropped[op.inputs[0]])
         if isinstance(op.module, nn.BatchNorm2d):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
         args = fx.node.map_arg(node.args, lambda n: cropped[n])
@@ -310,6 +318,12 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
         return _Op("local", inputs, _conv_windows(mod), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
+    if isinstance(mod, FrozenBatchNormAct2d):
+        for part in (mod.drop, mod.act):
+            _classify_module(node, part, inputs, frozen_bn)  # pointwise, or refused by name
+        return _Op("pointwise", inputs, module=mod)
+    if isinstance(mod, FrozenBatchNorm2d):
+        return _Op("pointwise", inputs, module=mod)
     if isinstance(mod, nn.BatchNorm2d):
         if mod.training and not frozen_bn:
             raise UnsupportedOpError(

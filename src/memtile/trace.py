@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from memtile.errors import UnsupportedOpError
+from memtile.freeze import FrozenBatchNorm2d
 
 _SHAPE_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
 _SHAPE_METHODS = frozenset({"dim", "size", "numel"})
@@ -26,18 +27,29 @@ _COMPARISONS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, op
 def trace(module: nn.Module) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with shape checks removed; a clear error when fx cannot trace.
 
-    A GraphModule is returned as it is (it may be the caller's own, already rewritten graph).
+    Frozen norms stay leaves (a frozen timm `BatchNormAct2d` is not in torch.nn, so fx would
+    trace into it). A GraphModule is returned as it is (it may be the caller's own, already
+    rewritten graph).
     """
     if isinstance(module, fx.GraphModule):
         return module
     try:
-        gm = fx.symbolic_trace(module)
+        tracer = _Tracer()
+        graph = tracer.trace(module)
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as exc:  # fx raises many types for data-dependent control flow
         raise UnsupportedOpError(
             f"torch.fx could not trace {type(module).__name__} ({exc}); memtile needs a forward "
             "free of data-dependent control flow"
         ) from exc
     return drop_shape_checks(gm)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with frozen norms (`memtile.freeze`) kept as one module call each."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
 
 
 def drop_shape_checks(gm: fx.GraphModule) -> fx.GraphModule:

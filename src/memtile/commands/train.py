@@ -18,8 +18,13 @@ from memtile.commands.common import (
     console,
     print_json,
 )
-from memtile.errors import MemtileError, UnsupportedOpError
+from memtile.errors import BudgetError, GradientMismatchError, MemtileError, UnsupportedOpError
+from memtile.freeze import FrozenBatchNorm2d, freeze
+from memtile.rows.trunk import find_split
+from memtile.rows.verify import TOLERANCE
 from memtile.units import format_bytes
+
+DEFAULT_FRACTION = 0.2  # default budget: this share of the trunk's ordinary activations
 
 HELP = ("train a CNN's conv trunk row by row (LR-CNN OverL/2PS): measured peak, step time and "
         "gradient error against ordinary training")
@@ -29,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--resolution", type=int, default=None, metavar="R",
                         help="square input R x R (overrides H,W of --input-shape)")
-    parser.add_argument("--rows", default="4", metavar="N|auto",
-                        help="row bands of the trunk output, or 'auto' with --budget (default 4)")
+    parser.add_argument("--rows", default=None, metavar="N|auto",
+                        help="row bands, or 'auto' (budget mode); default: auto, with --budget "
+                             "or else a budget of 20%% of the trunk's ordinary activations, 2PS unless "
+                             "--strategy says otherwise")
     parser.add_argument("--forward-rows", type=int, default=None, help="bands for forward only")
     parser.add_argument("--backward-rows", type=int, default=None, help="bands for backward only")
     parser.add_argument("--budget", type=byte_size, default=None, metavar="BYTES",
@@ -53,13 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def freeze_norms(model: nn.Module) -> list[str]:
-    """Put BatchNorm and Dropout layers in eval mode; return what was frozen, for the report."""
-    frozen = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Dropout2d):
+    """Freeze BatchNorm by construction (`memtile.freeze`), put other norms and dropout in eval
+    mode; return the type names of what was replaced or switched, for the report."""
+    frozen = set(freeze(model))
+    for m in model.modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Dropout2d)
+                and not isinstance(m, FrozenBatchNorm2d)):
             m.eval()
-            frozen.append(type(m).__name__)
-    return sorted(set(frozen))
+            frozen.add(type(m).__name__)
+    return sorted(frozen)
 
 
 def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
@@ -110,16 +119,38 @@ class Side:
         return [p.grad for p in self.params]
 
 
-def grad_error(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
-    """Max over parameters of max|a - b| / max|b| (0 where both are missing)."""
-    worst = 0.0
+def grad_errors(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> list[float]:
+    """Per parameter, max|a - b| / max|b| (0 where both are missing, inf where one is)."""
+    out = []
     for ga, gb in zip(a, b):
         if ga is None or gb is None:
-            if (ga is None) != (gb is None):
-                return float("inf")
-            continue
-        worst = max(worst, ((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30)).item())
-    return worst
+            out.append(0.0 if ga is None and gb is None else float("inf"))
+        else:
+            out.append(((ga - gb).abs().max() / gb.abs().max().clamp_min(1e-30)).item())
+    return out
+
+
+def grad_error(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
+    """Max over parameters of max|a - b| / max|b| (0 where both are missing)."""
+    return max(grad_errors(a, b), default=0.0)
+
+
+def check_gradients(names: list[str], row: list, base: list, f64_row: float | None) -> None:
+    """GradientMismatchError naming the first parameter whose row-centric gradient is off by
+    more than TOLERANCE, unless the float64 reference says float32 rounding explains it."""
+    errors = grad_errors(row, base)
+    if max(errors, default=0.0) <= TOLERANCE or (f64_row is not None and f64_row <= TOLERANCE):
+        return
+    name, error = next((n, e) for n, e in zip(names, errors) if e > TOLERANCE)
+    raise GradientMismatchError(
+        f"row-centric gradients differ from ordinary training: parameter {name!r} is off by "
+        f"{error:.1e} relative (tolerance {TOLERANCE:.0e}{_f64_note(f64_row)}); this is a "
+        "memtile bug, please report it"
+    )
+
+
+def _f64_note(f64_row: float | None) -> str:
+    return "" if f64_row is None else f", {f64_row:.1e} against float64"
 
 
 def float64_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -131,7 +162,7 @@ def float64_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None
 
 
 def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool = True,
-            **row_kwargs) -> dict:
+            budget_fraction: float | None = None, **row_kwargs) -> dict:
     """Ordinary vs row-centric training of copies of `model`, same data and seeds.
 
     Both sides run with BatchNorm frozen (running statistics) and dropout off, like for like.
@@ -146,10 +177,15 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
     base = copy.deepcopy(model).train()
     frozen = freeze_norms(base)
     row_copy = copy.deepcopy(model).train()
+    freeze_norms(row_copy)
     row_params = list(row_copy.parameters())
-    row_model = wrap(row_copy, **row_kwargs)
-    freeze_norms(row_model.head)
-    row_model.trunk.engine(x)  # trace, plan (and in budget mode choose + verify) before timing
+    if budget_fraction is None:
+        row_model = wrap(row_copy, **row_kwargs)
+        # trace, plan (in budget mode choose and measure) and verify on a crop, before timing
+        engine = row_model.trunk.engine(x)
+    else:
+        row_model, engine, budget_fraction = _wrap_at_fraction(row_copy, x, budget_fraction,
+                                                               row_kwargs)
     base_side, row_side = Side(base, list(base.parameters())), Side(row_model, row_params)
     checks: dict[str, float | None] = {"grad_max_rel_error_f64_baseline": None,
                                        "grad_max_rel_error_f64_row": None}
@@ -158,15 +194,18 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         row_side.timed_step(x, seed=k)
         if k == 0:  # the only step where both sides start from bit-identical weights
             worst = grad_error(row_side.grads(), base_side.grads())
-            if f64_check:
+            if f64_check or worst > TOLERANCE:  # float32 ordinary training can be the one off
                 ref = float64_grads(model, x)
                 checks = {"grad_max_rel_error_f64_baseline": grad_error(base_side.grads(), ref),
                           "grad_max_rel_error_f64_row": grad_error(row_side.grads(), ref)}
                 del ref
+            check_gradients([n for n, _ in base.named_parameters()], row_side.grads(),
+                            base_side.grads(), checks["grad_max_rel_error_f64_row"])
     base_m = base_side.measured_step(x, seed=steps)
     row_m = row_side.measured_step(x, seed=steps)
     trunk = row_model.trunk
-    fwd, bwd = trunk.band_counts()
+    fwd, bwd = engine.bands
+    check = trunk.checks[tuple(x.shape[-2:])]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-30)
                     for a, b in zip(row_side.losses, base_side.losses))
     return {
@@ -176,6 +215,9 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "strategy": trunk.strategy,
         "forward_rows": fwd,
         "backward_rows": bwd,
+        "rows_requested": list(trunk.band_counts()),
+        "max_rows": engine.max_bands,
+        "stopped_at": row_model.stopped_at,
         "checkpoint": trunk.checkpoint,
         "taper": trunk.taper,
         "trunk_output_shape": list(trunk.graph.output_size(tuple(x.shape[-2:]))),
@@ -192,9 +234,37 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
         "loss_row": row_side.losses,
         "loss_max_rel_diff": loss_diff,
         "frozen_layers": frozen,
+        "verify": {**check.as_json(),
+                   "step_fraction": check.seconds / statistics.median(row_side.seconds)},
         "budget_bytes": trunk.budget,
+        "budget_fraction_of_ordinary_activations": budget_fraction,
         "budget_measured_trunk_bytes": trunk.choice.measured_bytes if trunk.choice else None,
     }
+
+
+def _wrap_at_fraction(model: nn.Module, x: torch.Tensor, fraction: float, row_kwargs: dict):
+    """`wrap(model)` in budget mode, aiming at `fraction` of the trunk's ordinary activations:
+    the budget is the trunk's parameter gradients (held either way) plus that fraction of the
+    rest of an ordinary trunk step's peak. The fraction doubles while no configuration meets
+    it (small inputs leave little to save).
+
+    Returns the wrapped model, its engine for `x` and the fraction used.
+    """
+    from memtile.rows import wrap
+    from memtile.rows.budget import ordinary_step_bytes
+
+    trunk = find_split(model, row_kwargs.get("stop_before")).trunk
+    grads = sum(p.numel() * p.element_size() for p in trunk.parameters() if p.requires_grad)
+    activations = max(ordinary_step_bytes(trunk, x) - grads, 0)
+    while True:
+        budget = grads + int(fraction * activations)
+        wrapped = wrap(model, **{**row_kwargs, "rows": "auto", "budget": budget})
+        try:
+            return wrapped, wrapped.trunk.engine(x), fraction
+        except BudgetError:
+            if fraction >= 1:
+                raise
+            fraction = min(1.0, 2 * fraction)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,6 +274,11 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MemtileError(f"--steps must be at least 1, got {args.steps}")
     rows = _parse_rows(args.rows, args.budget)
+    fraction = None
+    if args.rows is None and args.budget is None:  # the default: budget mode at a fraction
+        fraction = DEFAULT_FRACTION
+        if args.forward_rows is not None or args.backward_rows is not None:
+            rows, fraction = 4, None  # bands asked per pass: fixed counts, 4 for the other
     shape = args.input_shape
     if args.resolution is not None:
         shape = (shape[0] if shape else 3, args.resolution, args.resolution)
@@ -215,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
             "row bands in training mode; run with --bn frozen to train with running statistics"
         )
     result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
-                     rows=rows, strategy=args.strategy,
+                     budget_fraction=fraction, rows=rows,
+                     strategy=args.strategy or ("2ps" if fraction else None),
                      forward_rows=args.forward_rows, backward_rows=args.backward_rows,
                      checkpoint=args.checkpoint or None, bn="frozen", budget=args.budget,
                      stop_before=args.stop_before)
@@ -229,9 +305,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_rows(text: str, budget: int | None) -> int | str:
-    if text == "auto":
-        if budget is None:
+def _parse_rows(text: str | None, budget: int | None) -> int | str:
+    if text is None or text == "auto":
+        if budget is None and text is not None:
             raise MemtileError("--rows auto needs --budget BYTES (e.g. --budget 2GiB)")
         return "auto"
     try:
@@ -270,6 +346,20 @@ def _print_table(r: dict) -> None:
         console.print(f"against float64 ordinary training: ordinary float32 "
                       f"{r['grad_max_rel_error_f64_baseline']:.2e}, row-centric "
                       f"{r['grad_max_rel_error_f64_row']:.2e}")
+    if r["rows_requested"] != [r["forward_rows"], r["backward_rows"]]:
+        unit = "input" if r["strategy"] == "2ps" else "trunk output"
+        console.print(f"asked for {' / '.join(map(str, r['rows_requested']))} (forward / "
+                      f"backward) bands; {r['strategy']} splits the {r['max_rows']} {unit} rows "
+                      "at most, so fewer are used")
+    if r["stopped_at"]:
+        stop = r["stopped_at"]
+        console.print(f"bands stop at {stop['node']} ({stop['op']}): {stop['reason']}")
+    else:
+        console.print("bands cover the whole model")
+    v = r["verify"]
+    console.print(f"checked at wrap time on a {'x'.join(map(str, v['input_shape']))} crop "
+                  f"({v['dtype']}): max relative error {v['max_rel_error']:.1e} in "
+                  f"{v['seconds']:.2f} s ({v['step_fraction']:.0%} of a row-centric step)")
     if r["frozen_layers"]:
         console.print(f"both sides ran with {', '.join(r['frozen_layers'])} in eval mode "
                       "(frozen BatchNorm statistics, no dropout), like for like")

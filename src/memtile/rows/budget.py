@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -223,16 +223,25 @@ def _kind(choice: Choice) -> tuple[str, bool, float]:
 
 def measure_step(module: RowCentric, x: torch.Tensor, choice: Choice) -> int:
     """Measured peak bytes of one trunk forward + backward with `choice` (no .grad is touched)."""
-    from memtile.measure import measure
-
     engine = Engine(module.graph, tuple(x.shape[-2:]), choice.strategy, choice.forward_rows,
                     choice.backward_rows, choice.checkpoint, choice.taper)
     params = [p for p in module.trunk.parameters() if p.requires_grad]
+    return _step_peak(lambda x: RowFunction.apply(engine, x, *params), x, params)
+
+
+def ordinary_step_bytes(trunk: nn.Module, x: torch.Tensor) -> int:
+    """Measured peak of one ordinary forward + backward of `trunk`: what budgets compare with."""
+    return _step_peak(trunk, x, [p for p in trunk.parameters() if p.requires_grad])
+
+
+def _step_peak(forward, x: torch.Tensor, params: list[torch.Tensor]) -> int:
+    from memtile.measure import measure
+
     x = x.detach().requires_grad_(x.requires_grad)
 
     def step() -> None:
         with torch.enable_grad():
-            y = RowFunction.apply(engine, x, *params)
+            y = forward(x)
             wrt = [*params, *([x] if x.requires_grad else [])]
             torch.autograd.grad(y, wrt, torch.ones_like(y))
 

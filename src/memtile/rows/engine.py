@@ -19,6 +19,7 @@ gradients on ordinary parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Container, Hashable
@@ -344,16 +345,24 @@ class Engine:
         self.taper = taper if strategy == "2ps" else 0.0
         self.sizes = graph.sizes(in_size)
         # OverL splits the output rows, 2PS the input rows (see the plans); counts are capped
-        cap = max_bands(graph, in_size, strategy)
+        self.max_bands = cap = max_bands(graph, in_size, strategy)
         make = two_phase_plan if strategy == "2ps" else overl_plan
         self.forward_plan = make(graph, self.sizes, _split(cap, forward_bands))
         self.backward_plan = make(graph, self.sizes, _split(cap, backward_bands, self.taper))
+        self.bands = (len(self.forward_plan.bands), len(self.backward_plan.bands))  # as run
         self.kept = KeptRows.of(graph, self.backward_plan)
         self.forward_graph = graph.folded(
             worth_folding(graph, self.sizes, self.forward_plan, grad=False))
         self.backward_graph = graph.folded(
             worth_folding(graph, self.sizes, self.backward_plan, grad=True,
                           checkpoint=checkpoint))
+
+    def narrowed(self, width: int) -> Engine:
+        """This engine for inputs `width` columns wide: the same bands, plans and folded norms
+        (all depend on rows only), e.g. to check it on a crop (`memtile.rows.verify`)."""
+        out = copy.copy(self)
+        out.sizes = self.graph.sizes((self.sizes[self.graph.input][0], width))
+        return out
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -520,11 +529,19 @@ def worth_folding(graph: SpatialGraph, sizes: dict[fx.Node, Size], plan: Plan,
 def keeps_result(graph: SpatialGraph, node: fx.Node) -> bool:
     """Whether `node`'s result is left as computed wherever a gradient flows back into it: no
     consumer writes into it (an in-place op writes into its first input), except a sole ReLU
-    or clamp (which passes no gradient where it changed a value) whose result is kept too."""
+    or clamp (which passes no gradient where it changed a value) whose result is kept too.
+    Consumers that may return `node` itself (identity, eval dropout, contiguous) are looked
+    through: mobilenetv3's in-place activation after an identity wrote into a fold's result."""
     consumers = graph.consumers[node]
     if len(consumers) == 1 and idempotent(graph.gm, consumers[0]):
         return keeps_result(graph, consumers[0])  # its result is the same storage
-    return not any(in_place(graph.gm, c) and graph.ops[c].inputs[0] is node for c in consumers)
+    for c in consumers:
+        if graph.may_alias(c):  # hands `node`'s storage on: what writes into c writes into it
+            if not keeps_result(graph, c):
+                return False
+        elif in_place(graph.gm, c) and graph.ops[c].inputs[0] is node:
+            return False
+    return True
 
 
 def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:

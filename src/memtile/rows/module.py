@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from memtile.errors import InputShapeError, MemtileError
+from memtile.freeze import freeze
 from memtile.rows.engine import Engine, RowFunction
+from memtile.rows.verify import Check, check_engine
 from memtile.spatial import SpatialGraph
 
 STRATEGIES = ("overl", "2ps")
@@ -25,18 +27,23 @@ class RowCentric(nn.Module):
     (see `memtile.rows.budget`). `checkpoint=True` also checkpoints segments inside each band;
     left at None, it is off, or in budget mode chosen with the band counts. `taper` (2PS) makes
     backward bands shrink toward the bottom (see `Engine`); budget mode chooses it too.
-    `bn="frozen"` runs BatchNorm layers with their running statistics (never updated here);
-    `bn="error"` refuses BatchNorm layers in training mode. A frozen norm right after a
-    convolution of a wide layer is folded into it per band (`memtile.foldnorm.FoldedConvBN`),
-    so a band holds one tensor instead of two for the pair; a trained norm keeps the gradients
-    its own backward computes, and in backward is folded only where its result stays intact
-    for them and bands are not checkpointed (`rows.engine.worth_folding`).
+    `bn="frozen"` replaces the trunk's BatchNorm layers (in place, sharing their tensors) by
+    `memtile.freeze.FrozenBatchNorm2d`: running statistics, never updated, in any mode;
+    `frozen_layers` names what was replaced. `bn="error"` refuses BatchNorm layers in training
+    mode. A frozen norm right after a convolution of a wide layer is folded into it per band
+    (`memtile.foldnorm.FoldedConvBN`), so a band holds one tensor instead of two for the pair;
+    a trained norm keeps the gradients its own backward computes, and in backward is folded
+    only where its result stays intact for them and bands are not checkpointed
+    (`rows.engine.worth_folding`).
+    `verify=True` (the default) checks every new input size once, before its first forward
+    returns, against ordinary autograd on a crop (`memtile.rows.verify`): GradientMismatchError
+    rather than silently wrong gradients. `checks` holds the outcomes by input size.
     """
 
     def __init__(self, trunk: nn.Module, rows: int | str = 4, strategy: str | None = None,
                  forward_rows: int | None = None, backward_rows: int | None = None,
                  checkpoint: bool | None = None, bn: str = "error", budget: int | None = None,
-                 taper: float = 0.0) -> None:
+                 taper: float = 0.0, verify: bool = True) -> None:
         super().__init__()
         if strategy is not None and strategy not in STRATEGIES:
             raise MemtileError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -47,6 +54,10 @@ class RowCentric(nn.Module):
                                "of the trunk may use)")
         if rows != "auto" and (not isinstance(rows, int) or rows < 1):
             raise MemtileError(f"rows={rows!r}: give a positive number of bands or 'auto'")
+        for name, value in (("forward_rows", forward_rows), ("backward_rows", backward_rows)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MemtileError(f"{name}={value!r}: give a positive number of bands")
+        self.frozen_layers = freeze(trunk) if bn == "frozen" else []
         self.trunk = trunk
         self.rows, self.bn, self.taper = rows, bn, taper
         self.checkpoint = bool(checkpoint)
@@ -58,6 +69,8 @@ class RowCentric(nn.Module):
         self.choice = None  # budget mode: the memtile.rows.budget.Choice it made
         self._graph: SpatialGraph | None = None
         self._engines: dict[tuple, Engine] = {}
+        self.verify = verify
+        self.checks: dict[tuple[int, ...], Check] = {}
 
     @property
     def graph(self) -> SpatialGraph:
@@ -83,7 +96,10 @@ class RowCentric(nn.Module):
         fwd, bwd = self.band_counts()
         key = (tuple(x.shape[-2:]), self.strategy, fwd, bwd, self.checkpoint, self.taper)
         if key not in self._engines:
-            self._engines[key] = Engine(self.graph, *key)
+            engine = Engine(self.graph, *key)
+            if self.verify:
+                self.checks[tuple(x.shape[-2:])] = check_engine(self.trunk, engine, x)
+            self._engines[key] = engine
         return self._engines[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx, nn
 
 from memtile.errors import UnsupportedOpError
+from memtile.freeze import freeze
 from memtile.rows.module import RowCentric
 from memtile.spatial import classify
 from memtile.trace import trace
 
 
 class RowWrapped(nn.Module):
-    """A model split at the end of its spatial trunk: `head(trunk(x))`, parameters shared."""
+    """A model split at the end of its spatial trunk: `head(trunk(x))`, parameters shared.
 
-    def __init__(self, trunk: RowCentric, head: fx.GraphModule) -> None:
+    `stopped_at` says where and why the bands end ({node, op, reason, last_banded}), or is
+    None when the whole model is banded.
+    """
+
+    def __init__(self, trunk: RowCentric, head: fx.GraphModule,
+                 stopped_at: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.trunk, self.head = trunk, head
+        self.trunk, self.head, self.stopped_at = trunk, head, stopped_at
 
     def forward(self, x):
         return self.head(self.trunk(x))
 
 
+@dataclass
+class Split:
+    """A model's spatially local prefix, the rest, and where and why the prefix ends."""
+
+    trunk: fx.GraphModule
+    head: fx.GraphModule
+    stopped_at: dict[str, str] | None
+
+
 def split_trunk(model: nn.Module, stop_before: str | None = None
                 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(trunk, head): the longest prefix of spatially local ops that hands one tensor on.
+    """(trunk, head) of `find_split`."""
+    split = find_split(model, stop_before)
+    return split.trunk, split.head
+
+
+def find_split(model: nn.Module, stop_before: str | None = None) -> Split:
+    """The longest prefix of spatially local ops that hands one tensor on, and the rest.
 
     BatchNorm counts as local here (whether it may run is RowCentric's `bn` choice). Both parts
     share the model's submodules, so its parameters and optimizer state stay valid.
@@ -36,12 +59,19 @@ def split_trunk(model: nn.Module, stop_before: str | None = None
     if sum(n.op == "placeholder" for n in nodes) != 1:
         raise UnsupportedOpError("wrap() needs a model with exactly one image input")
     accepted: dict[fx.Node, object] = {}
+    stop: tuple[fx.Node, str] | None = None
     for node in nodes:
-        if node.op == "output" or _inside(node, stop_before):
+        if node.op == "output":
+            break
+        if node.op == "get_attr":  # a parameter read: its consumer says whether it is local
+            continue
+        if _inside(node, stop_before):
+            stop = (node, f"stop_before={stop_before!r}: it and the rest run ordinarily")
             break
         try:
             accepted[node] = classify(gm, node, accepted, frozen_bn=True)
-        except UnsupportedOpError:
+        except UnsupportedOpError as exc:
+            stop = (node, f"{_kind_of_stop(gm, node)}{exc}")
             break
     if stop_before is not None and not any(_inside(n, stop_before) for n in nodes):
         raise UnsupportedOpError(f"stop_before={stop_before!r}: {type(model).__name__} calls no "
@@ -55,10 +85,46 @@ def split_trunk(model: nn.Module, stop_before: str | None = None
             cut = k
             break
     if cut is None:
-        first = nodes[len(prefix)]
-        raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap "
-                                 f"(first unsupported node: {first.name})")
-    return _subgraph(gm, prefix[: cut + 1], prefix[cut]), _head(gm, prefix[: cut + 1], prefix[cut])
+        raise UnsupportedOpError(f"{type(model).__name__} has no spatially local prefix to wrap"
+                                 f"{f' ({stop[0].name}: {stop[1]})' if stop else ''}")
+    trunk, last = prefix[: cut + 1], prefix[cut]
+    stopped_at = None
+    if stop is not None:
+        node, reason = stop
+        if cut + 1 < len(prefix):
+            reason += (f"; the bands end before it, at {last.name}, the last node where the "
+                       "banded part hands on one tensor (later ones still feed skips)")
+        stopped_at = {"node": node.name, "op": op_name(gm, node), "reason": reason,
+                      "last_banded": last.name}
+    return Split(_subgraph(gm, trunk, last), _head(gm, trunk, last), stopped_at)
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What `node` runs: a module's type, a function's or a method's name."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+_GLOBAL = {"mean", "sum", "amax", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+           "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "SelectAdaptivePool2d"}
+_ATTENTION = {"softmax", "matmul", "bmm", "baddbmm", "scaled_dot_product_attention",
+              "MultiheadAttention", "Softmax"}
+_LAYOUT = {"flatten", "view", "reshape", "permute", "transpose", "Flatten", "Linear", "linear"}
+
+
+def _kind_of_stop(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A short why for a non-local op: global pooling, attention, leaving the image layout."""
+    name = op_name(gm, node)
+    if name == "batch_norm":
+        return "BatchNorm traced in training mode (its statistics span the whole image): "
+    if name in _GLOBAL:
+        return "global pooling (reads every row of the image): "
+    if name in _ATTENTION:
+        return "attention (mixes all positions): "
+    if name in _LAYOUT:
+        return "leaves the image layout (e.g. the classifier head): "
+    return ""
 
 
 def _inside(node: fx.Node, module: str | None) -> bool:
@@ -90,9 +156,12 @@ def wrap(model: nn.Module, stop_before: str | None = None, **kwargs) -> RowWrapp
     """`model` with its longest spatially local prefix run by `RowCentric(prefix, **kwargs)`.
 
     Finds vgg/mobilenet `features`, resnet stem + layer1-4 and the like; the head runs unchanged.
-    `stop_before` ends the prefix before a submodule (see `split_trunk`): resnet50 at 2x512²
+    With `bn="frozen"` the whole model's BatchNorm layers are frozen in place first
+    (`memtile.freeze`). `stop_before` ends the prefix before a submodule (see `split_trunk`): resnet50 at 2x512²
     with "layer4" measured 16% of ordinary activations at 1.39-1.44x the step time, against 17%
     at 1.60x with layer4 banded too (BENCHMARKS.md).
     """
-    trunk, head = split_trunk(model, stop_before)
-    return RowWrapped(RowCentric(trunk, **kwargs), head)
+    if kwargs.get("bn") == "frozen":
+        freeze(model)  # before tracing, so that no trace keeps a norm in training mode
+    split = find_split(model, stop_before)
+    return RowWrapped(RowCentric(split.trunk, **kwargs), split.head, split.stopped_at)

@@ -1,0 +1,138 @@
+"""Wrap-time check: banded forward and backward against ordinary autograd, before any use.
+
+A wrong band plan gives wrong gradients silently, and training would go on. So every new input
+size is checked once, on a crop that ordinary training surely fits: all its rows
+(the band plans depend on rows only, so the crop runs exactly the bands, plans and folded norms
+of the full-size engine), the whole batch (a batch of 2 once found a bug that one image did
+not show) and few columns. A float32 mismatch is checked again in float64 before
+it fails, so float32 rounding alone never raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from memtile.errors import GradientMismatchError, InputShapeError
+from memtile.rows.engine import Engine, RowFunction
+
+TOLERANCE = 1e-4  # max relative gradient error accepted (float32 ordinary is within 1e-5)
+# columns of the crop: at least CHECK_WIDTH, W / WIDTH_SHRINK for wide inputs. The check's time
+# is mostly per-band overhead, not arithmetic (resnet18 2x512², 16 bands: 1.7 s at 16 columns,
+# 1.9 s at 32), and 16 columns let a max pool's float32 near-ties send its check to float64
+CHECK_WIDTH = 32
+WIDTH_SHRINK = 16
+ZERO_FLOOR = 1e-6  # a gradient below this share of the largest one counts as zero-sized
+
+
+@dataclass(frozen=True)
+class Check:
+    """Outcome of one wrap-time check (`asdict` gives the JSON of `memtile train`)."""
+
+    max_rel_error: float  # max over the output and parameter gradients
+    worst: str  # the first one over TOLERANCE (else the largest): output or a parameter
+    input_shape: tuple[int, ...]
+    dtype: str
+    seconds: float
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "input_shape": list(self.input_shape)}
+
+
+def check_width(engine: Engine, width: int) -> int:
+    """Fewest columns, from CHECK_WIDTH or width / WIDTH_SHRINK up, that the trunk accepts."""
+    height = engine.sizes[engine.graph.input][0]
+    start = min(width, max(CHECK_WIDTH, width // WIDTH_SHRINK))
+    for cols in range(start, width):
+        try:
+            if engine.graph.output_size((height, cols))[1] >= 1:
+                return cols
+        except InputShapeError:
+            continue
+    return width
+
+
+def check_engine(trunk: nn.Module, engine: Engine, x: torch.Tensor) -> Check:
+    """Check `engine` (built for `x`'s size) on a crop of `x`; GradientMismatchError if its
+    output or gradients differ from ordinary autograd through `trunk` by more than TOLERANCE."""
+    start = time.perf_counter()
+    cols = check_width(engine, x.shape[-1])
+    crop = x[..., :cols].detach().clone()
+    small = engine.narrowed(cols)
+    dtype = crop.dtype
+    # oneDNN compiles a kernel for every new convolution shape (each band's, here once more at
+    # the crop's width): 40 ms each on a loaded CPU, more than the crop's arithmetic. ATen's own
+    # kernels compute the same band plan without that cost.
+    with without_onednn():
+        error, worst = _error(trunk, small, crop)
+        if error > TOLERANCE and dtype != torch.float64:
+            dtype = torch.float64
+            trunk.double()
+            try:
+                error, worst = _error(trunk, small, crop.double())
+            finally:
+                trunk.to(crop.dtype)
+    check = Check(error, worst, tuple(crop.shape), str(dtype).removeprefix("torch."),
+                  time.perf_counter() - start)
+    if error > TOLERANCE:
+        raise GradientMismatchError(
+            f"row-centric training differs from ordinary autograd: {worst} is off by "
+            f"{error:.1e} relative (tolerance {TOLERANCE:.0e}, on a "
+            f"{'x'.join(map(str, check.input_shape))} crop in {check.dtype}); this is a memtile "
+            "bug, please report it; train this model without row bands meanwhile"
+        )
+    return check
+
+
+@contextmanager
+def without_onednn() -> Iterator[None]:
+    """`torch.backends.mkldnn.flags(enabled=False)`, without its TF32 warning on restore."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def _error(trunk: nn.Module, engine: Engine, crop: torch.Tensor) -> tuple[float, str]:
+    """Largest relative error of the banded output and parameter gradients, and the first of
+    them (the output, then parameters in the trunk's order) over TOLERANCE.
+
+    The input gradient is left out: where a max pool's window holds near-equal values, float32
+    rounding may route its gradient to another input position, in either run (resnet18 at
+    2x512², a 16-column crop: input gradient 0.12 off in float32, 5e-15 in float64).
+    """
+    named = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    with torch.enable_grad():
+        want = trunk(crop)
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(0),
+                           dtype=want.dtype).to(want.device)
+        want_grads = torch.autograd.grad(want, params, grad, allow_unused=True) if params else ()
+        got = RowFunction.apply(engine, crop, *params)
+        got_grads = torch.autograd.grad(got, params, grad, allow_unused=True) if params else ()
+    floor = ZERO_FLOOR * max((g.abs().max().item() for g in want_grads if g is not None),
+                             default=0.0)
+    errors = [(_relative(got, want, 0.0), "output"),
+              *((_relative(g, w, floor), f"parameter {name!r}")
+                for (name, _), g, w in zip(named, got_grads, want_grads, strict=True))]
+    largest = max(e for e, _ in errors)
+    first = next((name for e, name in errors if e > TOLERANCE), max(errors)[1])
+    return largest, first
+
+
+def _relative(got: torch.Tensor | None, want: torch.Tensor | None, floor: float) -> float:
+    """max|got - want| / max|want| (a missing gradient is zero)."""
+    if got is None and want is None:
+        return 0.0
+    if got is None or want is None:
+        got, want = (torch.zeros_like(want) if got is None else got,
+                     torch.zeros_like(got) if want is None else want)
+    scale = max(want.abs().max().item(), floor, 1e-30)
+    return (got.detach() - want.detach()).abs().max().item() / scale
