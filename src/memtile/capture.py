@@ -168,7 +168,7 @@ class MemGraph:
             tensor = self.tensors[base]
             if tensor.category == PARAMETER or tensor.nbytes == 0:
                 continue
-            root = _root(base, shared)
+            root = shared_root(base, shared)
             start = 0 if tensor.producer is None else position[tensor.producer]
             steps = [position[c] for name in users for c in self.tensors[name].consumers]
             end = self.num_steps if tensor.category == OUTPUT else max([start, *steps]) + 1
@@ -259,7 +259,8 @@ def _flatten(value) -> list[str]:
     return [value]
 
 
-def _root(name: str, shared: dict[str, str]) -> str:
+def shared_root(name: str, shared: dict[str, str]) -> str:
+    """The storage `name` ends up in after following in-place sharing (`shared`: name -> base)."""
     while name in shared:
         name = shared[name]
     return name

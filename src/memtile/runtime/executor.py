@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from memtile.capture import INPUT, OUTPUT, capture
+from memtile.capture import INPUT, OUTPUT, capture, shared_root
 from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.planner import ALIGNMENT, prepare
 from memtile.planning import Plan, Problem, solve
@@ -135,7 +135,7 @@ class ArenaProgram:
 
     def _program(self) -> Program:
         graph, value_of = self.graph, self.graph.value_of
-        roots = {name: _root(name, self.shared) for name in self.arena_storages}
+        roots = {name: shared_root(name, self.shared) for name in self.arena_storages}
         index_of: dict[str, int] = {}
 
         def destination(name: str):
