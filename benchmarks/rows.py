@@ -103,7 +103,7 @@ def interleaved_ratio(base: nn.Module, other: nn.Module, x: torch.Tensor, rounds
     for k in range(done, done + rounds):
         for side in sides:
             side.timed_step(x, seed=k)
-    ratios = [o / b for b, o in zip(sides[0].seconds, sides[1].seconds)]
+    ratios = [o / b for b, o in zip(sides[0].seconds, sides[1].seconds, strict=True)]
     return {"interleaved_ratio": statistics.median(ratios), "interleaved_rounds": rounds,
             "interleaved_ordinary_s": statistics.median(sides[0].seconds),
             "interleaved_s": statistics.median(sides[1].seconds)}

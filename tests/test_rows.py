@@ -57,7 +57,7 @@ def row_errors(trunk: nn.Module, x: torch.Tensor, **kwargs) -> tuple[float, floa
     xr = x.clone().requires_grad_()
     y = row(xr)
     y.backward(g)
-    param_err = max(rel_error(p.grad, r) for p, r in zip(trunk.parameters(), grads_ref))
+    param_err = max(rel_error(p.grad, r) for p, r in zip(trunk.parameters(), grads_ref, strict=True))
     trunk.zero_grad()
     return rel_error(y.detach(), y_ref), param_err, rel_error(xr.grad, gx_ref)
 
@@ -169,7 +169,7 @@ def test_loss_curve_of_20_steps_matches_ordinary_training(strategy, optimizer):
     row = wrap(copy.deepcopy(base), rows=4, strategy=strategy)
     want, got = train(base), train(row)
     assert want[-1] < want[0]  # it does learn, so the curves compare something
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
 
 
@@ -202,7 +202,7 @@ def test_wrap_stops_before_a_named_submodule():
     row_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(x).square().sum().backward()
-    assert max(rel_error(g, p.grad) for g, p in zip(row_grads, model.parameters())) <= 1e-5
+    assert max(rel_error(g, p.grad) for g, p in zip(row_grads, model.parameters(), strict=True)) <= 1e-5
     with pytest.raises(UnsupportedOpError, match="stop_before='layer9'.*no submodule"):
         split_trunk(model, stop_before="layer9")
 

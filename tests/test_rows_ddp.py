@@ -70,5 +70,5 @@ def test_ddp_gradients_equal_single_process(strategy, tmp_path):
             m.eval()
     x, t = batch()
     nn.functional.cross_entropy(net(x), t).backward()
-    for g, p in zip(got, net.parameters()):
+    for g, p in zip(got, net.parameters(), strict=True):
         assert ((g - p.grad).abs().max() / p.grad.abs().max()).item() <= 1e-5

@@ -122,7 +122,7 @@ class Side:
 def grad_errors(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> list[float]:
     """Per parameter, max|a - b| / max|b| (0 where both are missing, inf where one is)."""
     out = []
-    for ga, gb in zip(a, b):
+    for ga, gb in zip(a, b, strict=True):
         if ga is None or gb is None:
             out.append(0.0 if ga is None and gb is None else float("inf"))
         else:
@@ -141,7 +141,7 @@ def check_gradients(names: list[str], row: list, base: list, f64_row: float | No
     errors = grad_errors(row, base)
     if max(errors, default=0.0) <= TOLERANCE or (f64_row is not None and f64_row <= TOLERANCE):
         return
-    name, error = next((n, e) for n, e in zip(names, errors) if e > TOLERANCE)
+    name, error = next((n, e) for n, e in zip(names, errors, strict=True) if e > TOLERANCE)
     raise GradientMismatchError(
         f"row-centric gradients differ from ordinary training: parameter {name!r} is off by "
         f"{error:.1e} relative (tolerance {TOLERANCE:.0e}{_f64_note(f64_row)}); this is a "
@@ -207,7 +207,7 @@ def compare(model: nn.Module, x: torch.Tensor, steps: int = 1, f64_check: bool =
     fwd, bwd = engine.bands
     check = trunk.checks[tuple(x.shape[-2:])]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-30)
-                    for a, b in zip(row_side.losses, base_side.losses))
+                    for a, b in zip(row_side.losses, base_side.losses, strict=True))
     return {
         "model": type(model).__name__,
         "batch": x.shape[0],

@@ -138,7 +138,7 @@ def estimate(engine: Engine, sizes: RowBytes, param_bytes: int, largest_param: i
                               for v in graph.order)
     count = len(bwd.bands)
     alive = engine.kept.alive(sizes.real, count)
-    bwd_peak = max(a + h for a, h in zip(alive, _held(engine, sizes))) + grads_in_flight
+    bwd_peak = max(a + h for a, h in zip(alive, _held(engine, sizes), strict=True)) + grads_in_flight
     peak = (2 * full[graph.output] + param_bytes + largest_param
             + (full[graph.input] if input_grad else 0)
             + max(engine.kept.bytes(sizes.real) + fwd_peak, bwd_peak))

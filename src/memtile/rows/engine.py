@@ -308,7 +308,7 @@ class BandRunner:
                    or key in {_kept_key(v) for v in seg}]
 
             def segment(*tensors, seg=seg, ins=ins, outs=outs):
-                local = dict(zip(ins, tensors))
+                local = dict(zip(ins, tensors, strict=True))
                 self.run(seg, local, free=False, out_of_place=True)  # inputs stay intact
                 return tuple(local[v] for v in outs)
 
@@ -316,7 +316,7 @@ class BandRunner:
             for key in ins:
                 if key not in later and key not in keep_out:
                     env.pop(key)
-            env.update(zip(outs, results))
+            env.update(zip(outs, results, strict=True))
 
 
 def checkpoint_segments(order: list[fx.Node]) -> list[list[fx.Node]]:
@@ -489,7 +489,7 @@ def _add_grad_rows(t: torch.Tensor, rows: Rows, grad: torch.Tensor) -> list[bool
 @contextmanager
 def _swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.Tensor]):
     """Temporarily make every module that owns one of `params` use its stand-in instead."""
-    by_id = {id(p): s for p, s in zip(params, stand_ins)}
+    by_id = {id(p): s for p, s in zip(params, stand_ins, strict=True)}
     swaps = [(m, name, p) for m in root.modules() for name, p in m._parameters.items()
              if p is not None and id(p) in by_id]
     for m, name, p in swaps:
