@@ -113,8 +113,11 @@ class SpatialGraph:
                 f"a spatial trunk takes exactly one image input, this one takes {len(placeholders)}"
             )
         self.input = placeholders[0]
+        self.constants: dict[fx.Node, torch.Tensor] = {}
         for node in self.gm.graph.nodes:
-            if node.op == "output":
+            if node.op == "get_attr":
+                self.constants[node] = constant(self.gm, node)
+            elif node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
                     raise UnsupportedOpError("a spatial trunk must return one tensor")
@@ -230,8 +233,10 @@ class SpatialGraph:
         cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
         if isinstance(op.module, nn.BatchNorm2d):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
-        args = fx.node.map_arg(node.args, lambda n: cropped[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped[n])
+        args = fx.node.map_arg(node.args, lambda n: cropped.get(n, self.constants.get(n)))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped.get(n, self.constants.get(n)))
+        if node.target is F.batch_norm:  # accepted in training mode only with frozen_bn
+            return _functional_bn(*args, **kwargs)
         if node.op == "call_module":
             module = op.module
             if out_of_place and getattr(module, "inplace", False):
@@ -278,7 +283,9 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
     """
     if node.op == "placeholder":
         return _Op("input", [])
-    inputs = list(node.all_input_nodes)
+    if node.op == "get_attr":  # a parameter or buffer: per-channel constants of the op reading it
+        return _Op("constant", [])
+    inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
     for arg in inputs:
         if arg not in known:
             raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
@@ -291,6 +298,8 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
                 raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
                                          "concatenation (dim=1) is spatially local")
             return _Op("pointwise", inputs)
+        if node.target is F.batch_norm:
+            return _classify_functional_bn(node, inputs, frozen_bn)
         if node.target in _POINTWISE_FUNCTIONS:
             return _Op("pointwise", inputs)
     if node.op == "call_method" and node.target in _POINTWISE_METHODS:
@@ -330,6 +339,50 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
     if isinstance(mod, _POINTWISE_MODULES):
         return _Op("pointwise", inputs, module=mod)
     raise UnsupportedOpError(f"{where} is not a supported spatially local op")
+
+
+def _classify_functional_bn(node: fx.Node, inputs: list[fx.Node], frozen_bn: bool) -> _Op:
+    """`F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)`, as timm's
+    BatchNormAct2d traces: pointwise per channel when it uses its running statistics."""
+    bound = _bn_arguments(node)
+    if bound["training"] and not frozen_bn:
+        raise UnsupportedOpError(
+            f"{node.name}: batch_norm in training mode: its batch statistics span the whole "
+            "feature map; put the model in eval mode (or use bn='frozen')"
+        )
+    if len(inputs) != 1 or any(isinstance(bound[k], fx.Node) and bound[k].op != "get_attr"
+                               for k in ("running_mean", "running_var", "weight", "bias")):
+        raise UnsupportedOpError(f"{node.name}: batch_norm whose statistics or affine terms are "
+                                 "computed, not parameters")
+    return _Op("pointwise", inputs)
+
+
+_BN_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training",
+                  "momentum", "eps")
+
+
+def _bn_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of an `F.batch_norm` call by name, defaults filled in."""
+    bound = dict(zip(_BN_PARAMETERS, node.args))
+    bound.update(node.kwargs)
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    return {**defaults, **bound}
+
+
+def _functional_bn(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5
+                   ) -> torch.Tensor:
+    """Batch norm with its running statistics, whatever `training` the graph recorded."""
+    return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+
+
+def constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr node reads."""
+    value: Any = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 # ---- helpers ------------------------------------------------------------------------------

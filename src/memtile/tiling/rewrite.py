@@ -24,7 +24,7 @@ ELEMENTWISE_MODULES = (
 )
 ELEMENTWISE_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
-    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout,
+    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout, F.batch_norm,
 }
 ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
