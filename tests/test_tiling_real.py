@@ -7,14 +7,18 @@ while that op stops every band, tile and channel path.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from memtile import zoo  # noqa: E402
-from memtile.spatial import SpatialGraph, full  # noqa: E402
-from memtile.tiling import tile  # noqa: E402
-from memtile.tiling.check import compare, equivalent  # noqa: E402
+from memtile import zoo
+from memtile.spatial import SpatialGraph, full
+from memtile.tiling import tile
+from memtile.tiling.check import compare, equivalent
+from memtile.tiling.fdt import apply_fdt, fdt_path
+from memtile.tiling.rewrite import node_named, propagate_shapes
+from memtile.trace import trace
 
 
 def _relative(reference: nn.Module, tiled: nn.Module, x: torch.Tensor) -> float:
@@ -54,3 +58,24 @@ def test_ffmt_lowers_planned_peak_of_mobilenetv3():
     assert any(step.method == "ffmt" for step in report.steps)
     assert _relative(model, tiled, torch.randn(1, 3, 64, 64)) <= 1e-5
     assert equivalent(report.max_abs_error, report.output_scale)
+
+
+def test_fdt_splits_a_timm_inverted_residual_through_functional_batch_norm():
+    model, inputs = zoo.get("timm:efficientnet_lite0", input_shape=(3, 64, 64))
+    gm = propagate_shapes(trace(model), inputs)
+    path = fdt_path(gm, "blocks_1_0_conv_pw")
+    assert path.tail == "blocks_1_0_conv_pwl"
+    assert sum(node_named(gm, n).target is F.batch_norm for n in path.mids) == 2
+    tiled = apply_fdt(gm, path, 4)
+    assert _relative(model, tiled, torch.randn(1, 3, 64, 64)) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["timm:mobilenetv3_large_100", "timm:efficientnet_lite0"])
+def test_fdt_discovery_steps_on_timm_inverted_residuals(name):
+    model, inputs = zoo.get(name, input_shape=(3, 96, 96))
+    tiled, report = tile(model, inputs, methods=("fdt",))
+    assert [step.method for step in report.steps][:1] == ["fdt"]
+    assert report.peak_after_bytes < report.peak_before_bytes
+    assert report.macs_after == report.macs_before
+    assert _relative(model, tiled, torch.randn(1, 3, 96, 96)) <= 1e-5

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from memtile import ops
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.foldnorm import FoldedConvBN
 from memtile.trace import trace
@@ -65,23 +67,10 @@ class Window:
 
 
 IDENTITY = Window(1, 1, 0, 0)
+_ACCEPTED = ("bands and tiles take Conv2d, MaxPool2d, AvgPool2d, eval batch norm, elementwise "
+             "ops, add/mul of same-size maps and channel cat")
 
-_POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
-    nn.Identity,
-)
-_POINTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.mish, F.sigmoid, F.tanh,
-}
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
-_POINTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "clamp",
-    "clamp_", "contiguous",
-}
 
 
 @dataclass
@@ -116,7 +105,7 @@ class SpatialGraph:
         self.constants: dict[fx.Node, torch.Tensor] = {}
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
-                self.constants[node] = constant(self.gm, node)
+                self.constants[node] = ops.constant(self.gm, node)
             elif node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
@@ -231,7 +220,7 @@ class SpatialGraph:
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
         cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
-        if isinstance(op.module, nn.BatchNorm2d):
+        if isinstance(op.module, _BatchNorm):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
         args = fx.node.map_arg(node.args, lambda n: cropped.get(n, self.constants.get(n)))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped.get(n, self.constants.get(n)))
@@ -285,33 +274,35 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
         return _Op("input", [])
     if node.op == "get_attr":  # a parameter or buffer: per-channel constants of the op reading it
         return _Op("constant", [])
-    inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+    inputs = ops.tensor_inputs(node)
     for arg in inputs:
         if arg not in known:
             raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
     if node.op == "call_module":
-        return _classify_module(node, gm.get_submodule(node.target), inputs, frozen_bn)
-    if node.op == "call_function":
-        if node.target is torch.cat:
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim not in (1, -3):
-                raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
-                                         "concatenation (dim=1) is spatially local")
-            return _Op("pointwise", inputs)
-        if node.target is F.batch_norm:
-            return _classify_functional_bn(node, inputs, frozen_bn)
-        if node.target in _POINTWISE_FUNCTIONS:
-            return _Op("pointwise", inputs)
-    if node.op == "call_method" and node.target in _POINTWISE_METHODS:
+        return _classify_module(gm, node, inputs, frozen_bn)
+    kind = ops.kind(gm, node)
+    if kind == ops.CONCAT:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3):
+            raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
+                                     "concatenation (dim=1) is spatially local")
         return _Op("pointwise", inputs)
-    raise UnsupportedOpError(
-        f"{node.name}: {node.op} {_target_name(node)} is not a supported spatially local op "
-        "(conv2d, max/avg pool, eval batch norm, elementwise, add, channel cat)"
-    )
+    if ops.is_batch_norm(gm, node):
+        return _classify_functional_bn(node, inputs, frozen_bn)
+    if kind in ops.ELEMENTWISE_KINDS:
+        return _Op("pointwise", inputs)
+    raise _refused(ops.describe(gm, node), kind)
 
 
-def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
+def _refused(what: str, kind: str | None) -> UnsupportedOpError:
+    """The error naming an op that bands and tiles cannot run, and why."""
+    why = "is an op memtile does not know" if kind is None else f"is not spatially local ({kind})"
+    return UnsupportedOpError(f"{what} {why}; {_ACCEPTED}")
+
+
+def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
                      frozen_bn: bool) -> _Op:
+    mod = gm.get_submodule(node.target)
     where = f"layer {node.target!r} ({type(mod).__name__})"
     if isinstance(mod, nn.Conv2d):
         if mod.padding_mode != "zeros":
@@ -319,7 +310,7 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
         return _Op("local", inputs, _conv_windows(mod), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
-    if isinstance(mod, nn.BatchNorm2d):
+    if isinstance(mod, _BatchNorm):
         if mod.training and not frozen_bn:
             raise UnsupportedOpError(
                 f"{where} is in training mode: its batch statistics span the whole feature map, "
@@ -336,15 +327,16 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
                 "exactly; put it in eval mode or move it out of the trunk"
             )
         return _Op("pointwise", inputs, module=nn.Identity())
-    if isinstance(mod, _POINTWISE_MODULES):
+    kind = ops.kind(gm, node)
+    if kind in ops.ELEMENTWISE_KINDS:
         return _Op("pointwise", inputs, module=mod)
-    raise UnsupportedOpError(f"{where} is not a supported spatially local op")
+    raise _refused(where, kind)
 
 
 def _classify_functional_bn(node: fx.Node, inputs: list[fx.Node], frozen_bn: bool) -> _Op:
     """`F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)`, as timm's
     BatchNormAct2d traces: pointwise per channel when it uses its running statistics."""
-    bound = _bn_arguments(node)
+    bound = ops.batch_norm_arguments(node)
     if bound["training"] and not frozen_bn:
         raise UnsupportedOpError(
             f"{node.name}: batch_norm in training mode: its batch statistics span the whole "
@@ -357,18 +349,6 @@ def _classify_functional_bn(node: fx.Node, inputs: list[fx.Node], frozen_bn: boo
     return _Op("pointwise", inputs)
 
 
-_BN_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training",
-                  "momentum", "eps")
-
-
-def _bn_arguments(node: fx.Node) -> dict[str, Any]:
-    """The arguments of an `F.batch_norm` call by name, defaults filled in."""
-    bound = dict(zip(_BN_PARAMETERS, node.args))
-    bound.update(node.kwargs)
-    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    return {**defaults, **bound}
-
-
 def _functional_bn(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5
@@ -377,19 +357,7 @@ def _functional_bn(x: torch.Tensor, running_mean: torch.Tensor, running_var: tor
     return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
 
 
-def constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The tensor a get_attr node reads."""
-    value: Any = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def _target_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -9,30 +9,14 @@ dies there. Only the best few are applied and re-planned through capture and the
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
-import torch
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import fx
 
+from memtile import ops
 from memtile.tiling.fdt import Accumulate, PartialSum
 from memtile.tiling.ffmt import FFMTTiles
-from memtile.tiling.rewrite import (
-    BINARY_FUNCTIONS,
-    BINARY_METHODS,
-    ELEMENTWISE_FUNCTIONS,
-    ELEMENTWISE_METHODS,
-    ELEMENTWISE_MODULES,
-    module_of,
-    nbytes,
-)
-
-_VIEW_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
-                 "t", "expand", "narrow", "contiguous"}
-_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                   torch.transpose, torch.narrow, operator.getitem}
-_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+from memtile.tiling.rewrite import module_of, nbytes
 
 
 @dataclass(frozen=True)
@@ -62,21 +46,14 @@ class Estimate:
 
 
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS
-    return isinstance(module_of(gm, node), _VIEW_MODULES)
+    """Returns (a view of) its input: shares its storage."""
+    return ops.kind(gm, node) in (ops.VIEW, ops.IDENTITY)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """May write its output over an input that dies there (as `memtile.inplace` plans it)."""
-    if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS or node.target in BINARY_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in ELEMENTWISE_METHODS or node.target in BINARY_METHODS
-    return isinstance(module_of(gm, node), (*ELEMENTWISE_MODULES, _BatchNorm, Accumulate,
-                                                  PartialSum))
+    return ops.is_elementwise(gm, node) or isinstance(module_of(gm, node),
+                                                      (Accumulate, PartialSum))
 
 
 def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
