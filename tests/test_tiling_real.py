@@ -56,6 +56,7 @@ def test_ffmt_lowers_planned_peak_of_mobilenetv3():
     tiled, report = tile(model, inputs, methods=("ffmt",))
     assert report.peak_after_bytes * 1.5 <= report.peak_before_bytes
     assert any(step.method == "ffmt" for step in report.steps)
+    assert any(barrier.startswith("ffmt: mean") for barrier in report.barriers)  # SE squeeze
     assert _relative(model, tiled, torch.randn(1, 3, 64, 64)) <= 1e-5
     assert equivalent(report.max_abs_error, report.output_scale)
 

@@ -190,8 +190,11 @@ def fdt_path(gm: fx.GraphModule, head: str) -> FDTPath:
         current = user
 
 
-def fdt_paths_through(gm: fx.GraphModule, name: str) -> list[FDTPath]:
-    """FDT paths in which node `name`'s output is an inner (split) buffer: it is the head or a mid."""
+def fdt_paths_through(gm: fx.GraphModule, name: str,
+                      reasons: list[str] | None = None) -> list[FDTPath]:
+    """FDT paths in which node `name`'s output is an inner (split) buffer: it is the head or a mid.
+
+    Why a path through it cannot be built is appended to `reasons` ("fdt through NAME: ...")."""
     node = node_named(gm, name)
     while not _is_mixer(module_of(gm, node)):
         producers = ops.tensor_inputs(node)
@@ -200,7 +203,9 @@ def fdt_paths_through(gm: fx.GraphModule, name: str) -> list[FDTPath]:
         node = producers[0]
     try:
         path = fdt_path(gm, node.name)
-    except UnsupportedOpError:
+    except UnsupportedOpError as error:
+        if reasons is not None:
+            reasons.append(f"fdt through {name}: {error}")
         return []
     return [path] if name in path.nodes[:-1] else []
 
