@@ -80,3 +80,16 @@ def test_fdt_discovery_steps_on_timm_inverted_residuals(name):
     assert report.peak_after_bytes < report.peak_before_bytes
     assert report.macs_after == report.macs_before
     assert _relative(model, tiled, torch.randn(1, 3, 96, 96)) <= 1e-5
+
+
+def test_resnet_d_average_pool_with_ceil_mode_runs_in_bands_where_its_windows_are_whole():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                          nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)).eval()
+    graph = SpatialGraph(model)
+    x = torch.randn(1, 3, 12, 12)
+    need = graph.input_region(((2, 4), (0, 6)), (12, 12))
+    (r0, r1), (c0, c1) = need
+    band = graph.run_band(((2, 4), (0, 6)), x[..., r0:r1, c0:c1], need, (12, 12))
+    assert torch.allclose(band, model(x)[..., 2:4, :], atol=1e-6)
+    with pytest.raises(Exception, match="on 11 positions ends in a partial window"):
+        graph.sizes((11, 12))

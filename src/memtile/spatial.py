@@ -127,6 +127,7 @@ class SpatialGraph:
             op = self.ops[node]
             first = sizes[op.inputs[0]]
             if op.kind == "local":
+                _check_partial_average(node, op, first)
                 sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first))
             else:
                 for arg in op.inputs[1:]:
@@ -384,12 +385,26 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
     if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
         raise UnsupportedOpError(f"{where}: return_indices=True")
     if isinstance(mod, nn.AvgPool2d):
-        if mod.ceil_mode:
-            raise UnsupportedOpError(f"{where}: ceil_mode=True changes the divisor at the border")
+        if mod.ceil_mode and any(p):
+            raise UnsupportedOpError(f"{where}: ceil_mode=True with padding changes the divisor "
+                                     "at the border")
         if not mod.count_include_pad and any(p):
             raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
     return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
                  for ki, si, pi, di in zip(k, s, p, d))
+
+
+def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:
+    """An AvgPool2d with ceil_mode (timm's resnet-D shortcuts) is exact on tiles only where its
+    last window is whole: a partial one would divide by the positions it covers."""
+    if not (isinstance(op.module, nn.AvgPool2d) and op.module.ceil_mode):
+        return
+    for w, n in zip(op.windows, size):
+        if (n - w.extent) % w.stride:
+            raise UnsupportedOpError(
+                f"{node.name} (AvgPool2d): ceil_mode=True on {n} positions ends in a partial "
+                "window, whose divisor bands and tiles do not reproduce"
+            )
 
 
 def _clip(region: Region, size: Size) -> Region:
