@@ -93,3 +93,29 @@ def test_resnet_d_average_pool_with_ceil_mode_runs_in_bands_where_its_windows_ar
     assert torch.allclose(band, model(x)[..., 2:4, :], atol=1e-6)
     with pytest.raises(Exception, match="on 11 positions ends in a partial window"):
         graph.sizes((11, 12))
+
+
+def test_channel_slices_run_in_bands_and_other_slices_are_refused():
+    class Ghost(nn.Module):  # timm's GhostModule keeps the first channels of a concat
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return torch.cat([y, self.b(y)], dim=1)[:, :6, :, :] + 1
+
+    model = Ghost().eval()
+    graph = SpatialGraph(model)
+    x = torch.randn(1, 3, 10, 10)
+    need = graph.input_region(((4, 7), (0, 10)), (10, 10))
+    (r0, r1), (c0, c1) = need
+    band = graph.run_band(((4, 7), (0, 10)), x[..., r0:r1, c0:c1], need, (10, 10))
+    assert torch.allclose(band, model(x)[..., 4:7, :], atol=1e-6)
+
+    class RowSlice(nn.Module):
+        def forward(self, x):
+            return x[:, :, 1:]
+
+    with pytest.raises(Exception, match=r"getitem \(getitem\) is not spatially local \(view\)"):
+        SpatialGraph(RowSlice())

@@ -290,9 +290,22 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
         return _Op("pointwise", inputs)
     if ops.is_batch_norm(gm, node):
         return _classify_functional_bn(node, inputs, frozen_bn)
-    if kind in ops.ELEMENTWISE_KINDS:
+    if kind in ops.ELEMENTWISE_KINDS or (node.target is operator.getitem
+                                         and _slices_channels_only(node.args[1])):
         return _Op("pointwise", inputs)
     raise _refused(ops.describe(gm, node), kind)
+
+
+def _slices_channels_only(index: Any) -> bool:
+    """`x[:, a:b]` or `x[:, a:b, :, :]` (ghostnet, rexnet, dpn): every position keeps all of
+    its rows and columns, so a band of the slice is the slice of the band."""
+    whole = slice(None)
+    if not isinstance(index, tuple) or not 2 <= len(index) <= 4:
+        return False
+    rest = list(index[2:])
+    if rest and rest[-1] is Ellipsis:
+        rest.pop()
+    return index[0] == whole and isinstance(index[1], slice) and all(i == whole for i in rest)
 
 
 def _refused(what: str, kind: str | None) -> UnsupportedOpError:
