@@ -273,6 +273,7 @@ def test_barriers_name_the_op_that_ended_spans_and_paths():
         ("fdt through f: FDT path from f ended at g: its output has 2 consumers (branch or "
         "residual), so its channels cannot be split"),
         "ffmt 2x2 over a..b (3 ops): planned peak 10 B (10 B without inputs) is no better",
+        "ffmt over a..b: layer 'ffmt0' (FFMTTiles) is an op memtile does not know; ...",
     ])
     assert found == ["ffmt: mean (2)", "fdt: add (1)", ("fdt: its output has 2 consumers (branch "
                      "or residual), so its channels cannot be split (1)")]

@@ -413,6 +413,8 @@ class _Search:
             current, now, applied = self.history[-1]
             candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
             for candidate in candidates[:TRIES]:
+                if _past(deadline):
+                    return
                 accepted = _try(candidate, current, applied, len(self.steps) + 1, original,
                                 peaks, now, mac_limit, rejected)
                 if accepted is not None:
@@ -434,6 +436,7 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
 
 
+_OWN_MODULES = ("FFMTTiles", "PartialSum", "Accumulate")
 _NAMED_OP = re.compile(r"\b\w+ \(([\w.]+)\)")
 
 
@@ -443,8 +446,9 @@ def barriers(rejected: Sequence[str]) -> list[str]:
     counts: Counter[str] = Counter()
     for reason in rejected:
         method, _, why = reason.partition(" ")
-        if method not in ("ffmt", "fdt") or "exceed the limit" in why or "is no better" in why:
-            continue
+        if (method not in ("ffmt", "fdt") or "exceed the limit" in why or "is no better" in why
+                or any(f"({own})" in why for own in _OWN_MODULES)):
+            continue  # not a barrier: the budget, the plan, or an earlier step's own rewrite
         why = why.partition(": ")[2]
         named = _NAMED_OP.search(why)
         if "outputs differ" in why:
