@@ -437,7 +437,7 @@ def _past(deadline: float | None) -> bool:
 
 
 _OWN_MODULES = ("FFMTTiles", "PartialSum", "Accumulate")
-_NAMED_OP = re.compile(r"\b\w+ \(([\w.]+)\)")
+_NAMED_OP = re.compile(r"[\w'.]+ \(([\w.]+)\)")
 
 
 def barriers(rejected: Sequence[str]) -> list[str]:
