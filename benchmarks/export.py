@@ -78,9 +78,10 @@ def xnnpack_row(name: str, folder: Path) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from memtile.export.check import max_rel_diff, run_pte
+    from memtile.export.check import run_pte
     from memtile.export.hook import MemtilePlanner
     from memtile.export.program import lower, scheduled_program
+    from memtile.numerics import relative_difference
 
     model, inputs = zoo.get(name)
     began = time.perf_counter()
@@ -97,7 +98,7 @@ def xnnpack_row(name: str, folder: Path) -> dict:
     return {"model": name, "delegates": sum(str(n.target) == "executorch_call_delegate" for n in nodes),
             "specs": planner.record.specs, "arena": sum(planned_buffer_sizes(folder / "x.pte")),
             "memtile_arena": planner.record.plan.arena_bytes, "greedy": greedy, "seconds": seconds,
-            "max_rel_diff": max_rel_diff(run_pte(folder / "x.pte", fresh), want),
+            "max_rel_diff": relative_difference(run_pte(folder / "x.pte", fresh), [want]),
             "latency_ms": latency_ms(folder / "x.pte", fresh)}
 
 

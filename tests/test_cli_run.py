@@ -101,3 +101,16 @@ def test_report_section_has_the_comparison(tmp_path):
     text = run_command.report_section("resnet8_cifar", model, inputs, tmp_path)
     assert "| median ms per call |" in text and "| measured peak |" in text
     assert "Outputs differ by at most " in text and "- none" in text  # every op planned
+
+
+def test_a_wrong_planned_output_exits_1(capsys, monkeypatch):
+    """A planned result off by 1e-3 (a broken kernel) is no rounding: exit 1, not 0."""
+    from memtile.runtime import PlannedModule
+
+    call = PlannedModule.__call__
+    monkeypatch.setattr(PlannedModule, "__call__", lambda self, *a: call(self, *a) * 1.001)
+    assert main(["run", "resnet8_cifar", "--iters", "1", "--json"]) == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["equivalent"] is False and summary["float64_rel_diff"] > 1e-4
+    assert "beyond float32 rounding" in captured.err

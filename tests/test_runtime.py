@@ -3,8 +3,9 @@
 Two numerics: `layout="eager"` runs every planned op with eager's kernel on eager's layout, so
 outputs are bit-exact. The default layout ("auto") holds 4-D activations in channels_last and
 computes convolutions into the arena through oneDNN, which sums in another order: outputs then
-match eager within `CONV_TOLERANCE` of the output's magnitude (each convolution is checked within
-1e-5 at construction; end to end we measured at most 1.7e-6)."""
+match eager within 1e-5 of the output's magnitude (each convolution is checked within 1e-5 at
+construction), or, where eager float32 is itself farther than that from float64 arithmetic
+(googlenet at 64x64: 1.2e-5), are no farther from float64 than twice eager (`close_to_eager`)."""
 
 import threading
 
@@ -15,11 +16,10 @@ from torch import nn
 from memtile import zoo
 from memtile.errors import BudgetError, ExportError, InputShapeError, MemtileError
 from memtile.measure import measure
+from memtile.numerics import agreement
 from memtile.runtime import PlannedModule, convolution, executor
 from memtile.runtime.codegen import compile_program, interpret
-from memtile.runtime.outvariants import find_out_variant, relative_error
-
-CONV_TOLERANCE = 1e-5
+from memtile.runtime.outvariants import find_out_variant
 
 SMALL = (3, 64, 64)  # big torchvision models at 64x64: every op runs, in a fraction of the time
 MODELS = [("resnet18", SMALL), ("mobilenet_v2", SMALL), ("googlenet", SMALL),
@@ -38,8 +38,10 @@ def eager(model, inputs):
         return model(*inputs)
 
 
-def close_to_eager(got, expected) -> bool:
-    return relative_error(expected, got) <= CONV_TOLERANCE
+def close_to_eager(got, model, inputs) -> bool:
+    """Within 1e-5 of eager, or (googlenet: eager float32 is itself 1.2e-5 from float64) rounding
+    no worse than eager's own, measured against float64 (memtile.numerics)."""
+    return agreement(got, model, inputs).equivalent
 
 
 def unplanned_convolutions(module) -> list[str]:
@@ -65,14 +67,13 @@ def test_eager_layout_outputs_equal_eager_bit_exact(name, shape):
 def test_channels_last_plans_convolutions_within_tolerance(name, shape):
     """The default layout computes convolutions into the arena: none is left unplanned (except
     ds_cnn_kws's first, a 1-channel input whose oneDNN kernel allocates 7x its output, refused
-    by measurement), and outputs match eager within CONV_TOLERANCE, call after call."""
+    by measurement), and outputs are close to eager, call after call."""
     model, inputs = zoo.get(name, input_shape=shape)
     module = PlannedModule(model, inputs)
     assert module.main.channels_last
     assert len(unplanned_convolutions(module)) == (1 if name == "ds_cnn_kws" else 0)
-    expected = eager(model, inputs)
     first = module(*inputs)
-    assert close_to_eager(first, expected)
+    assert close_to_eager(first, model, inputs)
     assert torch.equal(module(*inputs), first)  # the arena reused: the same values again
 
 
@@ -81,7 +82,7 @@ def test_channels_last_plans_convolutions_within_tolerance(name, shape):
 def test_planned_outputs_equal_eager_224(name):
     model, inputs = zoo.get(name)
     assert torch.equal(PlannedModule(model, inputs, layout="eager")(*inputs), eager(model, inputs))
-    assert close_to_eager(PlannedModule(model, inputs)(*inputs), eager(model, inputs))
+    assert close_to_eager(PlannedModule(model, inputs)(*inputs), model, inputs)
 
 
 def test_fully_planned_tiny_model_allocates_output_and_scratch_only():
@@ -191,7 +192,7 @@ def test_unsupported_convolutions_fall_back_with_a_reason(monkeypatch):
     module = PlannedModule(model, inputs)
     assert unplanned_convolutions(module) == [
         "transposed convolutions have no oneDNN kernel that writes into a given buffer"]
-    assert close_to_eager(module(*inputs), eager(model, inputs))
+    assert close_to_eager(module(*inputs), model, inputs)
     node = next(op.node for op in module.main.graph.ops if op.target == "aten.convolution.default")
     assert "on CPU only" in convolution.unsupported(node, torch.device("cuda"))
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
@@ -227,7 +228,6 @@ def test_four_threads_each_get_their_own_arena():
     model, inputs = zoo.get("resnet8_cifar")
     module = PlannedModule(model, inputs)
     batches = [torch.randn_like(inputs[0]) for _ in range(4)]
-    expected = [eager(model, (b,)) for b in batches]
     results: dict[int, list] = {i: [] for i in range(4)}
     start = threading.Barrier(4)
 
@@ -243,7 +243,7 @@ def test_four_threads_each_get_their_own_arena():
         thread.join()
     for i in range(4):
         assert len(results[i]) == 5
-        assert close_to_eager(results[i][0], expected[i])
+        assert close_to_eager(results[i][0], model, (batches[i],))
         assert all(torch.equal(r, results[i][0]) for r in results[i])
 
 
@@ -258,11 +258,11 @@ def test_new_shape_replans_and_caches():
     model, inputs = zoo.get("resnet8_cifar")
     module = PlannedModule(model, inputs, on_new_shape="replan")
     bigger = torch.randn(4, 3, 32, 32)
-    assert close_to_eager(module(bigger), eager(model, (bigger,)))
+    assert close_to_eager(module(bigger), model, (bigger,))
     assert len(module._programs) == 2
     programs = dict(module._programs)
     assert programs[executor._signature((bigger,))].arena_bytes > module.arena_bytes
-    assert close_to_eager(module(*inputs), eager(model, inputs))
+    assert close_to_eager(module(*inputs), model, inputs)
     assert module._programs == programs  # cached, not planned again
 
 

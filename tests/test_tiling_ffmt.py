@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from memtile import zoo
 from memtile.errors import UnsupportedOpError
-from memtile.tiling.check import compare, equivalent
+from memtile.tiling.check import compare, equivalent, equivalent_models
 from memtile.tiling.ffmt import apply_ffmt, cuts, span
 from memtile.tiling.macs import count_macs
 from memtile.tiling.rewrite import nbytes, propagate_shapes
@@ -140,5 +140,5 @@ def test_ffmt_on_the_stem_of_mobilenet_v1_vww(grid):
     names = [n.name for n in cuts(gm)]
     path = span(gm, names[0], names[names.index("_4_1_2")])  # input .. end of the 4th block
     tiled = apply_ffmt(gm, path, grid)
-    assert equivalent(*compare(model, tiled, inputs))
+    assert equivalent_models(model, tiled, inputs)  # float32: 1.8e-5 of the 2-logit output; float64: 6e-15
     assert count_macs(tiled, inputs) > count_macs(model, inputs)  # 3x3 halos are recomputed

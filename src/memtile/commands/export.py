@@ -15,6 +15,7 @@ from memtile.commands.common import (
     load_model,
     print_json,
 )
+from memtile.numerics import TOLERANCE
 from memtile.units import format_bytes, parse_bytes
 
 HELP = ("write an ExecuTorch program (.pte) planned by memtile (optionally tiled), run it "
@@ -93,7 +94,13 @@ def _verdicts(summary: dict, tile_requested: bool) -> str:
                      f"({format_bytes(summary['untiled_arena_bytes'])}) was written")
     if not summary["equivalent"]:
         lines.append(f"NOT equivalent: max relative difference {summary['max_rel_diff']:.3g} "
-                     "is above 1e-5")
+                     f"is above 1e-5, and the .pte is {summary['float64_rel_diff']} from float64 "
+                     f"arithmetic where eager float32 is {summary['eager_float64_rel_diff']}")
+    elif summary["max_rel_diff"] > TOLERANCE:
+        lines.append(f"outputs differ from eager by {summary['max_rel_diff']:.2e} (above 1e-5), as "
+                     "rounding: the .pte is "
+                     f"{summary['float64_rel_diff']:.2e} from float64 arithmetic, eager float32 "
+                     f"{summary['eager_float64_rel_diff']:.2e}")
     if not summary["budget_met"]:
         lines.append(f"budget NOT met: {format_bytes(summary['planned_arena_bytes'])} > "
                      f"{format_bytes(summary['budget'])}")

@@ -32,10 +32,11 @@ from memtile.commands.common import (
     add_model_arguments,
     console,
     load_model,
-    output_differences,
+    max_abs_difference,
     print_json,
 )
 from memtile.errors import MemtileError
+from memtile.numerics import agreement
 from memtile.runtime.layout import LAYOUTS
 from memtile.units import format_bytes
 
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         console.print(table(summary))
+    if not summary["equivalent"]:
+        print(f"memtile: planned outputs differ from eager by {summary['max_rel_diff']:.3g} of their "
+              "magnitude, beyond float32 rounding (see float64_rel_diff)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -119,7 +124,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         eager_ms, planned_ms = _latencies((eager, planned), inputs, threads, iters)
     finally:
         torch.set_num_threads(previous)
-    max_abs_diff, max_rel_diff = output_differences(expected, got)  # tensors, tuples or dicts
+    agreed = agreement(got, model, inputs, expected)  # tensors, tuples or dicts
     return {
         "layout": layout,
         "eager_layout": eager_layout,
@@ -135,8 +140,8 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "arena_bytes": planned.arena_bytes,
         "eager_peak_bytes": eager_peak,
         "planned_peak_bytes": planned.arena_bytes + call_peak,
-        "max_abs_diff": max_abs_diff,
-        "max_rel_diff": max_rel_diff,
+        "max_abs_diff": max_abs_difference(expected, got),
+        **agreed.as_dict(),
         "packed_weight_bytes": planned.packed_bytes,
         "slot_allocator": {"installed": slot_allocator_missing is None,
                            "reason": slot_allocator_missing},

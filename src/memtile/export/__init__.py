@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from memtile.errors import MemtileError
+from memtile.numerics import TOLERANCE, Agreement
 
 INSTALL = "pip install 'memtile[export]'"
-TOLERANCE = 1e-5  # largest relative difference from eager that counts as the same outputs
 
 
 class ExecuTorchMissingError(MemtileError):
@@ -54,17 +54,23 @@ class ExportResult:
     alignment: int
     specs: int
     inplace_pairs: int
-    max_rel_diff: float
+    max_rel_diff: float  # vs eager float32 on fresh inputs
     tiled: bool  # the .pte holds the tiled program (with --tile: only if its arena is smaller)
     steps: list = field(default_factory=list)  # what tiling found, also when not kept
     budget: int | None = None
     seconds: float = 0.0
     tile_seconds: float = 0.0
     untiled_arena_bytes: int = 0  # memtile's arena of the untiled program, for comparison
+    float64_rel_diff: float | None = None  # only measured when max_rel_diff exceeds TOLERANCE
+    eager_float64_rel_diff: float | None = None  # eager float32's own distance from float64
+
+    @property
+    def agreement(self) -> Agreement:
+        return Agreement(self.max_rel_diff, self.float64_rel_diff, self.eager_float64_rel_diff)
 
     @property
     def equivalent(self) -> bool:
-        return self.max_rel_diff <= TOLERANCE
+        return self.agreement.equivalent
 
     @property
     def budget_met(self) -> bool:

@@ -10,6 +10,8 @@ import torch
 from executorch.exir._serialize._program import deserialize_pte_binary
 from executorch.runtime import Runtime
 
+from memtile.numerics import Agreement, agreement
+
 FRESH_SEED = 1  # not the zoo's seed: the check runs on inputs the export never saw
 
 
@@ -42,30 +44,11 @@ def latency_ms(path: Path, inputs: tuple[torch.Tensor, ...], calls: int = 5) -> 
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def max_rel_diff(outputs: list[torch.Tensor], expected) -> float:
-    """Largest |ExecuTorch - eager| over each output's largest |eager|; NaN or Inf must sit at
-    the same places with the same values, or the difference is inf."""
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
-    if len(outputs) != len(expected):
-        return float("inf")
-    worst = 0.0
-    for got, want in zip(outputs, expected, strict=True):
-        got, want = got.detach().double(), want.detach().double()
-        if got.shape != want.shape:
-            return float("inf")
-        finite = torch.isfinite(want)
-        if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(got[~finite].nan_to_num(),
-                                                                          want[~finite].nan_to_num()):
-            return float("inf")
-        if finite.any():
-            scale = want[finite].abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-            worst = max(worst, ((got[finite] - want[finite]).abs().max() / scale).item())
-    return worst
-
-
-def compare(path: Path, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
-    """max_rel_diff of the .pte against the eager model on fresh inputs."""
+def compare(path: Path, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Agreement:
+    """The .pte's outputs against the eager model's on fresh inputs (memtile.numerics' rule)."""
     fresh = fresh_inputs(inputs)
     with torch.no_grad():
         expected = model(*fresh)
-    return max_rel_diff(run_pte(path, fresh), expected)
+    got = run_pte(path, fresh)
+    return agreement(got[0] if len(got) == 1 and isinstance(expected, torch.Tensor) else got,
+                     model, fresh, expected)

@@ -50,13 +50,13 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
             f"{out}: planned buffer sizes {sizes} are not memtile's arena "
             f"{record.plan.arena_bytes}; the memory-planning hook was not used")
     say("running the .pte with ExecuTorch's runtime")
-    diff = compare(out, model, inputs)
+    agreement = compare(out, model, inputs)
     return ExportResult(
         str(out), out.stat().st_size, sum(sizes), record.plan.arena_bytes, greedy,
         record.load_bytes, record.plan.optimal, record.plan.strategy, record.alignment,
-        record.specs, record.inplace_pairs, diff, chosen is not plain, steps, budget,
+        record.specs, record.inplace_pairs, agreement.vs_eager, chosen is not plain, steps, budget,
         round(time.perf_counter() - began, 2), round(tile_seconds, 2),
-        plain.record.plan.arena_bytes)
+        plain.record.plan.arena_bytes, agreement.vs_float64, agreement.eager_vs_float64)
 
 
 def _lower(source: torch.nn.Module, inputs: tuple, time_limit: float, say) -> Lowered:
