@@ -102,11 +102,10 @@ class SpatialGraph:
                 f"a spatial trunk takes exactly one image input, this one takes {len(placeholders)}"
             )
         self.input = placeholders[0]
-        self.constants: dict[fx.Node, torch.Tensor] = {}
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
-                self.constants[node] = ops.constant(self.gm, node)
-            elif node.op == "output":
+                continue  # read when run (module.double() and .to() replace buffers)
+            if node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
                     raise UnsupportedOpError("a spatial trunk must return one tensor")
@@ -223,8 +222,8 @@ class SpatialGraph:
         cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
         if isinstance(op.module, _BatchNorm):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
-        args = fx.node.map_arg(node.args, lambda n: cropped.get(n, self.constants.get(n)))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped.get(n, self.constants.get(n)))
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, cropped))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, cropped))
         if node.target is F.batch_norm:  # accepted in training mode only with frozen_bn
             return _functional_bn(*args, **kwargs)
         if node.op == "call_module":
@@ -238,6 +237,10 @@ class SpatialGraph:
             return getattr(args[0], name)(*args[1:], **kwargs)
         target = _OUT_OF_PLACE.get(node.target, node.target) if out_of_place else node.target
         return target(*args, **kwargs)
+
+    def _value(self, node: fx.Node, bands: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+        """An argument of an op being run: a band of an image tensor, or a parameter."""
+        return ops.constant(self.gm, node) if node.op == "get_attr" else bands[node]
 
     def run_band(self, out: Region, x: torch.Tensor, x_region: Region,
                  in_size: Size | None = None) -> torch.Tensor:
