@@ -34,7 +34,8 @@ MODELS = [f"timm:{name}" for name in (
 def measure(name: str, max_seconds: float | None) -> dict:
     model, inputs = zoo.get(name)
     began = time.perf_counter()
-    tiled, report = tile(model, inputs, max_seconds=max_seconds)
+    tiled, report = tile(model, inputs, max_seconds=max_seconds, progress=lambda text: print(
+        f"{name} {time.perf_counter() - began:.0f}s {text}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - began
     error, scale = compare(model, tiled, (torch.randn_like(inputs[0]),))
     steps = [f"{s.method} {'x'.join(map(str, s.grid)) if s.grid else s.partitions}"
