@@ -17,6 +17,7 @@ from memtile.spatial import SpatialGraph, full
 from memtile.tiling import tile
 from memtile.tiling.check import compare, equivalent
 from memtile.tiling.fdt import apply_fdt, fdt_path
+from memtile.tiling.ffmt import apply_ffmt, cuts, span
 from memtile.tiling.rewrite import node_named, propagate_shapes
 from memtile.trace import trace
 
@@ -119,3 +120,23 @@ def test_channel_slices_run_in_bands_and_other_slices_are_refused():
 
     with pytest.raises(Exception, match=r"getitem \(getitem\) is not spatially local \(view\)"):
         SpatialGraph(RowSlice())
+
+
+def test_ffmt_span_with_a_value_it_never_uses():
+    class Unused(nn.Module):  # timm's dla34 Tree computes a projection it may not use
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.project = (nn.Conv2d(3, 4, 3, padding=1),
+                                            nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
+
+        def forward(self, x):
+            y = self.a(x)
+            self.project(y)
+            return self.b(y)
+
+    model = Unused().eval()
+    x = torch.randn(1, 3, 12, 12)
+    gm = propagate_shapes(trace(model), [x])
+    names = [n.name for n in cuts(gm)]
+    tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), (3, 1))
+    assert _relative(model, tiled, torch.randn(1, 3, 12, 12)) <= 1e-5

@@ -138,7 +138,7 @@ class FFMTTiles(nn.Module):
             size = {n: self.pixel_bytes[n.name] * _area(r) for n, r in need.items()
                     if n is not sg.input}
             live = 0
-            for node in sg.order:
+            for node in (n for n in sg.order if n in need):  # unused ones do not run (dla34)
                 macs += self.pixel_macs.get(node.name, 0) * _area(need[node])
                 dying = [a for a in dict.fromkeys(sg.ops[node].inputs)
                          if last.get(a) is node and a is not sg.input]
