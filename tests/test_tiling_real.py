@@ -16,6 +16,7 @@ from memtile import zoo
 from memtile.spatial import SpatialGraph, full
 from memtile.tiling import tile
 from memtile.tiling.check import compare, equivalent
+from memtile.tiling.estimate import estimate_peak
 from memtile.tiling.fdt import apply_fdt, fdt_path
 from memtile.tiling.ffmt import apply_ffmt, cuts, span
 from memtile.tiling.rewrite import node_named, propagate_shapes
@@ -140,3 +141,16 @@ def test_ffmt_span_with_a_value_it_never_uses():
     names = [n.name for n in cuts(gm)]
     tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), (3, 1))
     assert _relative(model, tiled, torch.randn(1, 3, 12, 12)) <= 1e-5
+
+
+def test_peak_estimate_of_a_view_of_a_parameter():
+    class LayerScale(nn.Module):  # timm's convnext: x * gamma.reshape(1, -1, 1, 1)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gamma = nn.Conv2d(3, 4, 1), nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1))
+
+    gm = propagate_shapes(trace(LayerScale()), [torch.randn(1, 3, 8, 8)])
+    assert estimate_peak(gm).peak_without_input_bytes == 4 * 8 * 8 * 4 + 16

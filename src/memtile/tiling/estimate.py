@@ -91,9 +91,9 @@ def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
     members: dict[fx.Node, list[fx.Node]] = {}
     for node in nodes:
         root = node
-        if (node.op != "placeholder" and node.all_input_nodes and node.name not in group
-                and _is_view(gm, node)):  # a collapsed step makes its outputs anew
-            root = base[node.all_input_nodes[0]]
+        if (node.op != "placeholder" and ops.tensor_inputs(node) and node.name not in group
+                and _is_view(gm, node)):  # a collapsed step makes its outputs anew; a view of
+            root = base[ops.tensor_inputs(node)[0]]  # a parameter (get_attr) is its own
         elif node.name not in group and is_elementwise(gm, node):
             for arg in node.all_input_nodes:
                 owner = base.get(arg)
