@@ -154,3 +154,22 @@ def test_peak_estimate_of_a_view_of_a_parameter():
 
     gm = propagate_shapes(trace(LayerScale()), [torch.randn(1, 3, 8, 8)])
     assert estimate_peak(gm).peak_without_input_bytes == 4 * 8 * 8 * 4 + 16
+
+
+def test_channel_split_runs_in_tiles():
+    class Res2(nn.Module):  # res2net's Bottle2neck: split channels, convolve, add, concat
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            parts = torch.split(self.a(x), 4, 1)
+            return torch.cat([self.b(parts[0]), self.b(parts[0]) + parts[1]], 1)
+
+    model = Res2().eval()
+    x = torch.randn(1, 3, 12, 12)
+    gm = propagate_shapes(trace(model), [x])
+    names = [n.name for n in cuts(gm)]
+    tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), (3, 2))
+    assert _relative(model, tiled, torch.randn(1, 3, 12, 12)) <= 1e-5
+    assert estimate_peak(gm).peak_without_input_bytes > 0

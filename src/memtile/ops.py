@@ -13,6 +13,7 @@ Kinds:
 - BINARY: elementwise arithmetic of tensors (and scalars), broadcast allowed (add, mul, ...).
 - CONCAT: torch.cat (spatially local only along channels).
 - VIEW: a reshaped view of its input (flatten, reshape, permute, ...).
+- SPLIT: a tuple of views of its input (torch.split, chunk), picked by getitem.
 - WINDOW: a sliding window over H and W (Conv2d, MaxPool2d, AvgPool2d).
 - GLOBAL_POOL: one value per channel (adaptive pooling).
 
@@ -36,6 +37,7 @@ PER_CHANNEL = "per_channel"
 BINARY = "binary"
 CONCAT = "concat"
 VIEW = "view"
+SPLIT = "split"
 WINDOW = "window"
 GLOBAL_POOL = "global_pool"
 
@@ -58,6 +60,7 @@ _FUNCTIONS: dict[object, str] = {
     **dict.fromkeys((operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                      operator.imul, torch.add, torch.sub, torch.mul, torch.div), BINARY),
     torch.cat: CONCAT,
+    **dict.fromkeys((torch.split, torch.chunk), SPLIT),
     **dict.fromkeys((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                      torch.permute, torch.transpose, torch.narrow, operator.getitem), VIEW),
     **dict.fromkeys((F.max_pool2d, F.avg_pool2d), WINDOW),
@@ -65,6 +68,7 @@ _FUNCTIONS: dict[object, str] = {
 }
 _METHODS: dict[str, str] = {
     "contiguous": IDENTITY,
+    **dict.fromkeys(("split", "chunk"), SPLIT),
     **dict.fromkeys(("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp",
                      "clamp_"), POINTWISE),
     **dict.fromkeys(("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"), BINARY),
@@ -92,6 +96,11 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Output element i depends on input element i only: the output may take the bytes of an
     input of its size that dies there."""
     return kind(gm, node) in ELEMENTWISE_KINDS
+
+
+def split_dim(node: fx.Node) -> int:
+    """The dim a torch.split / chunk call (function or method) splits along."""
+    return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
 
 
 def is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -293,8 +293,12 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
         return _Op("pointwise", inputs)
     if ops.is_batch_norm(gm, node):
         return _classify_functional_bn(node, inputs, frozen_bn)
-    if kind in ops.ELEMENTWISE_KINDS or (node.target is operator.getitem
-                                         and _slices_channels_only(node.args[1])):
+    if kind == ops.SPLIT and ops.split_dim(node) in (1, -3):  # a tuple of channel groups
+        return _Op("pointwise", inputs)
+    picks = node.target is operator.getitem and (
+        _slices_channels_only(node.args[1])
+        or (isinstance(node.args[1], int) and ops.kind(gm, node.args[0]) == ops.SPLIT))
+    if kind in ops.ELEMENTWISE_KINDS or picks:
         return _Op("pointwise", inputs)
     raise _refused(ops.describe(gm, node), kind)
 
@@ -445,9 +449,11 @@ def _contains(outer: Region, inner: Region) -> bool:
 
 
 def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-    """View of band `x` (covering `have`) restricted to `want`."""
+    """View of band `x` (covering `have`) restricted to `want` (each of a split's tensors)."""
     if have == want:
         return x
+    if isinstance(x, tuple | list):
+        return tuple(_crop(t, have, want) for t in x)
     for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want)):
         if wlo < hlo or whi > hhi:
             raise InputShapeError(f"band covers {have} but {want} is needed")

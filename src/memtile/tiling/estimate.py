@@ -47,7 +47,7 @@ class Estimate:
 
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Returns (a view of) its input: shares its storage."""
-    return ops.kind(gm, node) in (ops.VIEW, ops.IDENTITY)
+    return ops.kind(gm, node) in (ops.VIEW, ops.IDENTITY, ops.SPLIT)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -169,6 +169,8 @@ def _element_size(node: fx.Node) -> int:
 def _pixel_bytes(node: fx.Node) -> int:
     """Bytes of one spatial position of a node's NCHW output (batch x channels x element)."""
     meta = node.meta["tensor_meta"]
+    if not hasattr(meta, "shape"):  # a split's tuple of views: no storage of its own
+        return 0
     return meta.shape[0] * meta.shape[1] * _element_size(node)
 
 
