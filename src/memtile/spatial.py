@@ -127,7 +127,7 @@ class SpatialGraph:
             first = sizes[op.inputs[0]]
             if op.kind == "local":
                 _check_partial_average(node, op, first)
-                sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first))
+                sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first, strict=True))
             else:
                 for arg in op.inputs[1:]:
                     if sizes[arg] != first:
@@ -180,7 +180,7 @@ class SpatialGraph:
 
     def needs(self, node: fx.Node, out: Region) -> Region:
         """Unclipped region of each input that `node` reads to produce `out` (same for all)."""
-        return tuple(w.needs(iv) for w, iv in zip(self.ops[node].windows, out))
+        return tuple(w.needs(iv) for w, iv in zip(self.ops[node].windows, out, strict=True))
 
     def regions(self, out: Region, in_size: Size,
                 sizes: dict[fx.Node, Size] | None = None) -> dict[fx.Node, Region]:
@@ -219,7 +219,7 @@ class SpatialGraph:
         if op.kind == "local":
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
-        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
+        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs, strict=True)}
         if isinstance(op.module, _BatchNorm):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
         args = fx.node.map_arg(node.args, lambda n: self._value(n, cropped))
@@ -387,14 +387,14 @@ def _pair(v: Any) -> tuple[int, int]:
 
 def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
     k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-    ext = [di * (ki - 1) + 1 for ki, di in zip(k, d)]
+    ext = [di * (ki - 1) + 1 for ki, di in zip(k, d, strict=True)]
     if mod.padding == "valid":
         pads = [(0, 0), (0, 0)]
     elif mod.padding == "same":
         pads = [((e - 1) // 2, e - 1 - (e - 1) // 2) for e in ext]
     else:
         pads = [(p, p) for p in _pair(mod.padding)]
-    return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads))
+    return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads, strict=True))
 
 
 def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window, ...]:
@@ -411,7 +411,7 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
         if not mod.count_include_pad and any(p):
             raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
     return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
-                 for ki, si, pi, di in zip(k, s, p, d))
+                 for ki, si, pi, di in zip(k, s, p, d, strict=True))
 
 
 def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:
@@ -419,7 +419,7 @@ def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:
     last window is whole: a partial one would divide by the positions it covers."""
     if not (isinstance(op.module, nn.AvgPool2d) and op.module.ceil_mode):
         return
-    for w, n in zip(op.windows, size):
+    for w, n in zip(op.windows, size, strict=True):
         if (n - w.extent) % w.stride:
             raise UnsupportedOpError(
                 f"{node.name} (AvgPool2d): ceil_mode=True on {n} positions ends in a partial "
@@ -428,12 +428,12 @@ def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:
 
 
 def _clip(region: Region, size: Size) -> Region:
-    return tuple((max(lo, 0), min(hi, n)) for (lo, hi), n in zip(region, size))
+    return tuple((max(lo, 0), min(hi, n)) for (lo, hi), n in zip(region, size, strict=True))
 
 
 def _hull(a: Region, b: Region) -> Region:
     out = []
-    for (alo, ahi), (blo, bhi) in zip(a, b):
+    for (alo, ahi), (blo, bhi) in zip(a, b, strict=True):
         if ahi <= alo:
             out.append((blo, bhi))
         elif bhi <= blo:
@@ -445,7 +445,7 @@ def _hull(a: Region, b: Region) -> Region:
 
 def _contains(outer: Region, inner: Region) -> bool:
     return all(hi <= lo or (olo <= lo and hi <= ohi)
-               for (olo, ohi), (lo, hi) in zip(outer, inner))
+               for (olo, ohi), (lo, hi) in zip(outer, inner, strict=True))
 
 
 def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
@@ -454,7 +454,7 @@ def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
         return x
     if isinstance(x, tuple | list):
         return tuple(_crop(t, have, want) for t in x)
-    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want)):
+    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want, strict=True)):
         if wlo < hlo or whi > hhi:
             raise InputShapeError(f"band covers {have} but {want} is needed")
         if (hlo, hhi) != (wlo, whi):
@@ -473,12 +473,12 @@ def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: 
         conv = mod.conv if isinstance(mod, FoldedConvBN) else mod
         channels = conv.out_channels if isinstance(conv, nn.Conv2d) else x.shape[1]
         return x.new_zeros(x.shape[0], channels, *(max(hi - lo, 0) for lo, hi in out))
-    need = tuple(w.needs(iv) for w, iv in zip(windows, out))
+    need = tuple(w.needs(iv) for w, iv in zip(windows, out, strict=True))
     x = _crop(x, have, _clip(need, size))
     is_max = isinstance(mod, nn.MaxPool2d)
     is_pool = not isinstance(mod, nn.Conv2d | FoldedConvBN)
     native, explicit, skip = [], [], []
-    for w, (nlo, nhi), n in zip(windows, need, size):
+    for w, (nlo, nhi), n in zip(windows, need, size, strict=True):
         top, bottom = max(0, -nlo), max(0, nhi - n)
         pad = max(top, bottom)
         fits = (x.numel() > 0 and (pad - top) % w.stride == 0
@@ -491,7 +491,7 @@ def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: 
         flat = [v for lohi in reversed(explicit) for v in lohi]  # F.pad: last dim first
         x = F.pad(x, flat, value=-math.inf if is_max else 0.0)
     y = _call_local(mod, x, tuple(native))
-    for axis, (start, (lo, hi)) in enumerate(zip(skip, out)):
+    for axis, (start, (lo, hi)) in enumerate(zip(skip, out, strict=True)):
         if start != 0 or y.shape[axis - SPATIAL_DIMS] != hi - lo:
             y = y.narrow(axis - SPATIAL_DIMS, start, hi - lo)
     return y

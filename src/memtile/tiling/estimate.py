@@ -9,6 +9,7 @@ dies there. Only the best few are applied and re-planned through capture and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx
@@ -56,6 +57,31 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
                                                       (Accumulate, PartialSum))
 
 
+def _storages(gm: fx.GraphModule, nodes: list[fx.Node], group: dict[str, Collapse],
+              where: Callable[[fx.Node], int], last_use: Callable[[fx.Node], int],
+              ) -> dict[fx.Node, list[fx.Node]]:
+    """Storage root -> the nodes whose values live in it: views share their base's storage; an
+    elementwise op may take the storage of an input of its size that dies there."""
+    base: dict[fx.Node, fx.Node] = {}
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        root = node
+        if (node.op != "placeholder" and ops.tensor_inputs(node) and node.name not in group
+                and _is_view(gm, node)):  # a collapsed step makes its outputs anew; a view of
+            root = base[ops.tensor_inputs(node)[0]]  # a parameter (get_attr) is its own
+        elif node.name not in group and is_elementwise(gm, node):
+            for arg in node.all_input_nodes:
+                owner = base.get(arg)
+                if (owner is not None and owner.op != "placeholder"
+                        and nbytes(owner) == nbytes(node)
+                        and max(last_use(m) for m in members[owner]) == where(node)):
+                    root = owner
+                    break
+        base[node] = root
+        members.setdefault(root, []).append(node)
+    return members
+
+
 def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
     """Estimated peak bytes of running `gm` in graph order (shapes must be propagated), with
     each of the (disjoint) `collapses` run as one step."""
@@ -87,23 +113,7 @@ def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
             return step
         return max((where(u) for u in node.users if u.op != "output"), default=where(node))
 
-    base: dict[fx.Node, fx.Node] = {}
-    members: dict[fx.Node, list[fx.Node]] = {}
-    for node in nodes:
-        root = node
-        if (node.op != "placeholder" and ops.tensor_inputs(node) and node.name not in group
-                and _is_view(gm, node)):  # a collapsed step makes its outputs anew; a view of
-            root = base[ops.tensor_inputs(node)[0]]  # a parameter (get_attr) is its own
-        elif node.name not in group and is_elementwise(gm, node):
-            for arg in node.all_input_nodes:
-                owner = base.get(arg)
-                if (owner is not None and owner.op != "placeholder"
-                        and nbytes(owner) == nbytes(node)
-                        and max(last_use(m) for m in members[owner]) == where(node)):
-                    root = owner
-                    break
-        base[node] = root
-        members.setdefault(root, []).append(node)
+    members = _storages(gm, nodes, group, where, last_use)
     internal = {n for n in nodes if n.name in group and n not in outputs
                 and all(group.get(u.name) is group[n.name] for u in n.users)}
     live = [extra.get(s, 0) for s in range(step + 1)]
