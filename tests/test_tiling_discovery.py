@@ -252,3 +252,28 @@ def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
     model, inputs = zoo.get("resnet8_cifar", batch=1)
     tile(model, inputs, max_mac_overhead=0.1)
     assert len(planned) == len(set(requested)) < len(requested)
+
+
+def test_max_seconds_stops_the_search_with_the_best_found_so_far(tiled_mlp):
+    model, x, _, full = tiled_mlp
+    assert full.steps and not full.timed_out
+    tiled, report = tile(model, x, methods=("fdt",), max_seconds=0)
+    assert report.timed_out and report.steps == []
+    assert report.peak_after_bytes == report.peak_before_bytes
+    assert equivalent(*compare(model, tiled, [x]))
+
+
+def test_barriers_name_the_op_that_ended_spans_and_paths():
+    from memtile.tiling.discovery import barriers
+
+    found = barriers([
+        "ffmt over a..b: mean_3 (mean) is an op memtile does not know; bands and tiles take ...",
+        "ffmt over c..d: mean (mean) is an op memtile does not know; bands and tiles take ...",
+        "fdt through e: FDT path from e ended at add_1 (add): it combines e with another tensor",
+        ("fdt through f: FDT path from f ended at g: its output has 2 consumers (branch or "
+        "residual), so its channels cannot be split"),
+        "ffmt 2x2 over a..b (3 ops): planned peak 10 B (10 B without inputs) is no better",
+        "ffmt over a..b: layer 'ffmt0' (FFMTTiles) is an op memtile does not know; ...",
+    ])
+    assert found == ["ffmt: mean (2)", "fdt: add (1)", ("fdt: its output has 2 consumers (branch "
+                     "or residual), so its channels cannot be split (1)")]

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from memtile import ops
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.foldnorm import FoldedConvBN
 from memtile.freeze import FrozenBatchNorm2d, FrozenBatchNormAct2d
@@ -66,23 +68,10 @@ class Window:
 
 
 IDENTITY = Window(1, 1, 0, 0)
+_ACCEPTED = ("bands and tiles take Conv2d, MaxPool2d, AvgPool2d, eval batch norm, elementwise "
+             "ops, add/mul of same-size maps and channel cat")
 
-_POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
-    nn.Identity,
-)
-_POINTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.mish, F.sigmoid, F.tanh,
-}
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
-_POINTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "clamp",
-    "clamp_", "contiguous",
-}
 
 
 @dataclass
@@ -115,6 +104,8 @@ class SpatialGraph:
             )
         self.input = placeholders[0]
         for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                continue  # read when run (module.double() and .to() replace buffers)
             if node.op == "output":
                 out = node.args[0]
                 if not isinstance(out, fx.Node):
@@ -136,7 +127,8 @@ class SpatialGraph:
             op = self.ops[node]
             first = sizes[op.inputs[0]]
             if op.kind == "local":
-                sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first))
+                _check_partial_average(node, op, first)
+                sizes[node] = tuple(w.out_size(n) for w, n in zip(op.windows, first, strict=True))
             else:
                 for arg in op.inputs[1:]:
                     if sizes[arg] != first:
@@ -194,7 +186,7 @@ class SpatialGraph:
 
     def needs(self, node: fx.Node, out: Region) -> Region:
         """Unclipped region of each input that `node` reads to produce `out` (same for all)."""
-        return tuple(w.needs(iv) for w, iv in zip(self.ops[node].windows, out))
+        return tuple(w.needs(iv) for w, iv in zip(self.ops[node].windows, out, strict=True))
 
     def regions(self, out: Region, in_size: Size,
                 sizes: dict[fx.Node, Size] | None = None) -> dict[fx.Node, Region]:
@@ -233,13 +225,15 @@ class SpatialGraph:
         if op.kind == "local":
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
-        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs)}
+        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs, strict=True)}
         if isinstance(op.module, FrozenBatchNorm2d):
             return op.module(cropped[op.inputs[0]])
-        if isinstance(op.module, nn.BatchNorm2d):
+        if isinstance(op.module, _BatchNorm):
             return _frozen_bn(op.module, cropped[op.inputs[0]])
-        args = fx.node.map_arg(node.args, lambda n: cropped[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: cropped[n])
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, cropped))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, cropped))
+        if node.target is F.batch_norm:  # in eval mode only (_classify_functional_bn)
+            return _functional_bn(*args, **kwargs)
         if node.op == "call_module":
             module = op.module
             if out_of_place and getattr(module, "inplace", False):
@@ -251,6 +245,10 @@ class SpatialGraph:
             return getattr(args[0], name)(*args[1:], **kwargs)
         target = _OUT_OF_PLACE.get(node.target, node.target) if out_of_place else node.target
         return target(*args, **kwargs)
+
+    def _value(self, node: fx.Node, bands: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+        """An argument of an op being run: a band of an image tensor, or a parameter."""
+        return ops.constant(self.gm, node) if node.op == "get_attr" else bands[node]
 
     def run_band(self, out: Region, x: torch.Tensor, x_region: Region,
                  in_size: Size | None = None) -> torch.Tensor:
@@ -286,31 +284,54 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
     """
     if node.op == "placeholder":
         return _Op("input", [])
-    inputs = list(node.all_input_nodes)
+    if node.op == "get_attr":  # a parameter or buffer: per-channel constants of the op reading it
+        return _Op("constant", [])
+    inputs = ops.tensor_inputs(node)
     for arg in inputs:
         if arg not in known:
             raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
     if node.op == "call_module":
-        return _classify_module(node, gm.get_submodule(node.target), inputs, frozen_bn)
-    if node.op == "call_function":
-        if node.target is torch.cat:
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim not in (1, -3):
-                raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
-                                         "concatenation (dim=1) is spatially local")
-            return _Op("pointwise", inputs)
-        if node.target in _POINTWISE_FUNCTIONS:
-            return _Op("pointwise", inputs)
-    if node.op == "call_method" and node.target in _POINTWISE_METHODS:
+        return _classify_module(gm, node, inputs, frozen_bn)
+    kind = ops.kind(gm, node)
+    if kind == ops.CONCAT:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3):
+            raise UnsupportedOpError(f"{node.name}: torch.cat along dim {dim}; only channel "
+                                     "concatenation (dim=1) is spatially local")
         return _Op("pointwise", inputs)
-    raise UnsupportedOpError(
-        f"{node.name}: {node.op} {_target_name(node)} is not a supported spatially local op "
-        "(conv2d, max/avg pool, eval batch norm, elementwise, add, channel cat)"
-    )
+    if ops.is_batch_norm(gm, node):
+        return _classify_functional_bn(node, inputs)
+    if kind == ops.SPLIT and ops.split_dim(node) in (1, -3):  # a tuple of channel groups
+        return _Op("pointwise", inputs)
+    picks = node.target is operator.getitem and (
+        _slices_channels_only(node.args[1])
+        or (isinstance(node.args[1], int) and ops.kind(gm, node.args[0]) == ops.SPLIT))
+    if kind in ops.ELEMENTWISE_KINDS or picks:
+        return _Op("pointwise", inputs)
+    raise _refused(ops.describe(gm, node), kind)
 
 
-def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
+def _slices_channels_only(index: Any) -> bool:
+    """`x[:, a:b]` or `x[:, a:b, :, :]` (ghostnet, rexnet, dpn): every position keeps all of
+    its rows and columns, so a band of the slice is the slice of the band."""
+    whole = slice(None)
+    if not isinstance(index, tuple) or not 2 <= len(index) <= 4:
+        return False
+    rest = list(index[2:])
+    if rest and rest[-1] is Ellipsis:
+        rest.pop()
+    return index[0] == whole and isinstance(index[1], slice) and all(i == whole for i in rest)
+
+
+def _refused(what: str, kind: str | None) -> UnsupportedOpError:
+    """The error naming an op that bands and tiles cannot run, and why."""
+    why = "is an op memtile does not know" if kind is None else f"is not spatially local ({kind})"
+    return UnsupportedOpError(f"{what} {why}; {_ACCEPTED}")
+
+
+def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
                      frozen_bn: bool) -> _Op:
+    mod = gm.get_submodule(node.target)
     where = f"layer {node.target!r} ({type(mod).__name__})"
     if isinstance(mod, nn.Conv2d):
         if mod.padding_mode != "zeros":
@@ -320,11 +341,11 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
         return _Op("local", inputs, _pool_windows(mod, where), mod)
     if isinstance(mod, FrozenBatchNormAct2d):
         for part in (mod.drop, mod.act):
-            _classify_module(node, part, inputs, frozen_bn)  # pointwise, or refused by name
+            _check_elementwise_part(where, part)
         return _Op("pointwise", inputs, module=mod)
     if isinstance(mod, FrozenBatchNorm2d):
         return _Op("pointwise", inputs, module=mod)
-    if isinstance(mod, nn.BatchNorm2d):
+    if isinstance(mod, _BatchNorm):
         if mod.training and not frozen_bn:
             raise UnsupportedOpError(
                 f"{where} is in training mode: its batch statistics span the whole feature map, "
@@ -341,16 +362,52 @@ def _classify_module(node: fx.Node, mod: nn.Module, inputs: list[fx.Node],
                 "exactly; put it in eval mode or move it out of the trunk"
             )
         return _Op("pointwise", inputs, module=nn.Identity())
-    if isinstance(mod, _POINTWISE_MODULES):
+    kind = ops.kind(gm, node)
+    if kind in ops.ELEMENTWISE_KINDS:
         return _Op("pointwise", inputs, module=mod)
-    raise UnsupportedOpError(f"{where} is not a supported spatially local op")
+    raise _refused(where, kind)
+
+
+def _check_elementwise_part(where: str, part: nn.Module) -> None:
+    """A frozen timm norm's own dropout or activation must be elementwise and deterministic."""
+    kind = ops.module_kind(part)
+    if kind not in ops.ELEMENTWISE_KINDS:
+        raise _refused(f"{where}, its {type(part).__name__}", kind)
+    if isinstance(part, nn.Dropout | nn.Dropout2d | nn.AlphaDropout) and part.training and part.p > 0:
+        raise UnsupportedOpError(f"{where}: its dropout draws random numbers in training mode, "
+                                 "which bands cannot replay exactly; put it in eval mode")
+
+
+def _classify_functional_bn(node: fx.Node, inputs: list[fx.Node]) -> _Op:
+    """`F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)`, as timm's
+    BatchNormAct2d traces: pointwise per channel when it uses its running statistics.
+
+    One traced in training mode is refused even with `frozen_bn`: running it with running
+    statistics would compute another function than the traced model (the silent wrong gradients
+    of timm models); `bn='frozen'` freezes norms before tracing (`memtile.freeze`) instead.
+    """
+    bound = ops.batch_norm_arguments(node)
+    if bound["training"]:
+        raise UnsupportedOpError(
+            f"{node.name}: batch_norm in training mode: its batch statistics span the whole "
+            "feature map; put the model in eval mode (or use bn='frozen')"
+        )
+    if len(inputs) != 1 or any(isinstance(bound[k], fx.Node) and bound[k].op != "get_attr"
+                               for k in ("running_mean", "running_var", "weight", "bias")):
+        raise UnsupportedOpError(f"{node.name}: batch_norm whose statistics or affine terms are "
+                                 "computed, not parameters")
+    return _Op("pointwise", inputs)
+
+
+def _functional_bn(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5
+                   ) -> torch.Tensor:
+    """Batch norm with its running statistics, whatever `training` the graph recorded."""
+    return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def _target_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -359,14 +416,14 @@ def _pair(v: Any) -> tuple[int, int]:
 
 def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
     k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-    ext = [di * (ki - 1) + 1 for ki, di in zip(k, d)]
+    ext = [di * (ki - 1) + 1 for ki, di in zip(k, d, strict=True)]
     if mod.padding == "valid":
         pads = [(0, 0), (0, 0)]
     elif mod.padding == "same":
         pads = [((e - 1) // 2, e - 1 - (e - 1) // 2) for e in ext]
     else:
         pads = [(p, p) for p in _pair(mod.padding)]
-    return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads))
+    return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads, strict=True))
 
 
 def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window, ...]:
@@ -377,21 +434,35 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
     if isinstance(mod, nn.MaxPool2d) and mod.return_indices:
         raise UnsupportedOpError(f"{where}: return_indices=True")
     if isinstance(mod, nn.AvgPool2d):
-        if mod.ceil_mode:
-            raise UnsupportedOpError(f"{where}: ceil_mode=True changes the divisor at the border")
+        if mod.ceil_mode and any(p):
+            raise UnsupportedOpError(f"{where}: ceil_mode=True with padding changes the divisor "
+                                     "at the border")
         if not mod.count_include_pad and any(p):
             raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
     return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
-                 for ki, si, pi, di in zip(k, s, p, d))
+                 for ki, si, pi, di in zip(k, s, p, d, strict=True))
+
+
+def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:
+    """An AvgPool2d with ceil_mode (timm's resnet-D shortcuts) is exact on tiles only where its
+    last window is whole: a partial one would divide by the positions it covers."""
+    if not (isinstance(op.module, nn.AvgPool2d) and op.module.ceil_mode):
+        return
+    for w, n in zip(op.windows, size, strict=True):
+        if (n - w.extent) % w.stride:
+            raise UnsupportedOpError(
+                f"{node.name} (AvgPool2d): ceil_mode=True on {n} positions ends in a partial "
+                "window, whose divisor bands and tiles do not reproduce"
+            )
 
 
 def _clip(region: Region, size: Size) -> Region:
-    return tuple((max(lo, 0), min(hi, n)) for (lo, hi), n in zip(region, size))
+    return tuple((max(lo, 0), min(hi, n)) for (lo, hi), n in zip(region, size, strict=True))
 
 
 def _hull(a: Region, b: Region) -> Region:
     out = []
-    for (alo, ahi), (blo, bhi) in zip(a, b):
+    for (alo, ahi), (blo, bhi) in zip(a, b, strict=True):
         if ahi <= alo:
             out.append((blo, bhi))
         elif bhi <= blo:
@@ -403,14 +474,16 @@ def _hull(a: Region, b: Region) -> Region:
 
 def _contains(outer: Region, inner: Region) -> bool:
     return all(hi <= lo or (olo <= lo and hi <= ohi)
-               for (olo, ohi), (lo, hi) in zip(outer, inner))
+               for (olo, ohi), (lo, hi) in zip(outer, inner, strict=True))
 
 
 def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-    """View of band `x` (covering `have`) restricted to `want`."""
+    """View of band `x` (covering `have`) restricted to `want` (each of a split's tensors)."""
     if have == want:
         return x
-    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want)):
+    if isinstance(x, tuple | list):
+        return tuple(_crop(t, have, want) for t in x)
+    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want, strict=True)):
         if wlo < hlo or whi > hhi:
             raise InputShapeError(f"band covers {have} but {want} is needed")
         if (hlo, hhi) != (wlo, whi):
@@ -429,12 +502,12 @@ def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: 
         conv = mod.conv if isinstance(mod, FoldedConvBN) else mod
         channels = conv.out_channels if isinstance(conv, nn.Conv2d) else x.shape[1]
         return x.new_zeros(x.shape[0], channels, *(max(hi - lo, 0) for lo, hi in out))
-    need = tuple(w.needs(iv) for w, iv in zip(windows, out))
+    need = tuple(w.needs(iv) for w, iv in zip(windows, out, strict=True))
     x = _crop(x, have, _clip(need, size))
     is_max = isinstance(mod, nn.MaxPool2d)
     is_pool = not isinstance(mod, nn.Conv2d | FoldedConvBN)
     native, explicit, skip = [], [], []
-    for w, (nlo, nhi), n in zip(windows, need, size):
+    for w, (nlo, nhi), n in zip(windows, need, size, strict=True):
         top, bottom = max(0, -nlo), max(0, nhi - n)
         pad = max(top, bottom)
         fits = (x.numel() > 0 and (pad - top) % w.stride == 0
@@ -447,7 +520,7 @@ def _apply_local(mod: nn.Module | FoldedConvBN, windows: tuple[Window, ...], x: 
         flat = [v for lohi in reversed(explicit) for v in lohi]  # F.pad: last dim first
         x = F.pad(x, flat, value=-math.inf if is_max else 0.0)
     y = _call_local(mod, x, tuple(native))
-    for axis, (start, (lo, hi)) in enumerate(zip(skip, out)):
+    for axis, (start, (lo, hi)) in enumerate(zip(skip, out, strict=True)):
         if start != 0 or y.shape[axis - SPATIAL_DIMS] != hi - lo:
             y = y.narrow(axis - SPATIAL_DIMS, start, hi - lo)
     return y

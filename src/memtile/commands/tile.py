@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra conv/linear MACs allowed, as a fraction (default 0.1)")
     parser.add_argument("--method", choices=sorted(METHODS), default="auto",
                         help="fdt, ffmt, or auto (both; default)")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="stop searching after about S seconds and keep the best found")
     add_output_arguments(parser, default_out="memtile-out")
 
 
@@ -48,7 +50,8 @@ def measured_peak(model: torch.nn.Module, inputs: tuple) -> int:
 
 
 def tile_summary(model: torch.nn.Module, inputs: tuple, budget: int | None = None,
-                 max_mac_overhead: float = 0.1, method: str = "auto", progress=None):
+                 max_mac_overhead: float = 0.1, method: str = "auto", progress=None,
+                 max_seconds: float | None = None):
     """Run discovery and measure both models: (JSON summary, tiled GraphModule, TileReport).
 
     A budget that is not met still yields the best model found, with `budget_met` false.
@@ -57,7 +60,8 @@ def tile_summary(model: torch.nn.Module, inputs: tuple, budget: int | None = Non
     from memtile.trace import trace
 
     try:
-        tiled, report = tile(model, inputs, budget, max_mac_overhead, METHODS[method], progress)
+        tiled, report = tile(model, inputs, budget, max_mac_overhead, METHODS[method], progress,
+                             max_seconds)
     except BudgetNotMetError as error:
         tiled, report = error.model, error.report
     summary = report.as_dict()
@@ -72,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     model, inputs = load_model(args)
     if args.json or not console.is_terminal:
         summary, tiled, report = tile_summary(model, inputs, args.budget, args.max_mac_overhead,
-                                              args.method)
+                                              args.method, max_seconds=args.max_seconds)
     else:
         with console.status("tiling: searching paths") as status:
             summary, tiled, report = tile_summary(
                 model, inputs, args.budget, args.max_mac_overhead, args.method,
                 progress=lambda text: status.update(f"tiling: {text}"),
+                max_seconds=args.max_seconds,
             )
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "method": args.method, **summary}
@@ -143,6 +148,10 @@ def table(summary: dict) -> Group:
                    f"{summary['mac_overhead']:+.1%}")
     result.add_row("max abs error", "", f"{summary['max_abs_error']:.3g}",
                    f"scale {summary['output_scale']:.3g}")
+    if summary["barriers"]:
+        result.add_row("stopped by", "", "; ".join(summary["barriers"][:3]), "")
+    if summary["timed_out"]:
+        result.add_row("search", "", f"stopped after {summary['max_seconds']:g} s", "")
     if summary["budget"] is not None:
         verdict = "met" if summary["budget_met"] else "NOT met: best found shown"
         result.add_row("budget", format_bytes(summary["budget"]), verdict, "")

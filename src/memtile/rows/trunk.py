@@ -136,8 +136,14 @@ def _inside(node: fx.Node, module: str | None) -> bool:
 def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], out: fx.Node) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+
+    def value(n: fx.Node) -> fx.Node:
+        if n not in env and n.op == "get_attr":  # parameters read by the trunk's ops
+            env[n] = graph.node_copy(n)
+        return env[n]
+
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, value)
     graph.output(env[out])
     return fx.GraphModule(gm, graph)
 

@@ -22,6 +22,9 @@ buffers make the peak now, rebuilt by replaying the accepted steps from there.
 from __future__ import annotations
 
 import itertools
+import re
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -126,6 +129,9 @@ class TileReport:
     methods: list[str]
     steps: list[TileStep] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    barriers: list[str] = field(default_factory=list)  # what ended spans and paths, by op
+    max_seconds: float | None = None
+    timed_out: bool = False
     planned_before: PlannedPeak | None = field(default=None, repr=False, compare=False)
     planned_after: PlannedPeak | None = field(default=None, repr=False, compare=False)
 
@@ -244,7 +250,7 @@ def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
     found: list[Candidate] = []
     for target in producers:
         if "fdt" in methods:
-            found += [c for path in fdt_paths_through(gm, target)
+            found += [c for path in fdt_paths_through(gm, target, reasons)
                       for c in _fdt_candidates(gm, [path], target)]
         if "ffmt" in methods:
             found += _ffmt_candidates(gm, target, reasons)
@@ -300,13 +306,16 @@ def tile(
     max_mac_overhead: float = 0.1,
     methods: Sequence[str] = ("fdt", "ffmt"),
     progress: Callable[[str], None] | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[fx.GraphModule, TileReport]:
     """Rewrite `model` with FDT/FFMT so that its planned peak drops, with the same outputs.
 
     Returns the tiled GraphModule and a TileReport. Never returns a model whose planned peak is
     higher than the input's. With a `budget` that no tiling found meets, raises
-    BudgetNotMetError carrying the best model and report.
+    BudgetNotMetError carrying the best model and report. `max_seconds` bounds the search: past
+    it no new step is tried and the best found so far is returned (`timed_out` in the report).
     """
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     unknown = set(methods) - {"fdt", "ffmt"}
     if unknown or not methods:
@@ -324,10 +333,10 @@ def tile(
         say(f"search starting with {'+'.join(first)}")
         search = _Search([(original, before, [])], [])
         for phase in dict.fromkeys([first, tuple(methods)]):
-            search.run(phase, original, peaks, budget, mac_limit, rejected, say)
+            search.run(phase, original, peaks, budget, mac_limit, rejected, say, deadline)
         search.trim()
         found.append(search)
-        if budget is not None and search.now.arena_bytes <= budget:
+        if (budget is not None and search.now.arena_bytes <= budget) or _past(deadline):
             break
     best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
     current, now = best.current, best.now
@@ -336,7 +345,7 @@ def tile(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
         budget, max_mac_overhead, list(methods), best.steps, list(dict.fromkeys(rejected)),
-        before, now,
+        barriers(rejected), max_seconds, _past(deadline), before, now,
     )
     if not report.budget_met:
         raise BudgetNotMetError(
@@ -395,13 +404,17 @@ class _Search:
 
     def run(self, methods: Sequence[str], original: fx.GraphModule, peaks: _PlannedPeaks,
             budget: int | None, mac_limit: int, rejected: list[str],
-            say: Callable[[str], None]) -> None:
-        """Greedy steps until nothing improves, the budget is met or too many only thin."""
+            say: Callable[[str], None], deadline: float | None) -> None:
+        """Greedy steps until nothing improves, the budget is met, too many only thin or the
+        deadline has passed."""
         while (len(self.steps) < MAX_STEPS and _thinning(self.history) < MAX_THINNING
-               and not (budget is not None and self.now.arena_bytes <= budget)):
+               and not (budget is not None and self.now.arena_bytes <= budget)
+               and not _past(deadline)):
             current, now, applied = self.history[-1]
             candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
             for candidate in candidates[:TRIES]:
+                if _past(deadline):
+                    return
                 accepted = _try(candidate, current, applied, len(self.steps) + 1, original,
                                 peaks, now, mac_limit, rejected)
                 if accepted is not None:
@@ -417,6 +430,33 @@ class _Search:
         peak = self.now.objective[:2]
         keep = next(i for i, (_, p, _) in enumerate(self.history) if p.objective[:2] == peak)
         del self.history[keep + 1:], self.steps[keep:]
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+_OWN_MODULES = ("FFMTTiles", "PartialSum", "Accumulate")
+_NAMED_OP = re.compile(r"[\w'.]+ \(([\w.]+)\)")
+
+
+def barriers(rejected: Sequence[str]) -> list[str]:
+    """The ops (or shapes) that ended FFMT spans and FDT paths, most frequent first, e.g.
+    "ffmt: mean (12)": why a model does not tile further, in a few words."""
+    counts: Counter[str] = Counter()
+    for reason in rejected:
+        method, _, why = reason.partition(" ")
+        if (method not in ("ffmt", "fdt") or "exceed the limit" in why or "is no better" in why
+                or any(f"({own})" in why for own in _OWN_MODULES)):
+            continue  # not a barrier: the budget, the plan, or an earlier step's own rewrite
+        why = why.partition(": ")[2]
+        named = _NAMED_OP.search(why)
+        if "outputs differ" in why:
+            label = "outputs differ beyond the tolerance"
+        else:
+            label = named.group(1) if named else why.split(";")[0].rsplit(": ", 1)[-1][:90]
+        counts[f"{method}: {label}"] += 1
+    return [f"{label} ({count})" for label, count in counts.most_common(5)]
 
 
 def _thinning(history: list[tuple[fx.GraphModule, PlannedPeak, list[_Applied]]]) -> int:

@@ -9,30 +9,15 @@ dies there. Only the best few are applied and re-planned through capture and the
 
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import fx
 
+from memtile import ops
 from memtile.tiling.fdt import Accumulate, PartialSum
 from memtile.tiling.ffmt import FFMTTiles
-from memtile.tiling.rewrite import (
-    BINARY_FUNCTIONS,
-    BINARY_METHODS,
-    ELEMENTWISE_FUNCTIONS,
-    ELEMENTWISE_METHODS,
-    ELEMENTWISE_MODULES,
-    module_of,
-    nbytes,
-)
-
-_VIEW_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
-                 "t", "expand", "narrow", "contiguous"}
-_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                   torch.transpose, torch.narrow, operator.getitem}
-_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+from memtile.tiling.rewrite import module_of, nbytes
 
 
 @dataclass(frozen=True)
@@ -62,21 +47,39 @@ class Estimate:
 
 
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS
-    return isinstance(module_of(gm, node), _VIEW_MODULES)
+    """Returns (a view of) its input: shares its storage."""
+    return ops.kind(gm, node) in (ops.VIEW, ops.IDENTITY, ops.SPLIT)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """May write its output over an input that dies there (as `memtile.inplace` plans it)."""
-    if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS or node.target in BINARY_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in ELEMENTWISE_METHODS or node.target in BINARY_METHODS
-    return isinstance(module_of(gm, node), (*ELEMENTWISE_MODULES, _BatchNorm, Accumulate,
-                                                  PartialSum))
+    return ops.is_elementwise(gm, node) or isinstance(module_of(gm, node),
+                                                      (Accumulate, PartialSum))
+
+
+def _storages(gm: fx.GraphModule, nodes: list[fx.Node], group: dict[str, Collapse],
+              where: Callable[[fx.Node], int], last_use: Callable[[fx.Node], int],
+              ) -> dict[fx.Node, list[fx.Node]]:
+    """Storage root -> the nodes whose values live in it: views share their base's storage; an
+    elementwise op may take the storage of an input of its size that dies there."""
+    base: dict[fx.Node, fx.Node] = {}
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        root = node
+        if (node.op != "placeholder" and ops.tensor_inputs(node) and node.name not in group
+                and _is_view(gm, node)):  # a collapsed step makes its outputs anew; a view of
+            root = base[ops.tensor_inputs(node)[0]]  # a parameter (get_attr) is its own
+        elif node.name not in group and is_elementwise(gm, node):
+            for arg in node.all_input_nodes:
+                owner = base.get(arg)
+                if (owner is not None and owner.op != "placeholder"
+                        and nbytes(owner) == nbytes(node)
+                        and max(last_use(m) for m in members[owner]) == where(node)):
+                    root = owner
+                    break
+        base[node] = root
+        members.setdefault(root, []).append(node)
+    return members
 
 
 def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
@@ -110,22 +113,7 @@ def estimate_peak(gm: fx.GraphModule, *collapses: Collapse) -> Estimate:
             return step
         return max((where(u) for u in node.users if u.op != "output"), default=where(node))
 
-    base: dict[fx.Node, fx.Node] = {}
-    members: dict[fx.Node, list[fx.Node]] = {}
-    for node in nodes:
-        root = node
-        if node.op != "placeholder" and node.all_input_nodes and _is_view(gm, node):
-            root = base[node.all_input_nodes[0]]
-        elif node.name not in group and is_elementwise(gm, node):
-            for arg in node.all_input_nodes:
-                owner = base.get(arg)
-                if (owner is not None and owner.op != "placeholder"
-                        and nbytes(owner) == nbytes(node)
-                        and max(last_use(m) for m in members[owner]) == where(node)):
-                    root = owner
-                    break
-        base[node] = root
-        members.setdefault(root, []).append(node)
+    members = _storages(gm, nodes, group, where, last_use)
     internal = {n for n in nodes if n.name in group and n not in outputs
                 and all(group.get(u.name) is group[n.name] for u in n.users)}
     live = [extra.get(s, 0) for s in range(step + 1)]

@@ -17,15 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from memtile import ops
 from memtile.errors import UnsupportedOpError
 from memtile.tiling.rewrite import (
-    ELEMENTWISE_FUNCTIONS,
-    ELEMENTWISE_METHODS,
-    ELEMENTWISE_MODULES,
     copy_graph_module,
     erase_chain,
     finish,
@@ -36,8 +33,6 @@ from memtile.tiling.rewrite import (
     split_ranges,
 )
 
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _FLATTEN = {torch.flatten, "flatten"}
 
 
@@ -111,14 +106,6 @@ def _is_depthwise(module: nn.Module | None) -> bool:
     )
 
 
-def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    module = module_of(gm, node)
-    if module is not None:
-        return f"{node.name} ({type(module).__name__})"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return f"{node.name} ({target})"
-
-
 def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, int]:
     """Classify `node` as a path step given the channel dim of its input.
 
@@ -132,30 +119,33 @@ def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, in
     if module is not None and module.training and isinstance(
         module, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)
     ):
-        raise UnsupportedOpError(f"{_describe(gm, node)} is in training mode; call model.eval()")
+        raise UnsupportedOpError(f"{ops.describe(gm, node)} is in training mode; call model.eval()")
     if _is_mixer(module):
         if isinstance(module, nn.Linear) and cdim != ndim - 1:
-            raise UnsupportedOpError(f"{_describe(gm, node)} reads features on another axis")
+            raise UnsupportedOpError(f"{ops.describe(gm, node)} reads features on another axis")
         if isinstance(module, _ConvNd) and cdim != 1:
-            raise UnsupportedOpError(f"{_describe(gm, node)} reads channels on another axis")
+            raise UnsupportedOpError(f"{ops.describe(gm, node)} reads channels on another axis")
         return "mixer", (1 if isinstance(module, _ConvNd) else ndim - 1)
     if _is_depthwise(module) and cdim == 1:
         return "depthwise", 1
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and cdim == 1:
+    if ops.is_batch_norm(gm, node) and cdim == 1:
+        if module is None and ops.batch_norm_arguments(node)["training"]:
+            raise UnsupportedOpError(f"{ops.describe(gm, node)} is in training mode; "
+                                     "call model.eval()")
         return "bn", 1
-    if isinstance(module, ELEMENTWISE_MODULES) or (
-        node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
-    ) or (node.op == "call_method" and node.target in ELEMENTWISE_METHODS):
+    kind = ops.kind(gm, node)
+    if kind in (ops.IDENTITY, ops.POINTWISE) or (
+        kind == ops.BINARY and len(ops.tensor_inputs(node)) == 1  # with a scalar
+    ) or (isinstance(module, nn.PReLU) and module.num_parameters == 1):
         return "shared", cdim
-    pooling = isinstance(module, _POOL_MODULES) or (
-        node.op == "call_function" and node.target in _POOL_FUNCTIONS
-    )
+    pooling = kind in (ops.WINDOW, ops.GLOBAL_POOL) and not isinstance(module, _ConvNd)
     if pooling and cdim == 1:
         return "shared", 1
     flatten = isinstance(module, nn.Flatten) or node.target in _FLATTEN
     if flatten and cdim == 1 and ndim == 2 and _flattens_unit_map(node):
         return "shared", 1
-    raise UnsupportedOpError(f"{_describe(gm, node)} mixes channels or is not channel-local")
+    raise UnsupportedOpError(f"{ops.describe(gm, node)} mixes channels or is not channel-local"
+                             + ("" if kind else " (an op memtile does not know)"))
 
 
 def _flattens_unit_map(node: fx.Node) -> bool:
@@ -172,7 +162,7 @@ def fdt_path(gm: fx.GraphModule, head: str) -> FDTPath:
     node = node_named(gm, head)
     module = module_of(gm, node)
     if not _is_mixer(module):
-        raise UnsupportedOpError(f"{_describe(gm, node)} cannot head an FDT path (needs conv/linear)")
+        raise UnsupportedOpError(f"{ops.describe(gm, node)} cannot head an FDT path (needs conv/linear)")
     width = module.out_channels if isinstance(module, _ConvNd) else module.out_features
     cdim = 1 if isinstance(module, _ConvNd) else len(shape(node)) - 1
     mids: list[str] = []
@@ -185,9 +175,9 @@ def fdt_path(gm: fx.GraphModule, head: str) -> FDTPath:
                 "consumers (branch or residual), so its channels cannot be split"
             )
         user = users[0]
-        if user.all_input_nodes != [current]:
+        if ops.tensor_inputs(user) != [current]:
             raise UnsupportedOpError(
-                f"FDT path from {head} ended at {_describe(gm, user)}: it combines "
+                f"FDT path from {head} ended at {ops.describe(gm, user)}: it combines "
                 f"{current.name} with another tensor (e.g. a residual add)"
             )
         try:
@@ -200,17 +190,22 @@ def fdt_path(gm: fx.GraphModule, head: str) -> FDTPath:
         current = user
 
 
-def fdt_paths_through(gm: fx.GraphModule, name: str) -> list[FDTPath]:
-    """FDT paths in which node `name`'s output is an inner (split) buffer: it is the head or a mid."""
+def fdt_paths_through(gm: fx.GraphModule, name: str,
+                      reasons: list[str] | None = None) -> list[FDTPath]:
+    """FDT paths in which node `name`'s output is an inner (split) buffer: it is the head or a mid.
+
+    Why a path through it cannot be built is appended to `reasons` ("fdt through NAME: ...")."""
     node = node_named(gm, name)
     while not _is_mixer(module_of(gm, node)):
-        producers = node.all_input_nodes
+        producers = ops.tensor_inputs(node)
         if len(producers) != 1 or len(producers[0].users) != 1:
             return []
         node = producers[0]
     try:
         path = fdt_path(gm, node.name)
-    except UnsupportedOpError:
+    except UnsupportedOpError as error:
+        if reasons is not None:
+            reasons.append(f"fdt through {name}: {error}")
         return []
     return [path] if name in path.nodes[:-1] else []
 
@@ -260,6 +255,26 @@ def _slice_bn(bn: nn.modules.batchnorm._BatchNorm, lo: int, hi: int) -> nn.Modul
     return new.eval()
 
 
+def _slice_functional_bn(gm: fx.GraphModule, node: fx.Node, lo: int, hi: int) -> nn.BatchNorm2d:
+    """Channels [lo, hi) of an eval `F.batch_norm` call (timm's BatchNormAct2d) as a module."""
+    bound = ops.batch_norm_arguments(node)
+    tensors = {k: ops.constant(gm, v)[lo:hi] if isinstance(v, fx.Node) else v
+               for k, v in bound.items() if k in ("running_mean", "running_var", "weight", "bias")}
+    if tensors["running_mean"] is None or tensors["running_var"] is None:
+        raise UnsupportedOpError(f"{ops.describe(gm, node)} has no running statistics")
+    affine = tensors["weight"] is not None and tensors["bias"] is not None
+    new = nn.BatchNorm2d(hi - lo, bound["eps"], affine=affine,
+                         device=tensors["running_mean"].device,
+                         dtype=tensors["running_mean"].dtype)
+    with torch.no_grad():
+        new.running_mean.copy_(tensors["running_mean"])
+        new.running_var.copy_(tensors["running_var"])
+        if affine:
+            new.weight.copy_(tensors["weight"])
+            new.bias.copy_(tensors["bias"])
+    return new.eval()
+
+
 def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphModule:
     """A copy of `gm` with `path` computed in `partitions` channel partitions (see module doc)."""
     gm = copy_graph_module(gm)
@@ -289,8 +304,11 @@ def apply_fdt(gm: fx.GraphModule, path: FDTPath, partitions: int) -> fx.GraphMod
                     value = call(f"p{part}_mid{index}", sliced, value)
                 elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                     value = call(f"p{part}_mid{index}", _slice_bn(module, lo, hi), value)
+                elif ops.is_batch_norm(gm, mid):
+                    value = call(f"p{part}_mid{index}", _slice_functional_bn(gm, mid, lo, hi),
+                                 value)
                 else:
-                    previous = mid.all_input_nodes[0]
+                    previous = ops.tensor_inputs(mid)[0]
                     args = fx.map_arg(mid.args, lambda n, p=previous, v=value: v if n is p else n)
                     value = graph.create_node(mid.op, mid.target, args, dict(mid.kwargs))
             tail_part = _slice_mixer(tail_module, lo, hi, output=False, bias=part == 0)

@@ -138,7 +138,7 @@ class FFMTTiles(nn.Module):
             size = {n: self.pixel_bytes[n.name] * _area(r) for n, r in need.items()
                     if n is not sg.input}
             live = 0
-            for node in sg.order:
+            for node in (n for n in sg.order if n in need):  # unused ones do not run (dla34)
                 macs += self.pixel_macs.get(node.name, 0) * _area(need[node])
                 dying = [a for a in dict.fromkeys(sg.ops[node].inputs)
                          if last.get(a) is node and a is not sg.input]
@@ -169,6 +169,8 @@ def _element_size(node: fx.Node) -> int:
 def _pixel_bytes(node: fx.Node) -> int:
     """Bytes of one spatial position of a node's NCHW output (batch x channels x element)."""
     meta = node.meta["tensor_meta"]
+    if not hasattr(meta, "shape"):  # a split's tuple of views: no storage of its own
+        return 0
     return meta.shape[0] * meta.shape[1] * _element_size(node)
 
 

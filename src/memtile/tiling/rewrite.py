@@ -7,28 +7,13 @@ copies, and hand back a new GraphModule; these helpers keep that bookkeeping in 
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from memtile.errors import UnsupportedOpError
-
-# Ops whose output element i depends only on input element i (per-channel constants allowed).
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
-    nn.GELU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-)
-ELEMENTWISE_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
-    F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.dropout,
-}
-ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
-BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
-BINARY_METHODS = {"add", "add_", "mul", "mul_"}
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -67,11 +52,6 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The distinct fx nodes a node reads (its producers)."""
-    return list(node.all_input_nodes)
 
 
 def fresh_name(gm: fx.GraphModule, stem: str) -> str:
