@@ -29,6 +29,16 @@ def _relative(reference: nn.Module, tiled: nn.Module, x: torch.Tensor) -> float:
     return error / scale
 
 
+def _band_matches_whole(graph: SpatialGraph, model: nn.Module, x: torch.Tensor, out) -> bool:
+    """Run the output region `out` of `graph` as one band from just the input rows it needs."""
+    size = tuple(x.shape[-2:])
+    need = graph.input_region(out, size)
+    (r0, r1), (c0, c1) = need
+    band = graph.run_band(out, x[..., r0:r1, c0:c1], need, size)
+    (o0, o1), (p0, p1) = out
+    return torch.allclose(band, model(x)[..., o0:o1, p0:p1], atol=1e-6)
+
+
 def test_band_through_timm_batchnorm_act_matches_whole_map():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, 2, 1), timm.layers.BatchNormAct2d(8, act_layer=nn.Hardswish),
@@ -38,11 +48,7 @@ def test_band_through_timm_batchnorm_act_matches_whole_map():
     graph = SpatialGraph(model)
     x = torch.randn(1, 3, 20, 20)
     whole = model(x)
-    out = ((3, 7), (0, 10))
-    need = graph.input_region(out, (20, 20))
-    (r0, r1), (c0, c1) = need
-    band = graph.run_band(out, x[..., r0:r1, c0:c1], need, (20, 20))
-    assert torch.allclose(band, whole[..., 3:7, :], atol=1e-6)
+    assert _band_matches_whole(graph, model, x, ((3, 7), (0, 10)))
     assert graph.output_size((20, 20)) == tuple(whole.shape[-2:])
     assert graph.run_band(full((10, 10)), x, full((20, 20))).shape == whole.shape
 
@@ -89,10 +95,7 @@ def test_resnet_d_average_pool_with_ceil_mode_runs_in_bands_where_its_windows_ar
                           nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)).eval()
     graph = SpatialGraph(model)
     x = torch.randn(1, 3, 12, 12)
-    need = graph.input_region(((2, 4), (0, 6)), (12, 12))
-    (r0, r1), (c0, c1) = need
-    band = graph.run_band(((2, 4), (0, 6)), x[..., r0:r1, c0:c1], need, (12, 12))
-    assert torch.allclose(band, model(x)[..., 2:4, :], atol=1e-6)
+    assert _band_matches_whole(graph, model, x, ((2, 4), (0, 6)))
     with pytest.raises(Exception, match="on 11 positions ends in a partial window"):
         graph.sizes((11, 12))
 
@@ -110,10 +113,7 @@ def test_channel_slices_run_in_bands_and_other_slices_are_refused():
     model = Ghost().eval()
     graph = SpatialGraph(model)
     x = torch.randn(1, 3, 10, 10)
-    need = graph.input_region(((4, 7), (0, 10)), (10, 10))
-    (r0, r1), (c0, c1) = need
-    band = graph.run_band(((4, 7), (0, 10)), x[..., r0:r1, c0:c1], need, (10, 10))
-    assert torch.allclose(band, model(x)[..., 4:7, :], atol=1e-6)
+    assert _band_matches_whole(graph, model, x, ((4, 7), (0, 10)))
 
     class RowSlice(nn.Module):
         def forward(self, x):
