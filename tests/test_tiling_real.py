@@ -29,6 +29,14 @@ def _relative(reference: nn.Module, tiled: nn.Module, x: torch.Tensor) -> float:
     return error / scale
 
 
+def _tile_whole_graph(model: nn.Module, grid: tuple[int, int]) -> tuple[object, float]:
+    """FFMT over the whole traced model at 12x12; (graph, relative error on a fresh input)."""
+    gm = propagate_shapes(trace(model), [torch.randn(1, 3, 12, 12)])
+    names = [n.name for n in cuts(gm)]
+    tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), grid)
+    return gm, _relative(model, tiled, torch.randn(1, 3, 12, 12))
+
+
 def _band_matches_whole(graph: SpatialGraph, model: nn.Module, x: torch.Tensor, out) -> bool:
     """Run the output region `out` of `graph` as one band from just the input rows it needs."""
     size = tuple(x.shape[-2:])
@@ -135,12 +143,7 @@ def test_ffmt_span_with_a_value_it_never_uses():
             self.project(y)
             return self.b(y)
 
-    model = Unused().eval()
-    x = torch.randn(1, 3, 12, 12)
-    gm = propagate_shapes(trace(model), [x])
-    names = [n.name for n in cuts(gm)]
-    tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), (3, 1))
-    assert _relative(model, tiled, torch.randn(1, 3, 12, 12)) <= 1e-5
+    assert _tile_whole_graph(Unused().eval(), (3, 1))[1] <= 1e-5
 
 
 def test_peak_estimate_of_a_view_of_a_parameter():
@@ -166,10 +169,6 @@ def test_channel_split_runs_in_tiles():
             parts = torch.split(self.a(x), 4, 1)
             return torch.cat([self.b(parts[0]), self.b(parts[0]) + parts[1]], 1)
 
-    model = Res2().eval()
-    x = torch.randn(1, 3, 12, 12)
-    gm = propagate_shapes(trace(model), [x])
-    names = [n.name for n in cuts(gm)]
-    tiled = apply_ffmt(gm, span(gm, names[0], names[-1]), (3, 2))
-    assert _relative(model, tiled, torch.randn(1, 3, 12, 12)) <= 1e-5
+    gm, error = _tile_whole_graph(Res2().eval(), (3, 2))
+    assert error <= 1e-5
     assert estimate_peak(gm).peak_without_input_bytes > 0
