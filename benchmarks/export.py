@@ -53,7 +53,7 @@ def default_pipeline_bytes(model, inputs) -> int:
     return sum(edge.to_executorch().executorch_program.execution_plan[0].non_const_buffer_sizes)
 
 
-def measure(name: str, tiled: bool, folder: Path, default: bool) -> dict:
+def measure(name: str, tiled: bool, folder: Path, default: bool, calls: int) -> dict:
     model, inputs = zoo.get(name)
     row = {"model": name, "input": list(inputs[0].shape), "tiled": tiled, "tile_requested": tiled}
     try:
@@ -64,7 +64,7 @@ def measure(name: str, tiled: bool, folder: Path, default: bool) -> dict:
     row["tiling_steps"] = len(result.steps)
     # memtile tiling's own planned peak (its ATen graph, alignment 64), for the tiled rows
     row["tiling_peak_bytes"] = result.steps[-1]["peak_bytes"] if result.steps else None
-    row["latency_ms"] = latency_ms(folder / "m.pte", fresh_inputs(inputs), calls=3)
+    row["latency_ms"] = latency_ms(folder / "m.pte", fresh_inputs(inputs), calls=calls) if calls else None
     if default:
         row["executorch_default_bytes"] = default_pipeline_bytes(model, inputs)
     return row
@@ -137,8 +137,12 @@ def markdown(rows: list[dict]) -> str:
             f"{r['executorch_greedy_bytes'] / MIB:.3f} | "
             f"{r['planned_arena_bytes'] / max(r['executorch_greedy_bytes'], 1):.3f} | "
             f"{'' if default is None else f'{default / MIB:.3f}'} | {r['max_rel_diff']:.1e} | "
-            f"{r['seconds']:.1f} | {r['latency_ms']:.1f} |")
+            f"{r['seconds']:.1f} | {_latency(r)} |")
     return "\n".join(lines)
+
+
+def _latency(r: dict) -> str:
+    return "not timed" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}"
 
 
 def _tiling_peak(r: dict) -> str:
@@ -170,6 +174,8 @@ def main() -> int:
     parser.add_argument("--default-pipeline", action="store_true",
                         help="also ExecuTorch's default output for each untiled model")
     parser.add_argument("--xnnpack", default="", help="models also lowered with XNNPACK")
+    parser.add_argument("--calls", type=int, default=3,
+                        help="timed runtime calls per model after the check's run (0: no latency)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rows", type=Path, default=None, help="append one JSON line per row")
     args = parser.parse_args()
@@ -180,7 +186,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for name, tiled in jobs:
             began = time.perf_counter()
-            rows.append(measure(name, tiled, Path(folder), args.default_pipeline and not tiled))
+            rows.append(measure(name, tiled, Path(folder), args.default_pipeline and not tiled,
+                                args.calls))
             print(f"{name}{' tiled' if tiled else ''}: {time.perf_counter() - began:.0f} s",
                   file=sys.stderr, flush=True)
             if args.rows:
