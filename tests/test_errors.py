@@ -5,6 +5,7 @@ The fixture models below are loaded by the CLI as `test_errors:NAME` (the zoo's
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -115,6 +116,8 @@ def _one_line_exit_2(capsys, argv: list[str]) -> str:
     (["plan", "x.csv", "--time-limit", "0"], "time limit"),
     (["plan", "x.csv", "--time-limit", "-5"], "time limit"),
     (["plan", "x.csv", "--time-limit", "nan"], "time limit"),
+    (["tile", "resnet8_cifar", "--max-seconds", "-1"], "time limit"),
+    (["export", "resnet8_cifar", "--time-limit", "0"], "time limit"),
     (["profile", "resnet8_cifar", "--input-shape", "3,x,224"], "cannot read '3,x,224' as a shape"),
     (["profile", "resnet8_cifar", "--input-shape", "4,x,64"], "cannot read '4,x,64' as a shape"),
     (["profile", "resnet8_cifar", "--input-shape", "3,,32,32"], "as a shape"),
@@ -188,6 +191,22 @@ def test_batch_that_a_static_pt2_cannot_take_is_refused(tmp_path):
     torch.export.save(torch.export.export(Conv().eval(), (_x(),)), str(path))
     with pytest.raises(MemtileError, match=r"cannot run on inputs \(4, 3, 16, 16\)"):
         zoo.get(str(path), batch=4)
+
+
+def test_a_corrupt_pt2_is_one_error_without_torch_logging_a_traceback(tmp_path):
+    path = tmp_path / "corrupt.pt2"
+    path.write_text("not a zip archive")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("torch.export")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(MemtileError, match="is not a torch.export archive"):
+            zoo.get(str(path))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
 
 
 # -- item 8: the public API works after its submodules are imported -----------------------------

@@ -13,6 +13,7 @@ weights and the default running statistics (mean 0, variance 1) a deep net's out
 
 import difflib
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -253,10 +254,15 @@ def _load_exported(path: Path, input_shape) -> tuple[nn.Module, tuple[torch.Tens
     `input_shape`, the first input's shape after the batch axis)."""
     if not path.is_file():
         raise UnknownModelError(f"no such file: {path}")
+    export_log = logging.getLogger("torch.export")  # it logs the load's traceback as a warning
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path))
     except Exception as error:  # torch raises many types for a corrupt archive
         raise MemtileError(f"{path} is not a torch.export archive: {error}") from error
+    finally:
+        export_log.setLevel(level)
     placeholders = [
         node.meta["val"]
         for node in program.graph.nodes

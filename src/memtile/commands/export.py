@@ -14,6 +14,7 @@ from memtile.commands.common import (
     console,
     load_model,
     print_json,
+    seconds,
 )
 from memtile.numerics import TOLERANCE
 from memtile.units import format_bytes, parse_bytes
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
                         help="arena limit, e.g. 1.3MiB: with --tile, tiling stops once met; "
                              "exit 1 if the .pte's planned arena is above it")
-    parser.add_argument("--time-limit", type=float, default=10.0, metavar="S",
+    parser.add_argument("--time-limit", type=seconds, default=10.0, metavar="S",
                         help="seconds for the exact planner (CP-SAT) on ExecuTorch's specs "
                              "(default 10)")
     parser.add_argument("--out", default="model.pte", help="the .pte to write (default model.pte)")

@@ -16,6 +16,7 @@ from memtile.commands.common import (
     load_model,
     output_dir,
     print_json,
+    seconds,
 )
 from memtile.units import format_bytes
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra conv/linear MACs allowed, as a fraction (default 0.1)")
     parser.add_argument("--method", choices=sorted(METHODS), default="auto",
                         help="fdt, ffmt, or auto (both; default)")
-    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+    parser.add_argument("--max-seconds", type=seconds, default=None, metavar="S",
                         help="stop searching after about S seconds and keep the best found")
     add_output_arguments(parser, default_out="memtile-out")
 
