@@ -261,6 +261,12 @@ def test_profile_train_without_parameters_is_one_line_exit_2(capsys, tmp_path):
     assert "no trainable parameters" in line or "none" in line
 
 
+def test_profile_train_that_the_model_cannot_take_is_one_line_exit_2(capsys, tmp_path):
+    message = _one_line_exit_2(capsys, ["profile", "autoencoder_ad", "--train", "--out",
+                                        str(tmp_path)])
+    assert "the training step failed: Expected more than 1 value per channel" in message
+
+
 # -- item 15: inputs too large for memory --------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["--input-shape", "3,100000,100000"],

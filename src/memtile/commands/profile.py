@@ -89,7 +89,7 @@ def _measure_training_step(model: torch.nn.Module, inputs: tuple):
 
     try:
         return measure(step, model=model, optimizer=optimizer)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # e.g. a BatchNorm in training mode at batch 1
         raise MemtileError(f"the training step failed: {str(error).splitlines()[0]}") from error
     finally:
         model.eval()
