@@ -118,6 +118,7 @@ def _one_line_exit_2(capsys, argv: list[str]) -> str:
     (["plan", "x.csv", "--time-limit", "nan"], "time limit"),
     (["tile", "resnet8_cifar", "--max-seconds", "-1"], "time limit"),
     (["export", "resnet8_cifar", "--time-limit", "0"], "time limit"),
+    (["export", "resnet8_cifar", "--budget", "12XB"], "cannot read '12XB' as a byte size"),
     (["profile", "resnet8_cifar", "--input-shape", "3,x,224"], "cannot read '3,x,224' as a shape"),
     (["profile", "resnet8_cifar", "--input-shape", "4,x,64"], "cannot read '4,x,64' as a shape"),
     (["profile", "resnet8_cifar", "--input-shape", "3,,32,32"], "as a shape"),

@@ -184,3 +184,28 @@ def test_cli_json_keys(tmp_path, capsys):
     assert summary["bytes"] == path.stat().st_size
     assert summary["planned_arena_bytes"] == planned_buffer_sizes(path)[1]
     assert summary["max_rel_diff"] <= TOLERANCE
+
+
+class TwoOutputs(nn.Module):
+    """A tuple output: the runtime returns a flat list, which is compared leaf by leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.relu() * 2
+
+
+def test_a_tuple_output_agrees_output_by_output(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = TwoOutputs().eval(), (torch.randn(1, 3, 16, 16),)
+    result = export(model, inputs, tmp_path / "two.pte")
+    assert result.equivalent and result.max_rel_diff <= TOLERANCE
+
+
+def test_out_that_is_a_folder_is_refused_before_exporting(tmp_path, capsys):
+    assert main(["export", "tests_models:conv_bn_relu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder" in err[0]

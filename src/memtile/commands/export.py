@@ -5,19 +5,22 @@ inputs against the eager model, and its planned arena is read back from the file
 """
 
 import argparse
+from pathlib import Path
 
 from rich.table import Table
 
 from memtile.commands.common import (
     add_model_arguments,
+    byte_size,
     check_batch,
     console,
     load_model,
     print_json,
     seconds,
 )
+from memtile.errors import MemtileError
 from memtile.numerics import TOLERANCE
-from memtile.units import format_bytes, parse_bytes
+from memtile.units import format_bytes
 
 HELP = ("write an ExecuTorch program (.pte) planned by memtile (optionally tiled), run it "
         "through ExecuTorch's runtime and compare with eager")
@@ -27,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--tile", action="store_true",
                         help="tile the model first with memtile.tile (FDT/FFMT)")
-    parser.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
+    parser.add_argument("--budget", type=byte_size, default=None, metavar="BYTES",
                         help="arena limit, e.g. 1.3MiB: with --tile, tiling stops once met; "
                              "exit 1 if the .pte's planned arena is above it")
     parser.add_argument("--time-limit", type=seconds, default=10.0, metavar="S",
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     require_executorch()
     check_batch(args.batch)
+    if Path(args.out).is_dir():
+        raise MemtileError(f"--out {args.out} is a folder; give the path of the .pte to write")
     model, inputs = load_model(args)
     if args.json or not console.is_terminal:
         result = export(model, inputs, args.out, args.tile, args.budget, args.time_limit)
@@ -93,10 +98,14 @@ def _verdicts(summary: dict, tile_requested: bool) -> str:
     if tile_requested and not summary["tiled"]:
         lines.append("tiling did not lower the .pte's planned arena, so the untiled program "
                      f"({format_bytes(summary['untiled_arena_bytes'])}) was written")
-    if not summary["equivalent"]:
+    if not summary["equivalent"] and summary["float64_rel_diff"] is None:
         lines.append(f"NOT equivalent: max relative difference {summary['max_rel_diff']:.3g} "
-                     f"is above 1e-5, and the .pte is {summary['float64_rel_diff']} from float64 "
-                     f"arithmetic where eager float32 is {summary['eager_float64_rel_diff']}")
+                     "(the outputs differ in structure, shape, or where NaN/Inf are)")
+    elif not summary["equivalent"]:
+        lines.append(f"NOT equivalent: max relative difference {summary['max_rel_diff']:.3g} "
+                     f"is above 1e-5, and the .pte is {summary['float64_rel_diff']:.3g} from "
+                     f"float64 arithmetic where eager float32 is "
+                     f"{summary['eager_float64_rel_diff']:.3g}")
     elif summary["max_rel_diff"] > TOLERANCE:
         lines.append(f"outputs differ from eager by {summary['max_rel_diff']:.2e} (above 1e-5), as "
                      "rounding: the .pte is "

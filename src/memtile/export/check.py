@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from executorch.exir._serialize._program import deserialize_pte_binary
 from executorch.runtime import Runtime
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtile.numerics import Agreement, agreement
 
@@ -50,5 +51,7 @@ def compare(path: Path, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
     with torch.no_grad():
         expected = model(*fresh)
     got = run_pte(path, fresh)
-    return agreement(got[0] if len(got) == 1 and isinstance(expected, torch.Tensor) else got,
-                     model, fresh, expected)
+    leaves, structure = tree_flatten(expected)
+    if len(got) != len(leaves):  # the runtime returns the program's outputs as one flat list
+        return Agreement(float("inf"))
+    return agreement(tree_unflatten(got, structure), model, fresh, expected)
