@@ -7,6 +7,14 @@ import time
 
 import torch
 
+# Issue 13's real-model corpus: timm models (random weights) and smp segmentation nets at 256²
+TIMM = tuple(f"timm:{name}" for name in (
+    "regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a", "ghostnet_100",
+    "convnext_atto", "rexnet_100", "dla34", "hrnet_w18_small", "repvgg_a0", "resnet18d",
+    "densenet121", "dpn68", "res2net50_14w_8s", "vovnet39a"))
+SMP = ("smp:Unet:resnet18", "smp:FPN:resnet34", "smp:Linknet:resnet18")
+CORPUS = TIMM + SMP
+
 
 def header(title: str) -> str:
     command = "python " + " ".join(sys.argv)

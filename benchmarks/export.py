@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import header
+from _common import CORPUS, header
 
 from memtile import zoo
 from memtile.export import export
@@ -34,11 +34,6 @@ ZOO = (
     "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
     "ds_cnn_kws", "mobilenet_v1_025_vww", "resnet8_cifar", "autoencoder_ad", "mobilenet_v2_035_144",
 )
-CORPUS = tuple(f"timm:{n}" for n in (
-    "regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a", "ghostnet_100",
-    "convnext_atto", "rexnet_100", "dla34", "hrnet_w18_small", "repvgg_a0", "resnet18d",
-    "densenet121", "dpn68", "res2net50_14w_8s", "vovnet39a",
-)) + ("smp:Unet:resnet18", "smp:FPN:resnet34", "smp:Linknet:resnet18")
 TILED = ("mobilenet_v2", "mobilenet_v2_035_144", "ds_cnn_kws", "mobilenet_v1_025_vww",
          "resnet8_cifar", "autoencoder_ad")
 MIB = 2**20

@@ -18,17 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from _common import header
+from _common import TIMM, header
 
 from memtile import zoo
 from memtile.tiling import tile
 from memtile.tiling.check import compare
 from memtile.units import format_bytes
 
-MODELS = [f"timm:{name}" for name in (
-    "regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a", "ghostnet_100",
-    "convnext_atto", "rexnet_100", "dla34", "hrnet_w18_small", "repvgg_a0", "resnet18d",
-    "densenet121", "dpn68", "res2net50_14w_8s", "vovnet39a")] + ["mobilenet_v2"]
+MODELS = [*TIMM, "mobilenet_v2"]
 
 
 def measure(name: str, max_seconds: float | None) -> dict:
