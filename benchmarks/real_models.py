@@ -15,6 +15,7 @@ outputs, median ms, allocator-level measured peak) and whether the outputs agree
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from _common import CORPUS
@@ -25,9 +26,11 @@ RUN_ITERATIONS = "10"
 
 
 def memtile_json(*argv: str) -> dict:
-    """One CLI call's `--json` object, or its last stderr line as the error."""
-    done = subprocess.run([sys.executable, "-m", "memtile.cli", *argv, "--json"],
-                          capture_output=True, text=True, check=False)
+    """One CLI call's `--json` object, or its last stderr line as the error (run in a temporary
+    folder: `plan` writes its files into ./memtile-out)."""
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-m", "memtile.cli", *argv, "--json"], cwd=folder,
+                              capture_output=True, text=True, check=False)
     if done.returncode in (0, 1) and done.stdout.strip():
         return json.loads(done.stdout)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
