@@ -52,3 +52,23 @@ def test_agreement_rule():
     assert not Agreement(5e-5).equivalent  # no float64 measurement: not forgiven
     assert Agreement(5e-5, 2e-5, 1.2e-5).equivalent
     assert not Agreement(5e-5, 3e-5, 1.2e-5).equivalent
+
+
+def test_channels_last_rounding_counts_as_eager_rounding():
+    """vovnet39a's measured case: planned 2.6e-5 from float64, eager NCHW 1.0e-5, eager
+    channels_last 3.5e-5: as close to exact as PyTorch's own channels_last, so it agrees."""
+    assert not Agreement(2.9e-5, 2.6e-5, 1.0e-5).equivalent
+    assert Agreement(2.9e-5, 2.6e-5, 1.0e-5, 3.5e-5).equivalent
+    assert not Agreement(2.9e-5, 8e-5, 1.0e-5, 3.5e-5).equivalent
+
+
+def test_channels_last_eager_is_measured_for_image_inputs_only():
+    model, x = _deep(), torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        off = model(x) * (1 + 3 * TOLERANCE)
+    measured = agreement(off, model, [x])
+    assert measured.channels_last_vs_float64 is not None and measured.channels_last_vs_float64 < 1e-5
+    linear = torch.nn.Linear(8, 8)
+    flat = torch.randn(2, 8)
+    with torch.no_grad():
+        assert agreement(linear(flat) * 1.001, linear, [flat]).channels_last_vs_float64 is None

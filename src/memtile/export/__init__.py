@@ -63,10 +63,12 @@ class ExportResult:
     untiled_arena_bytes: int = 0  # memtile's arena of the untiled program, for comparison
     float64_rel_diff: float | None = None  # only measured when max_rel_diff exceeds TOLERANCE
     eager_float64_rel_diff: float | None = None  # eager float32's own distance from float64
+    eager_channels_last_float64_rel_diff: float | None = None  # the same in channels_last
 
     @property
     def agreement(self) -> Agreement:
-        return Agreement(self.max_rel_diff, self.float64_rel_diff, self.eager_float64_rel_diff)
+        return Agreement(self.max_rel_diff, self.float64_rel_diff, self.eager_float64_rel_diff,
+                         self.eager_channels_last_float64_rel_diff)
 
     @property
     def equivalent(self) -> bool:

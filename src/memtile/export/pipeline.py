@@ -56,7 +56,8 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
         record.load_bytes, record.plan.optimal, record.plan.strategy, record.alignment,
         record.specs, record.inplace_pairs, agreement.vs_eager, chosen is not plain, steps, budget,
         round(time.perf_counter() - began, 2), round(tile_seconds, 2),
-        plain.record.plan.arena_bytes, agreement.vs_float64, agreement.eager_vs_float64)
+        plain.record.plan.arena_bytes, agreement.vs_float64, agreement.eager_vs_float64,
+        agreement.channels_last_vs_float64)
 
 
 def _lower(source: torch.nn.Module, inputs: tuple, time_limit: float, say) -> Lowered:
