@@ -88,3 +88,34 @@ def test_an_unplanned_convolution_of_an_nchw_input_is_restrided():
         expected = model(*inputs)
     got = module(*inputs)
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+class GhostConcat(nn.Module):
+    """timm ghostnet's module: `cat([primary, cheap])[:, :out]`, a no-op slice that export
+    writes as `aten.alias`, read by the next convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary = nn.Conv2d(3, 8, 1)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.after = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        a = self.primary(x)
+        return self.after(torch.cat([a, self.cheap(a)], 1)[:, :16]).relu()
+
+
+def test_a_storage_read_through_alias_can_be_channels_last():
+    """Before: the cat stayed NCHW, so the convolution reading it ran unplanned, converting its
+    input to channels_last in a temporary of the input's size at every call."""
+    torch.manual_seed(0)
+    model, inputs = GhostConcat().eval(), (torch.randn(1, 3, 16, 16),)
+    graph = capture(model, inputs)
+    assert "aten.alias.default" in {op.target for op in graph.ops}
+    cat = next(op.outputs[0] for op in graph.ops if op.target == "aten.cat.default")
+    assert cat in channels_last_tensors(graph, "auto", True)
+    planned = PlannedModule(model, inputs)
+    assert planned.unplanned_ops == []
+    with torch.no_grad():
+        want = model(*inputs)
+        assert ((planned(*inputs) - want).abs().max() / want.abs().max()) <= 1e-5

@@ -5,7 +5,10 @@ Convolutions write straight into the arena only when their destination is channe
 norm, pooling and cat are held in channels_last. Every other tensor keeps eager's strides:
 graph inputs (the caller's), graph outputs (returned in the eager layout), any storage a view op
 reads (flatten before a classifier: a view of a channels_last buffer is not eager's view, so its
-source stays NCHW). Two tensors of different layouts cannot share memory in place: the executor
+source stays NCHW), except `alias`, which is the same tensor in any layout (export writes
+timm ghostnet's no-op channel slice `cat(...)[:, :out]` so; keeping that cat NCHW left the
+convolution after it unplanned, converting its input to channels_last in a temporary: 2.3 MiB
+above the arena at 224²). Two tensors of different layouts cannot share memory in place: the executor
 drops such in-place pairs (an elementwise op then converts between layouts as it writes).
 
 Channels_last changes the order in which a convolution sums its terms, so outputs differ from
@@ -22,6 +25,7 @@ import torch
 from memtile.capture import ACTIVATION, MemGraph
 
 LAYOUTS = ("auto", "channels_last", "eager")
+LAYOUT_NEUTRAL_VIEWS = frozenset({"aten.alias.default"})  # the whole tensor, strides unchanged
 
 
 def channels_last_tensors(graph: MemGraph, layout: str, plannable_convolution: bool) -> set[str]:
@@ -32,7 +36,8 @@ def channels_last_tensors(graph: MemGraph, layout: str, plannable_convolution: b
     """
     if layout == "eager" or (layout == "auto" and not plannable_convolution):
         return set()
-    read_by_view = {graph.tensors[name].base for op in graph.ops if op.is_view for name in op.inputs}
+    read_by_view = {graph.tensors[name].base for op in graph.ops
+                    if op.is_view and op.target not in LAYOUT_NEUTRAL_VIEWS for name in op.inputs}
     return {
         name for name, tensor in graph.tensors.items()
         if not tensor.is_view and tensor.category == ACTIVATION and len(tensor.shape) == 4
