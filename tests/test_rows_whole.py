@@ -181,6 +181,7 @@ def test_train_command_loss_json(capsys):
 @pytest.mark.parametrize("argv,words", [
     (["--loss", "ce", "--strategy", "2ps"], "--strategy do not apply"),
     (["--loss", "ce", "--rows", "auto"], "positive number of bands"),
+    (["--loss", "ce", "--bn", "error"], "has BatchNorm layers"),
 ])
 def test_train_command_loss_refusals(capsys, argv, words):
     assert main(["train", "tests_models:tiny_unet", "--input-shape", "3,64,24", *argv]) == 2

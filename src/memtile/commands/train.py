@@ -296,12 +296,7 @@ def run(args: argparse.Namespace) -> int:
         if args.forward_rows is not None or args.backward_rows is not None:
             rows, fraction = 4, None  # bands asked per pass: fixed counts, 4 for the other
     model, inputs = zoo.get(args.model, batch=args.batch, input_shape=input_shape(args))
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms and args.bn == "error":
-        raise UnsupportedOpError(
-            f"{args.model} has BatchNorm layers (first: {norms[0]}), which cannot be split into "
-            "row bands in training mode; run with --bn frozen to train with running statistics"
-        )
+    norms = batch_norms(args, model)
     result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
                      budget_fraction=fraction, rows=rows,
                      strategy=args.strategy or ("2ps" if fraction else None),
@@ -316,6 +311,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(result)
     return 0
+
+
+def batch_norms(args: argparse.Namespace, model: nn.Module) -> list[str]:
+    """Names of the model's BatchNorm layers; UnsupportedOpError if there are any and --bn is
+    error."""
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and args.bn == "error":
+        raise UnsupportedOpError(
+            f"{args.model} has BatchNorm layers (first: {norms[0]}), which cannot be split into "
+            "row bands in training mode; run with --bn frozen to train with running statistics"
+        )
+    return norms
 
 
 def input_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
