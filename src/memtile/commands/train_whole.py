@@ -7,6 +7,7 @@ import argparse
 import copy
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -97,20 +98,13 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps
     base_side = Side(base, list(base.parameters()),
                      lambda m, x, seed: fn(m(x), targets[seed]) / total)
     row_side = Side(banded, row_params, lambda m, x, seed: m(x, targets[seed]))
-    checks: dict[str, float | None] = {"grad_max_rel_error_f64_baseline": None,
-                                       "grad_max_rel_error_f64_row": None}
+    checks: dict[str, float | None] = {}
     for k in range(steps):
         base_side.timed_step(x, seed=k)
         row_side.timed_step(x, seed=k)
         if k == 0:
-            worst = grad_error(row_side.grads(), base_side.grads())
-            if f64_check or worst > TOLERANCE:  # float32 ordinary training can be the one off
-                ref = float64_grads(model, x, lambda m, x: fn(m(x), _wide(targets[0])) / total)
-                checks = {"grad_max_rel_error_f64_baseline": grad_error(base_side.grads(), ref),
-                          "grad_max_rel_error_f64_row": grad_error(row_side.grads(), ref)}
-                del ref
-            check_gradients([n for n, _ in base.named_parameters()], row_side.grads(),
-                            base_side.grads(), checks["grad_max_rel_error_f64_row"])
+            checks = judge(model, x, lambda m, x, t: fn(m(x), t) / total, targets[0],
+                           WholeReference(loss, rows), base_side, row_side, f64_check)
     base_m = base_side.measured_step(x, seed=steps)
     row_m = row_side.measured_step(x, seed=steps)
     check = banded.checks[tuple(x.shape[-2:])]
@@ -139,13 +133,50 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps
         "parameter_bytes": base_m.parameter_bytes,
         "baseline_step_s": base_s,
         "row_step_s": row_s,
-        "grad_max_rel_error": worst,
         **checks,
         "loss_baseline": base_side.losses,
         "loss_row": row_side.losses,
         "frozen_layers": frozen,
         "verify": {**check.as_json(), "step_fraction": check.seconds / row_s},
     }
+
+
+@dataclass(frozen=True)
+class WholeReference:
+    """How `judge` builds the banded model again in float64."""
+
+    loss: str
+    rows: int
+
+    def grads(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> list:
+        wide = copy.deepcopy(model).double().train()
+        freeze_norms(wide)
+        WholeBands(wide, self.loss, rows=self.rows, verify=False)(x.double(), target).backward()
+        return [p.grad for p in wide.parameters()]
+
+
+def judge(model: nn.Module, x: torch.Tensor, objective, target: torch.Tensor,
+          banded: WholeReference, base: Side, row: Side, f64_check: bool) -> dict:
+    """First-step gradient errors, and GradientMismatchError unless the banded gradients are
+    exact: within TOLERANCE of ordinary float32, of ordinary float64, or, computed in float64
+    themselves, of ordinary float64. The last settles ill-conditioned gradients, where float32
+    rounding alone moves both sides far apart: smp Unet(resnet18) 512x64, bce, random weights:
+    ordinary float32 is 1.4e-2 off float64, banded float64 6.5e-15."""
+    worst = grad_error(row.grads(), base.grads())
+    out: dict[str, float | None] = {"grad_max_rel_error": worst,
+                                    "grad_max_rel_error_f64_baseline": None,
+                                    "grad_max_rel_error_f64_row": None,
+                                    "grad_max_rel_error_f64_banded_f64": None}
+    if f64_check or worst > TOLERANCE:  # float32 ordinary training can be the one off
+        ref = float64_grads(model, x, lambda m, x: objective(m, x, _wide(target)))
+        out["grad_max_rel_error_f64_baseline"] = grad_error(base.grads(), ref)
+        out["grad_max_rel_error_f64_row"] = explained = grad_error(row.grads(), ref)
+        if worst > TOLERANCE and explained > TOLERANCE:
+            wide = banded.grads(model, x, _wide(target))
+            out["grad_max_rel_error_f64_banded_f64"] = explained = grad_error(wide, ref)
+        check_gradients([n for n, _ in model.named_parameters()], row.grads(), base.grads(),
+                        explained)
+    return out
 
 
 def _wide(target: torch.Tensor) -> torch.Tensor:
