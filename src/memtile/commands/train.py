@@ -6,6 +6,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from rich.table import Table
@@ -56,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed SGD steps per side")
     parser.add_argument("--no-f64-check", action="store_true",
                         help="skip the float64 reference gradients (saves time and memory)")
+    parser.add_argument("--loss", choices=("ce", "bce", "mse"), default=None,
+                        help="band the whole model to its per-pixel output (a spatially local "
+                             "encoder-decoder) and train it with this per-band loss against a "
+                             "seeded random target; --rows N sets the bands (default 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -90,15 +95,19 @@ class Side:
     `params` lists the parameters in the original model's order (wrapping reorders them).
     """
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module, params: list[nn.Parameter],
+                 objective: Callable[[nn.Module, torch.Tensor, int], torch.Tensor] | None = None
+                 ) -> None:
+        """`objective(model, x, seed)` is the loss of a step (default: `_loss(model(x), seed)`)."""
         self.model, self.params = model, params
+        self.objective = objective or (lambda model, x, seed: _loss(model(x), seed))
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
         self.losses: list[float] = []
         self.seconds: list[float] = []
 
     def step(self, x: torch.Tensor, seed: int) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = _loss(self.model(x), seed)
+        loss = self.objective(self.model, x, seed)
         loss.backward()
         self.opt.step()
         return loss.item()
@@ -153,11 +162,14 @@ def _f64_note(f64_row: float | None) -> str:
     return "" if f64_row is None else f", {f64_row:.1e} against float64"
 
 
-def float64_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor | None]:
-    """First-step gradients of ordinary training in float64: the reference both sides face."""
+def float64_grads(model: nn.Module, x: torch.Tensor,
+                  objective: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+                  ) -> list[torch.Tensor | None]:
+    """First-step gradients of ordinary training in float64: the reference both sides face.
+    `objective(model, x)` is the loss (default: `_loss(model(x), seed=0)`)."""
     ref = copy.deepcopy(model).double().train()
     freeze_norms(ref)
-    _loss(ref(x.double()), seed=0).backward()
+    (objective or (lambda m, x: _loss(m(x), seed=0)))(ref, x.double()).backward()
     return [p.grad for p in ref.parameters()]
 
 
@@ -273,22 +285,18 @@ def run(args: argparse.Namespace) -> int:
     check_batch(args.batch)
     if args.steps < 1:
         raise MemtileError(f"--steps must be at least 1, got {args.steps}")
+    if args.loss is not None:
+        from memtile.commands.train_whole import run_whole
+
+        return run_whole(args)
     rows = _parse_rows(args.rows, args.budget)
     fraction = None
     if args.rows is None and args.budget is None:  # the default: budget mode at a fraction
         fraction = DEFAULT_FRACTION
         if args.forward_rows is not None or args.backward_rows is not None:
             rows, fraction = 4, None  # bands asked per pass: fixed counts, 4 for the other
-    shape = args.input_shape
-    if args.resolution is not None:
-        shape = (shape[0] if shape else 3, args.resolution, args.resolution)
-    model, inputs = zoo.get(args.model, batch=args.batch, input_shape=shape)
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms and args.bn == "error":
-        raise UnsupportedOpError(
-            f"{args.model} has BatchNorm layers (first: {norms[0]}), which cannot be split into "
-            "row bands in training mode; run with --bn frozen to train with running statistics"
-        )
+    model, inputs = zoo.get(args.model, batch=args.batch, input_shape=input_shape(args))
+    norms = batch_norms(args, model)
     result = compare(model, inputs[0], steps=args.steps, f64_check=not args.no_f64_check,
                      budget_fraction=fraction, rows=rows,
                      strategy=args.strategy or ("2ps" if fraction else None),
@@ -303,6 +311,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(result)
     return 0
+
+
+def batch_norms(args: argparse.Namespace, model: nn.Module) -> list[str]:
+    """Names of the model's BatchNorm layers; UnsupportedOpError if there are any and --bn is
+    error."""
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and args.bn == "error":
+        raise UnsupportedOpError(
+            f"{args.model} has BatchNorm layers (first: {norms[0]}), which cannot be split into "
+            "row bands in training mode; run with --bn frozen to train with running statistics"
+        )
+    return norms
+
+
+def input_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """--input-shape, with H and W replaced by --resolution when given."""
+    shape = args.input_shape
+    if args.resolution is not None:
+        shape = (shape[0] if shape else 3, args.resolution, args.resolution)
+    return shape
 
 
 def _parse_rows(text: str | None, budget: int | None) -> int | str:

@@ -410,7 +410,7 @@ class Engine:
         # Gradients accumulate in place on leaf stand-ins of the parameters: one gradient buffer
         # per parameter, and the real parameters' hooks (DDP) fire once, when backward returns.
         shadows = [p.detach().requires_grad_() for p in params]
-        with _swapped(graph.gm, params, shadows), torch.enable_grad():
+        with swapped(graph.gm, params, shadows), torch.enable_grad():
             for i in reversed(range(len(plan.bands))):
                 band = plan.bands[i]
                 xr = band.value[graph.input]
@@ -487,7 +487,7 @@ def _add_grad_rows(t: torch.Tensor, rows: Rows, grad: torch.Tensor) -> list[bool
 
 
 @contextmanager
-def _swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.Tensor]):
+def swapped(root: nn.Module, params: list[torch.Tensor], stand_ins: list[torch.Tensor]):
     """Temporarily make every module that owns one of `params` use its stand-in instead."""
     by_id = {id(p): s for p, s in zip(params, stand_ins, strict=True)}
     swaps = [(m, name, p) for m in root.modules() for name, p in m._parameters.items()

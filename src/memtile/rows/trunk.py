@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from memtile.errors import UnsupportedOpError
+from memtile.errors import MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
 from memtile.rows.module import RowCentric
 from memtile.spatial import classify
@@ -71,7 +71,7 @@ def find_split(model: nn.Module, stop_before: str | None = None) -> Split:
         try:
             accepted[node] = classify(gm, node, accepted, frozen_bn=True)
         except UnsupportedOpError as exc:
-            stop = (node, f"{_kind_of_stop(gm, node)}{exc}")
+            stop = (node, f"{kind_of_stop(gm, node)}{exc}")
             break
     if stop_before is not None and not any(_inside(n, stop_before) for n in nodes):
         raise UnsupportedOpError(f"stop_before={stop_before!r}: {type(model).__name__} calls no "
@@ -113,7 +113,7 @@ _ATTENTION = {"softmax", "matmul", "bmm", "baddbmm", "scaled_dot_product_attenti
 _LAYOUT = {"flatten", "view", "reshape", "permute", "transpose", "Flatten", "Linear", "linear"}
 
 
-def _kind_of_stop(gm: fx.GraphModule, node: fx.Node) -> str:
+def kind_of_stop(gm: fx.GraphModule, node: fx.Node) -> str:
     """A short why for a non-local op: global pooling, attention, leaving the image layout."""
     name = op_name(gm, node)
     if name == "batch_norm":
@@ -158,7 +158,7 @@ def _head(gm: fx.GraphModule, trunk: list[fx.Node], cut: fx.Node) -> fx.GraphMod
     return fx.GraphModule(gm, graph)
 
 
-def wrap(model: nn.Module, stop_before: str | None = None, **kwargs) -> RowWrapped:
+def wrap(model: nn.Module, stop_before: str | None = None, loss=None, **kwargs):
     """`model` with its longest spatially local prefix run by `RowCentric(prefix, **kwargs)`.
 
     Finds vgg/mobilenet `features`, resnet stem + layer1-4 and the like; the head runs unchanged.
@@ -166,7 +166,21 @@ def wrap(model: nn.Module, stop_before: str | None = None, **kwargs) -> RowWrapp
     (`memtile.freeze`). `stop_before` ends the prefix before a submodule (see `split_trunk`): resnet50 at 2x512²
     with "layer4" measured 16% of ordinary activations at 1.39-1.44x the step time, against 17%
     at 1.60x with layer4 banded too (BENCHMARKS.md).
+
+    With `loss` ("ce", "bce", "mse" or a per-pixel callable returning a sum), the whole model is
+    banded up to its per-pixel output and trained with a per-band loss instead:
+    `memtile.rows.whole.WholeBands(model, loss, rows=..., bn=..., verify=...)`, called as
+    `wrapped(x, target)`; `NotLocal` (with `stopped_at`) where the model is not local throughout.
     """
+    if loss is not None:
+        from memtile.rows.whole import WholeBands
+
+        extra = sorted(set(kwargs) - {"rows", "bn", "verify"} | ({"stop_before"} if stop_before
+                                                                  else set()))
+        if extra:
+            raise MemtileError(f"wrap(loss=...) bands the whole model with OverL crops; "
+                               f"{', '.join(extra)} do not apply")
+        return WholeBands(model, loss, **kwargs)
     if kwargs.get("bn") == "frozen":
         freeze(model)  # before tracing, so that no trace keeps a norm in training mode
     split = find_split(model, stop_before)

@@ -11,7 +11,7 @@ it fails, so float32 rounding alone never raises.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -60,23 +60,31 @@ def check_width(engine: Engine, width: int) -> int:
 def check_engine(trunk: nn.Module, engine: Engine, x: torch.Tensor) -> Check:
     """Check `engine` (built for `x`'s size) on a crop of `x`; GradientMismatchError if its
     output or gradients differ from ordinary autograd through `trunk` by more than TOLERANCE."""
-    start = time.perf_counter()
     cols = check_width(engine, x.shape[-1])
     crop = x[..., :cols].detach().clone()
     small = engine.narrowed(cols)
+    return run_check(trunk, lambda dtype: _error(trunk, small, crop.to(dtype)), crop)
+
+
+def run_check(model: nn.Module, error_at: Callable[[torch.dtype], tuple[float, str]],
+              crop: torch.Tensor) -> Check:
+    """`error_at(dtype)` (largest relative error, what it is in) in `crop`'s dtype, and again
+    in float64 when over TOLERANCE with `model` widened meanwhile; GradientMismatchError if
+    still over."""
+    start = time.perf_counter()
     dtype = crop.dtype
     # oneDNN compiles a kernel for every new convolution shape (each band's, here once more at
     # the crop's width): 40 ms each on a loaded CPU, more than the crop's arithmetic. ATen's own
     # kernels compute the same band plan without that cost.
     with without_onednn():
-        error, worst = _error(trunk, small, crop)
+        error, worst = error_at(dtype)
         if error > TOLERANCE and dtype != torch.float64:
             dtype = torch.float64
-            trunk.double()
+            model.double()
             try:
-                error, worst = _error(trunk, small, crop.double())
+                error, worst = error_at(dtype)
             finally:
-                trunk.to(crop.dtype)
+                model.to(crop.dtype)
     check = Check(error, worst, tuple(crop.shape), str(dtype).removeprefix("torch."),
                   time.perf_counter() - start)
     if error > TOLERANCE:
@@ -117,9 +125,16 @@ def _error(trunk: nn.Module, engine: Engine, crop: torch.Tensor) -> tuple[float,
         want_grads = torch.autograd.grad(want, params, grad, allow_unused=True) if params else ()
         got = RowFunction.apply(engine, crop, *params)
         got_grads = torch.autograd.grad(got, params, grad, allow_unused=True) if params else ()
+    return worst_error(named, (got, want), got_grads, want_grads)
+
+
+def worst_error(named: list[tuple[str, torch.Tensor]], outputs: tuple[torch.Tensor, torch.Tensor],
+                got_grads, want_grads) -> tuple[float, str]:
+    """Largest relative error of the output (`outputs`: got, want) and of the gradients of
+    the `named` parameters, and the first of them over TOLERANCE (else the largest)."""
     floor = ZERO_FLOOR * max((g.abs().max().item() for g in want_grads if g is not None),
                              default=0.0)
-    errors = [(_relative(got, want, 0.0), "output"),
+    errors = [(_relative(*outputs, 0.0), "output"),
               *((_relative(g, w, floor), f"parameter {name!r}")
                 for (name, _), g, w in zip(named, got_grads, want_grads, strict=True))]
     largest = max(e for e, _ in errors)

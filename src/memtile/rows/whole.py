@@ -1,0 +1,171 @@
+"""Whole-network row bands (OverL): an encoder-decoder trained band by band with a per-pixel loss.
+
+When a model is spatially local from its image input to its per-pixel output (convolutions,
+pools, frozen norms, skips, `cat`, upsampling, transposed convolutions: `memtile.rows.locality`),
+output rows [a, b) come exactly from the model run on a crop of the input rows around them. So
+a training step runs, band after band, the unchanged model on its crop, takes the output's
+rows [a, b) and the target's, and backpropagates the band's loss SUM at once: only one band's
+activations are alive at a time, every skip included. Parameter gradients add up over bands;
+the mean loss is the sum over bands divided by the target's element count, as the ordinary
+mean is. Crops start on the net's grid (its total stride) and reach as far as the exact-rows
+analysis says, so an inner band edge never sees zero padding where the image has data.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtile.errors import InputShapeError, MemtileError
+from memtile.freeze import freeze
+from memtile.rows.engine import swapped
+from memtile.rows.locality import BandCrop, Locality, plan_bands
+from memtile.rows.verify import CHECK_WIDTH, WIDTH_SHRINK, Check, run_check, worst_error
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES: dict[str, LossFn] = {
+    "ce": functools.partial(F.cross_entropy, reduction="sum"),
+    "bce": functools.partial(F.binary_cross_entropy_with_logits, reduction="sum"),
+    "mse": functools.partial(F.mse_loss, reduction="sum"),
+}
+
+
+def loss_function(loss: str | LossFn) -> LossFn:
+    """A per-pixel loss that sums over its band: one of LOSSES by name, or the callable."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise MemtileError(f"loss={loss!r}: choose one of {', '.join(LOSSES)} or pass a "
+                           "callable(output, target) that returns the sum over its pixels")
+    return LOSSES[loss]
+
+
+class WholeBands(nn.Module):
+    """`WholeBands(model, loss="ce", rows=4)(x, target)` is the mean per-pixel loss of
+    `model(x)` against `target`, computed and backpropagated in `rows` output bands.
+
+    `loss`: "ce" (target: class indices N x H x W), "bce" (logits and targets of the output's
+    shape), "mse", or a callable(output_rows, target_rows) returning the SUM over them; the
+    result is that sum over all bands divided by `target.numel()`. Gradients are computed band
+    by band during this call (one band's activations alive at a time) and handed to autograd,
+    so `.backward()` on the result, DDP and any optimizer see ordinary gradients.
+    BatchNorm layers are frozen (`memtile.freeze`, `frozen_layers`); the model must be spatially
+    local to its output, else `NotLocal` (an UnsupportedOpError) gives `stopped_at`. With
+    `verify` (the default) every new input size is checked once against ordinary autograd on
+    a few columns with the same bands (`check_bands`); `checks` holds the
+    outcomes.
+    """
+
+    def __init__(self, model: nn.Module, loss: str | LossFn, rows: int = 4, bn: str = "frozen",
+                 verify: bool = True) -> None:
+        super().__init__()
+        if not isinstance(rows, int) or rows < 1:
+            raise MemtileError(f"rows={rows!r}: give a positive number of bands")
+        if bn not in ("frozen", "error"):
+            raise MemtileError(f"bn={bn!r}: choose 'error' or 'frozen'")
+        self.loss = loss_function(loss)
+        self.frozen_layers = freeze(model) if bn == "frozen" else []
+        self.model, self.rows, self.verify = model, rows, verify
+        self.locality = Locality(model)
+        self.checks: dict[tuple[int, int], Check] = {}
+        self._plans: dict[tuple[int, int], list[BandCrop]] = {}
+
+    def plan(self, x: torch.Tensor, target: torch.Tensor) -> list[BandCrop]:
+        """The bands for `x`'s size (planned and, with `verify`, checked on first use)."""
+        if x.dim() != 4:
+            raise InputShapeError(f"whole-network bands take NCHW images, got {tuple(x.shape)}")
+        if x.requires_grad:
+            raise MemtileError("whole-network bands compute no input gradient; pass an input "
+                               "that does not require grad")
+        size = tuple(x.shape[-2:])
+        out = self.locality.sizes(size)[self.locality.output]
+        if tuple(target.shape[-2:]) != out or target.shape[0] != x.shape[0]:
+            raise InputShapeError(f"target of shape {tuple(target.shape)} for an output of "
+                                  f"{x.shape[0]} images of {out[0]}x{out[1]} pixels")
+        if size not in self._plans:
+            plan = plan_bands(self.locality, size, self.rows)
+            if self.verify:
+                self.checks[size] = check_bands(self, plan, x, target)
+            self._plans[size] = plan
+        return self._plans[size]
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(x, target)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled() or not params:
+            with torch.no_grad():
+                return run_bands(self, plan, x, target, [])
+        return BandLoss.apply(self, plan, x, target, *params)
+
+
+def run_bands(module: WholeBands, plan: list[BandCrop], x: torch.Tensor, target: torch.Tensor,
+              params: list[torch.Tensor]) -> torch.Tensor:
+    """Mean loss over all bands; with `params`, each band's loss is backpropagated at once
+    into their `.grad` (stand-ins of the real parameters: see `BandLoss`)."""
+    ratio = module.locality.ratios[module.locality.output][0]
+    total = x.new_zeros((), dtype=torch.float64)
+    for band in plan:
+        (a, b), (start, end) = band.rows, band.crop
+        out = module.model(x.narrow(-2, start, end - start))
+        first = int(start * ratio)  # the crop's output starts at this row of the image's
+        part = module.loss(out.narrow(-2, a - first, b - a), target.narrow(-2, a, b - a))
+        if params:
+            torch.autograd.backward(part, inputs=params)
+        total += part.detach().double()
+        del out, part
+    return (total / target.numel()).to(x.dtype)
+
+
+class BandLoss(torch.autograd.Function):
+    """The mean band loss, its parameter gradients computed in forward (band by band, while
+    each band's activations are alive) and scaled by the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, module: WholeBands, plan: list[BandCrop], x: torch.Tensor,
+                target: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        # gradients accumulate in place on leaf stand-ins: one buffer per parameter, and the
+        # real parameters' hooks (DDP) fire once, when backward returns
+        shadows = [p.detach().requires_grad_() for p in params]
+        with swapped(module.model, list(params), shadows), torch.enable_grad():
+            loss = run_bands(module, plan, x, target, shadows)
+        ctx.grads = [s.grad for s in shadows]
+        ctx.count = target.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scale = grad / ctx.count
+        grads = [None if g is None else g.mul_(scale) for g in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, None, *grads)
+
+
+def check_bands(module: WholeBands, plan: list[BandCrop], x: torch.Tensor,
+                target: torch.Tensor) -> Check:
+    """The wrap-time check (`memtile.rows.verify`) of `plan`: banded loss and parameter
+    gradients against ordinary autograd of the mean loss, on all rows (the same bands and
+    crops) and the fewest columns on the net's grid from CHECK_WIDTH or W / WIDTH_SHRINK."""
+    locality, width = module.locality, x.shape[-1]
+    step = locality.alignment[1]
+    cols = min(width, -(-max(CHECK_WIDTH, width // WIDTH_SHRINK) // step) * step)
+    out_cols = locality.sizes((x.shape[-2], cols))[locality.output][1]
+    crop = x[..., :cols].detach().clone()
+    crop_target = target[..., :out_cols]
+
+    def error_at(dtype: torch.dtype) -> tuple[float, str]:
+        xs = crop.to(dtype)
+        ts = crop_target.to(dtype) if crop_target.is_floating_point() else crop_target
+        named = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        with torch.enable_grad():
+            want = module.loss(module.model(xs), ts) / ts.numel()
+            want_grads = torch.autograd.grad(want, params, allow_unused=True)
+            got = BandLoss.apply(module, plan, xs, ts, *params)
+            got_grads = torch.autograd.grad(got, params, allow_unused=True)
+        return worst_error(named, (got, want), got_grads, want_grads)
+
+    return run_check(module.model, error_at, crop)
