@@ -218,7 +218,7 @@ def pack_weights_tradeoff(model_name: str, iters: int, batch: int = 1) -> dict:
     for label, module in (("packed", packed), ("unpacked", unpacked)):
         module(*inputs)  # this thread's arena
         result[f"{label}_peak_bytes"] = module.arena_bytes + measure(module, *inputs).peak_bytes
-    times = interleaved((model, packed, unpacked), inputs, 1, iters)
+    times = interleaved((model, packed, unpacked), inputs, 1, iters).wall
     for label, samples in zip(("eager", "packed", "unpacked"), times, strict=True):
         result[f"{label}_ms"] = statistics.median(samples)
     return result

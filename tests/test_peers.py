@@ -17,7 +17,7 @@ from memtile.peers import ANCHOR, INSTALL, RUNNERS, Peers, arena_statistics, imp
 from memtile.timing import interleaved
 
 RESULT_KEYS = {"median_ms", "p95_ms", "peak_bytes", "peak_source", "max_rel_diff",
-               "build_seconds", f"vs_{ANCHOR}"}
+               "build_seconds", f"vs_{ANCHOR}", "cpu_ms", f"cpu_vs_{ANCHOR}"}
 
 
 def _ort_missing() -> str | None:
@@ -41,6 +41,8 @@ def check_comparison(result: dict, threads: int, iters: int) -> None:
     for name, r in result["runners"].items():
         assert RESULT_KEYS <= r.keys(), name
         assert r["p95_ms"] >= r["median_ms"] > 0
+        # CPU time of the calling thread: the whole work at 1 thread, not defined at more
+        assert (r["cpu_ms"] > 0) if threads == 1 else (r["cpu_ms"] is None), name
         assert r["max_rel_diff"] <= 1e-5, name  # eager's outputs up to rounding
         assert r["peak_bytes"] > 0, name
     for reason in result["skipped"].values():

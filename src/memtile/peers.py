@@ -4,7 +4,9 @@ Four runners of one model on the same inputs: eager PyTorch, memtile's `PlannedM
 Runtime (CPU execution provider, the model exported to ONNX in memory) and `torch.compile`
 (inductor). Calls are interleaved round by round (`memtile.timing`), with the same number of
 intra-op threads for all (`torch.set_num_threads`, ORT's `intra_op_num_threads`), and every
-output is compared with eager's by relative difference (`memtile.numerics`).
+output is compared with eager's by relative difference (`memtile.numerics`). At one thread each
+runner's median CPU time per call is reported too (`cpu_ms`, see `memtile.timing.Timings`): on a
+loaded machine it is the steadier measure of the work, where wall times add the waits for a core.
 
 Peaks are each runner's own measurement, labelled by `peak_source`:
 - "allocator" (eager, torch.compile): the bytes one warm call allocated (`memtile.measure`,
@@ -150,11 +152,14 @@ class Peers:
             times = interleaved([r.call for r in runners.values()], self.inputs, 1, iters)
         finally:
             torch.set_num_threads(previous)
-        for (name, result), samples in zip(results.items(), times, strict=True):
-            result.update(median_ms=statistics.median(samples), p95_ms=p95(samples))
+        for result, wall, cpu in zip(results.values(), times.wall, times.cpu, strict=True):
+            result.update(median_ms=statistics.median(wall), p95_ms=p95(wall),
+                          cpu_ms=statistics.median(cpu) if threads == 1 else None)
         anchor = results.get(ANCHOR)
         for result in results.values():
             result[f"vs_{ANCHOR}"] = result["median_ms"] / anchor["median_ms"] if anchor else None
+            result[f"cpu_vs_{ANCHOR}"] = (result["cpu_ms"] / anchor["cpu_ms"]
+                                          if anchor and threads == 1 else None)
         return {"threads": threads, "iters": iters, "anchor": ANCHOR, "runners": results,
                 "skipped": dict(self.skipped)}
 

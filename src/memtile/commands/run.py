@@ -167,7 +167,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
             eager_peak = measure(eager, *inputs).peak_bytes
         got = planned(*inputs)  # allocates this thread's arena
         call_peak = measure(planned, *inputs).peak_bytes
-        eager_ms, planned_ms = interleaved((eager, planned), inputs, threads, iters)
+        eager_ms, planned_ms = interleaved((eager, planned), inputs, threads, iters).wall
     finally:
         torch.set_num_threads(previous)
     agreed = agreement(got, model, inputs, expected)  # tensors, tuples or dicts
