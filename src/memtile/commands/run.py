@@ -278,7 +278,8 @@ def table(summary: dict) -> Table:
                  format_bytes(summary["planned_peak_bytes"]))
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
-    grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}"
+    grid.add_row("fused into convolutions", "-",
+                 "batch norms {batch_norm}, adds {add}, SiLUs {activation}"
                  .format(**summary["fused"])
                  if summary["fuse"] else "off (--no-fuse)")
     slot = summary["slot_allocator"]
