@@ -386,9 +386,3 @@ def _output_variables(node: fx.Node, value_of: dict) -> list[tuple[str, str]]:
     if not isinstance(value_of[node], tuple):
         return [(node.name, value_of[node])] if value_of[node] else []
     return [(u.name, value_of[u]) for u in node.users if u.target is getitem and value_of[u]]
-
-
-def _root(name: str, shared: dict[str, str]) -> str:
-    while name in shared:
-        name = shared[name]
-    return name
