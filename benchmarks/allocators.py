@@ -31,10 +31,11 @@ import time
 import torch
 
 from memtile import zoo
-from memtile.commands.run import ALLOCATORS, _latencies, allocator_library_or_none
+from memtile.commands.run import ALLOCATORS, allocator_library_or_none
 from memtile.measure import measure
 from memtile.runtime import PlannedModule
 from memtile.runtime.codegen import interpret
+from memtile.timing import interleaved
 from memtile.units import format_bytes
 
 MODELS = ("resnet50", "mobilenet_v2", "vgg16")
@@ -217,7 +218,7 @@ def pack_weights_tradeoff(model_name: str, iters: int, batch: int = 1) -> dict:
     for label, module in (("packed", packed), ("unpacked", unpacked)):
         module(*inputs)  # this thread's arena
         result[f"{label}_peak_bytes"] = module.arena_bytes + measure(module, *inputs).peak_bytes
-    times = _latencies((model, packed, unpacked), inputs, 1, iters)
+    times = interleaved((model, packed, unpacked), inputs, 1, iters).wall
     for label, samples in zip(("eager", "packed", "unpacked"), times, strict=True):
         result[f"{label}_ms"] = statistics.median(samples)
     return result

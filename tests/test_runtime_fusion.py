@@ -1,5 +1,5 @@
-"""Convolution + batch norm + residual add fused into one oneDNN call
-(`memtile.runtime.fusion`), its fallbacks, and activations kept apart."""
+"""Convolution + batch norm + residual add (+ SiLU or hardswish) fused into one oneDNN call
+(`memtile.runtime.fusion`), its fallbacks, and ReLU/ReLU6 kept apart."""
 
 
 import torch
@@ -44,7 +44,7 @@ def test_activations_run_apart_so_nan_and_inf_propagate():
     x = torch.randn(1, 3, 16, 16)
     module = PlannedModule(model, (x,))
     program, graph = module.main, module.main.graph
-    assert module.main.fused_counts() == {"batch_norm": 2, "add": 1}
+    assert module.main.fused_counts() == {"batch_norm": 2, "add": 1, "activation": 0}
     absorbed = {n for c in program.fused.values() for n in c.chain.absorbed}
     activations = [op for op in graph.ops if op.target in ("aten.relu.default",
                                                            "aten.hardtanh.default")]
@@ -57,6 +57,48 @@ def test_activations_run_apart_so_nan_and_inf_propagate():
     assert torch.equal(expected.isinf(), got.isinf())
     finite = expected.isfinite()
     assert relative_error(expected[finite], got[finite]) <= CONV_TOLERANCE
+
+
+class ConvSwishes(nn.Module):
+    """conv -> batch norm -> SiLU, conv -> SiLU and conv -> batch norm -> add (of the first
+    SiLU) -> SiLU, then a last convolution: SiLU's oneDNN post-op keeps NaN and Inf as eager;
+    oneDNN takes none after its add post-op, so the SiLU after the add runs apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.ModuleList(nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1)
+                                  for i in range(4))
+        self.bn = nn.ModuleList(nn.BatchNorm2d(16) for _ in range(2))
+
+    def forward(self, x):
+        a = nn.functional.silu(self.bn[0](self.conv[0](x)))
+        b = nn.functional.silu(self.conv[1](a))
+        return self.conv[3](nn.functional.silu(self.bn[1](self.conv[2](b)) + a))
+
+
+def test_silu_fuses_and_keeps_nan_and_inf():
+    """SiLU (core ATen's x * sigmoid(x)) becomes the convolution call's swish post-op: three
+    chains, two of them with the SiLU (the SiLU after the add stays a sigmoid and a mul), eager's values within the convolution tolerance, and NaN, +Inf and -Inf
+    (SiLU(-inf) is NaN) where eager puts them."""
+    torch.manual_seed(0)
+    model = with_random_batch_norm(ConvSwishes()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    module = PlannedModule(model, (x,))
+    assert module.main.fused_counts() == {"batch_norm": 2, "add": 1, "activation": 2}
+    steps = [step.label for step in module.main.program.steps]
+    assert sum(s.endswith(" + aten.sigmoid.default + aten.mul.Tensor") for s in steps) == 2
+    assert steps.count("aten.sigmoid.default") == steps.count("aten.mul.Tensor") == 1
+    assert relative_error(eager(model, (x,)), module(x)) <= CONV_TOLERANCE
+    for position, value in ((0, float("nan")), (40, float("inf")), (300, -float("inf"))):
+        y = x.clone()
+        y.view(-1)[position] = value
+        expected, got = eager(model, (y,)), module(y)
+        assert not expected.isfinite().all()
+        assert torch.equal(expected.isnan(), got.isnan())
+        assert torch.equal(expected == float("inf"), got == float("inf"))
+        assert torch.equal(expected == -float("inf"), got == -float("inf"))
+        finite = expected.isfinite()
+        assert relative_error(expected[finite], got[finite]) <= CONV_TOLERANCE
 
 
 def conv_bn_pairs(graph) -> list[str]:

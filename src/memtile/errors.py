@@ -35,3 +35,10 @@ class PlanVerificationError(MemtileError):
 
 class GradientMismatchError(MemtileError):
     """A transformed model whose outputs or gradients differ from the original's (a bug)."""
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first non-blank line of the message`, at most 300 characters: a foreign library's
+    error (an exporter's, a compiler's) retold on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]

@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from memtile.commands.common import (
 from memtile.errors import MemtileError
 from memtile.numerics import agreement
 from memtile.runtime.layout import LAYOUTS
+from memtile.timing import interleaved, p95
 from memtile.units import format_bytes
 
 HELP = "run a model eagerly and from its planned arena: latency, measured peak, output difference"
@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fuse", dest="fuse", action="store_false",
                         help="planned: batch norm and residual add as separate steps, not "
                              "inside the convolution's call")
+    parser.add_argument("--peers", action="store_true",
+                        help="compare eager and planned with ONNX Runtime and torch.compile in "
+                             "this process; --threads is then every runner's intra-op threads "
+                             "(needs pip install 'memtile[bench]')")
     parser.add_argument("--json", action="store_true", help="print one JSON object (keys in README)")
 
 
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise MemtileError("--threads and --iters must be at least 1")
     if args.allocator != "glibc" and os.environ.get(ACTIVE) != args.allocator:
         return _rerun_with(args)
+    if args.peers:
+        return run_peers(args)
     model, inputs = load_model(args)
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "allocator": args.allocator, "allocator_loaded": allocator_loaded(args.allocator),
@@ -94,6 +100,46 @@ def run(args: argparse.Namespace) -> int:
               "magnitude, beyond float32 rounding (see float64_rel_diff)", file=sys.stderr)
         return 1
     return 0
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    """`--peers`: the four runners of `memtile.peers` on one model, printed as a table or JSON."""
+    from memtile import peers
+
+    if args.eager_layout != "contiguous":
+        raise MemtileError("--peers runs every peer on the model as given: drop --eager-layout")
+    peers.import_onnxruntime()  # before building anything: say how to install it
+    model, inputs = load_model(args)
+    built = peers.Peers(model, inputs, strategy=args.strategy, layout=args.layout,
+                        pack_weights=args.pack_weights, fuse=args.fuse)
+    summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
+               "allocator": args.allocator, **built.compare(args.threads, args.iters)}
+    if args.json:
+        print_json(summary)
+    else:
+        console.print(peers_table(summary))
+    return 0
+
+
+def peers_table(summary: dict) -> Table:
+    grid = Table(title=f"memtile run --peers: {summary['model']} (batch {summary['batch']}, "
+                       f"{summary['threads']} intra-op thread(s) each, {summary['iters']} "
+                       "interleaved calls)",
+                 caption="peak: allocator = bytes a warm call allocated (memtile.measure); "
+                         "arena+allocator = the planned arena + that; ort-arena-profile = ORT's "
+                         "CPU arena peak in use above the loaded session (session profiling)")
+    for column in ("runner", "median ms", "p95 ms", "/ ORT", "peak", "peak source",
+                   "rel. diff", "build s"):
+        grid.add_column(column, no_wrap=column == "runner")
+    for name, r in summary["runners"].items():
+        ratio = r[f"vs_{summary['anchor']}"]
+        ratio = "-" if ratio is None else f"{ratio:.2f}"
+        peak = "-" if r["peak_bytes"] is None else format_bytes(r["peak_bytes"])
+        grid.add_row(name, f"{r['median_ms']:.2f}", f"{r['p95_ms']:.2f}", ratio, peak,
+                     r["peak_source"], f"{r['max_rel_diff']:.2g}", f"{r['build_seconds']:.1f}")
+    for name, reason in summary["skipped"].items():
+        grid.add_row(name, "skipped", "", "", "", reason)
+    return grid
 
 
 def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int = 20,
@@ -121,7 +167,7 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
             eager_peak = measure(eager, *inputs).peak_bytes
         got = planned(*inputs)  # allocates this thread's arena
         call_peak = measure(planned, *inputs).peak_bytes
-        eager_ms, planned_ms = _latencies((eager, planned), inputs, threads, iters)
+        eager_ms, planned_ms = interleaved((eager, planned), inputs, threads, iters).wall
     finally:
         torch.set_num_threads(previous)
     agreed = agreement(got, model, inputs, expected)  # tensors, tuples or dicts
@@ -135,8 +181,8 @@ def compare(model: torch.nn.Module, inputs: tuple, threads: int = 1, iters: int 
         "iters": iters,
         "eager_ms": statistics.median(eager_ms),
         "planned_ms": statistics.median(planned_ms),
-        "eager_p95_ms": _p95(eager_ms),
-        "planned_p95_ms": _p95(planned_ms),
+        "eager_p95_ms": p95(eager_ms),
+        "planned_p95_ms": p95(planned_ms),
         "arena_bytes": planned.arena_bytes,
         "eager_peak_bytes": eager_peak,
         "planned_peak_bytes": planned.arena_bytes + call_peak,
@@ -162,38 +208,6 @@ class ChannelsLast(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor):
         return self.model(*(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4
                             else x for x in inputs))
-
-
-def _latencies(fns: tuple, inputs: tuple, threads: int, iters: int) -> list[list[float]]:
-    """Milliseconds per call of each fn, from `threads` threads each making `iters` rounds after
-    2 warm-up rounds; a round calls every fn once, so load changes on a shared machine hit
-    eager and planned alike."""
-    times: list[list[list[float]]] = [[[] for _ in fns] for _ in range(threads)]
-    barrier = threading.Barrier(threads)
-
-    def serve(slot: int) -> None:
-        with torch.no_grad():
-            for _ in range(2):
-                for fn in fns:
-                    fn(*inputs)
-            barrier.wait()
-            for _ in range(iters):
-                for k, fn in enumerate(fns):
-                    began = time.perf_counter()
-                    fn(*inputs)
-                    times[slot][k].append((time.perf_counter() - began) * 1e3)
-
-    workers = [threading.Thread(target=serve, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return [[t for slot in times for t in slot[k]] for k in range(len(fns))]
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def allocator_library_or_none(name: str) -> str | None:
@@ -244,6 +258,8 @@ def _rerun_with(args: argparse.Namespace) -> int:
         argv.append("--no-pack-weights")
     if not args.fuse:
         argv.append("--no-fuse")
+    if args.peers:
+        argv.append("--peers")
     if args.json:
         argv.append("--json")
     return subprocess.run(argv, env=env, check=False).returncode
@@ -262,7 +278,8 @@ def table(summary: dict) -> Table:
                  format_bytes(summary["planned_peak_bytes"]))
     grid.add_row("arena (planned)", "-", format_bytes(summary["arena_bytes"]))
     grid.add_row("packed convolution weights", "-", format_bytes(summary["packed_weight_bytes"]))
-    grid.add_row("fused into convolutions", "-", "batch norms {batch_norm}, adds {add}"
+    grid.add_row("fused into convolutions", "-",
+                 "batch norms {batch_norm}, adds {add}, SiLUs {activation}"
                  .format(**summary["fused"])
                  if summary["fuse"] else "off (--no-fuse)")
     slot = summary["slot_allocator"]

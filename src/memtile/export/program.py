@@ -19,7 +19,7 @@ from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
 from memtile.capture import MemGraph, capture
-from memtile.errors import ExportError, MemtileError
+from memtile.errors import ExportError, MemtileError, first_line
 from memtile.planner import PreparedGraph, prepare
 from memtile.tiling.planned import inplace_writes
 
@@ -59,7 +59,7 @@ def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager
         edge = to_edge(program)
         return EdgeProgramManager(constant_prop_pass(edge.exported_program()))
     except Exception as error:
-        raise ExportError(f"ExecuTorch cannot lower the program: {_first_line(error)}") from error
+        raise ExportError(f"ExecuTorch cannot lower the program: {first_line(error)}") from error
 
 
 def lower(edge: EdgeProgramManager, algorithm=None):
@@ -73,9 +73,4 @@ def lower(edge: EdgeProgramManager, algorithm=None):
     except Exception as error:
         if isinstance(error, MemtileError):
             raise
-        raise ExportError(f"ExecuTorch cannot lower the program: {_first_line(error)}") from error
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+        raise ExportError(f"ExecuTorch cannot lower the program: {first_line(error)}") from error

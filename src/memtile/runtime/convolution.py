@@ -42,17 +42,22 @@ REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-siz
 
 
 class ConvolutionInto:
-    """`conv(x, ...)` written into `out` (no activation post-op: oneDNN's turn NaN into numbers,
-    see `fusion`).
+    """`conv(x, ...)` written into `out`, with `unary` (None or "swish") as oneDNN's post-op:
+    only one that keeps NaN and Inf as eager does (see `fusion`).
 
     `direct` (a packed weight, slot allocator installed): the functional kernel allocates its
     output in `out` (`slots.call_into`), a channels_last tensor of the same shape, so the bytes
-    are laid out alike. Otherwise `out` is zeroed and oneDNN adds the convolution into it. With
+    are laid out alike. Otherwise `out` is zeroed and oneDNN adds the convolution into it, or,
+    with a `unary` post-op (which oneDNN's add post-op does not take), the functional kernel's
+    output is copied in: the construction check sees that allocation and leaves it unfused. With
     an `addend` (a residual add, see `fusion`) `out` starts from it instead of zero: the
     executor plans the two in one slot, so it is already there (else it is copied in)."""
 
-    def __init__(self, direct: bool = False):
-        self.direct = direct
+    def __init__(self, direct: bool = False, unary: str | None = None):
+        self.direct, self.unary = direct, unary
+
+    def with_unary(self, unary: str) -> ConvolutionInto:
+        return ConvolutionInto(self.direct, unary)
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
         if addend:
@@ -60,17 +65,21 @@ class ConvolutionInto:
                 out.copy_(addend[0])
         elif self.direct and out.is_contiguous(memory_format=torch.channels_last):
             return slots.call_into(out, DIRECT, x, weight, bias, padding, stride, dilation,
-                                   groups, "none", [], None)
+                                   groups, self.unary or "none", [], None)
+        elif self.unary:  # oneDNN's add post-op takes no swish after it: computed apart, copied
+            return out.copy_(DIRECT(x, weight, bias, padding, stride, dilation, groups,
+                                    self.unary, [], None))
         else:
             out.zero_()
         return POINTWISE(out, x, weight, bias, padding, stride, dilation, groups,
-                         "add", 1.0, None, [], None)
+                         "add", 1.0, self.unary, [], None)
 
     def __repr__(self) -> str:
+        post = f", {self.unary} post-op" if self.unary else ""
         if self.direct:
             return ("mkldnn._convolution_pointwise (its output allocated in out=); "
-                    "mkldnn._convolution_pointwise_.binary onto an addend")
-        return "mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend)"
+                    f"mkldnn._convolution_pointwise_.binary onto an addend{post}")
+        return f"mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend{post})"
 
 
 def is_convolution(node: fx.Node) -> bool:
@@ -99,7 +108,7 @@ def is_into(variant: OutVariant) -> bool:
 
 
 def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
-            packing: Packing | None = None) -> OutVariant:
+            packing: Packing | None = None, unary: str | None = None) -> OutVariant:
     """The out= variant of one convolution node; `weight` is its constant weight (None when the
     weight is computed in the graph), packed once when `pack` (`packing` keeps the copy up to
     date). Unpacked, oneDNN reorders the weight at every call: that scratch is allowed too
@@ -109,7 +118,7 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
         packing = Packing.of((weight,), lambda: (reorder(node, weight),))
     packed, bias = (*packing.copies, None)[:2] if packing else (None, None)
     # a packed weight makes the functional kernel's output channels_last (measured), like `out`
-    into = ConvolutionInto(packed is not None and slots.load() is None)
+    into = ConvolutionInto(packed is not None and slots.load() is None, unary)
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args

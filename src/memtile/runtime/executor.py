@@ -97,9 +97,12 @@ class ArenaProgram:
         return sum(v.packed_bytes for v in self.planned.values())
 
     def fused_counts(self) -> dict[str, int]:
-        """How many batch norms and adds run inside a convolution's call."""
+        """How many batch norms, adds and activations (SiLU, hardswish) run inside a
+        convolution's call."""
         chains = [fused.chain for fused in self.fused.values()]
-        return {op: sum(getattr(c, op) is not None for c in chains) for op in ("batch_norm", "add")}
+        return {"batch_norm": sum(c.batch_norm is not None for c in chains),
+                "add": sum(c.add is not None for c in chains),
+                "activation": sum(bool(c.activation) for c in chains)}
 
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
@@ -226,8 +229,9 @@ class PlannedModule(nn.Module):
     eval-mode batch norm after it (folded into a packed copy of its weight and bias; only with
     `pack_weights`) and a residual add after that (the convolution accumulates into the
     identity's slot): one step, one pass over its slot, checked against the separate steps at
-    construction (see `fusion`); activations stay steps of their own, so that NaN and Inf
-    propagate as in eager. Packed and folded weights are recomputed before a call when their
+    construction (see `fusion`); a SiLU after a convolution or its batch norm becomes oneDNN's
+    swish post-op (it keeps NaN and Inf where eager does), ReLU and ReLU6 stay steps of their
+    own (oneDNN's turn NaN into numbers). Packed and folded weights are recomputed before a call when their
     sources were updated in place (`packing`; not through `.data`); parameters replaced by new
     tensors are not seen: build a new module.
     """
@@ -382,9 +386,3 @@ def _output_variables(node: fx.Node, value_of: dict) -> list[tuple[str, str]]:
     if not isinstance(value_of[node], tuple):
         return [(node.name, value_of[node])] if value_of[node] else []
     return [(u.name, value_of[u]) for u in node.users if u.target is getitem and value_of[u]]
-
-
-def _root(name: str, shared: dict[str, str]) -> str:
-    while name in shared:
-        name = shared[name]
-    return name

@@ -11,12 +11,20 @@ residual add after it would each pass over the same bytes once more. Instead:
   the add and nothing else reads it after the convolution (else the call first copies it into
   its destination),
 
+- a SiLU after the convolution or its batch norm (core ATen's `x * sigmoid(x)`; not after an
+  add: oneDNN has no swish after its add post-op) is oneDNN's swish post-op, applied as the call
+  writes its result,
+
 so the chain becomes one step writing one slot (the identity's, or else the convolution's),
-which the outputs of the ops it absorbs share, as in-place ops would. Both propagate NaN and Inf
-as eager does (products and sums). The ReLU or ReLU6 after the chain is not fused: oneDNN's relu
-and hardtanh post-ops are `max`/`min` instructions that turn NaN into 0 (or 6), where eager keeps
-NaN. It runs as its own step, in place in the chain's slot (2.5% slower on mobilenet_v2 and
-resnet50 at batch 1, one thread, measured on a loaded machine, 2026-12-06).
+which the outputs of the ops it absorbs share, as in-place ops would. All of them propagate NaN
+and Inf as eager does: products and sums, and the swish post-op gives eager's inf, NaN, NaN for
+inf, -inf, NaN (measured, torch 2.14; so does hardswish's, but core ATen decomposes hardswish;
+the construction check compares finite values, `tests/test_runtime_fusion.py` the non-finite
+ones). The ReLU or ReLU6 after the chain
+is not fused: oneDNN's relu and hardtanh post-ops are `max`/`min` instructions that turn NaN into
+0 (or 6), where eager keeps NaN. It runs as its own step, in place in the chain's slot (2.5%
+slower on mobilenet_v2 and resnet50 at batch 1, one thread, measured on a loaded machine,
+2026-12-06).
 
 Only where each op of the chain is the previous one's sole reader (nothing else needs the value
 in between), the batch norm's parameters and statistics and the convolution's weight are
@@ -43,6 +51,10 @@ from memtile.runtime.packing import Packing
 
 BATCH_NORM = "aten._native_batch_norm_legit_no_training.default"
 ADD = "aten.add.Tensor"
+# activations whose oneDNN post-op keeps eager's NaN and Inf: ATen op -> oneDNN unary attribute
+# (core ATen writes hardswish as add, clamps, mul and div: not matched, it runs as those steps)
+ACTIVATIONS = {"aten.silu.default": "swish"}
+SIGMOID, MUL = "aten.sigmoid.default", "aten.mul.Tensor"  # core ATen's SiLU: x * sigmoid(x)
 
 
 @dataclass(frozen=True)
@@ -53,11 +65,19 @@ class Chain:
     batch_norm: fx.Node | None = None  # eval-mode batch norm, folded into the weight and bias
     add: fx.Node | None = None  # residual add: the convolution accumulates into `identity`
     identity: fx.Node | None = None  # the add's other operand
+    activation: tuple[fx.Node, ...] = ()  # SiLU: its sigmoid and mul, or one silu op
 
     @property
     def absorbed(self) -> tuple[fx.Node, ...]:
         """The ops that no longer run as steps of their own, in order."""
-        return tuple(n for n in (self.batch_norm, self.add) if n is not None)
+        return (*(n for n in (self.batch_norm, self.add) if n is not None), *self.activation)
+
+    @property
+    def unary(self) -> str | None:
+        """The oneDNN post-op of the activation, if one is fused."""
+        if not self.activation:
+            return None
+        return ACTIVATIONS["aten.silu.default"]  # the one fused activation, in either form
 
     @property
     def result(self) -> fx.Node:
@@ -78,7 +98,7 @@ class Chain:
 def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
            channels_last: set[str], constants: dict[str, torch.Tensor],
            fold_batch_norm: bool) -> dict[str, Chain]:
-    """Convolution node name -> the chain its call may compute (batch norm, add).
+    """Convolution node name -> the chain its call may compute (batch norm, add, activation).
 
     Every op of a chain must be an out= candidate (the convolution computed into the arena by
     oneDNN), each the sole reader of the one before (a graph output or a view read is another
@@ -105,18 +125,26 @@ def chains(graph: MemGraph, order: list[int], candidates: dict[str, OutVariant],
                 and (identity := _other_operand(add, value)) is not None \
                 and _overwritable(graph, identity, add, op.index, position, viewed):
             chain = dataclasses.replace(chain, add=add, identity=identity)
-        if chain.absorbed and value is not None and all(
-                n.name in candidates and first_value(graph, n) in channels_last
-                for n in (conv, *chain.absorbed)):
-            found[conv.name] = chain
+            value = add
+        if value is not None and chain.add is None:  # oneDNN: no swish after its add post-op
+            chain = dataclasses.replace(chain, activation=_activation(value))
+        for candidate in (chain, dataclasses.replace(chain, activation=())):  # else without it
+            if candidate.absorbed and value is not None and all(
+                    n.name in candidates and first_value(graph, n) in channels_last
+                    for n in (conv, *candidate.absorbed)):
+                found[conv.name] = candidate
+                break
     return found
 
 
 def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor]) -> OutVariant:
     """The variant that computes the whole chain: the convolution's, with the batch norm folded
-    into a new packed weight and bias; with an add, it takes the identity as its last argument."""
+    into a new packed weight and bias, the activation as its post-op; with an add, it takes the
+    identity as its last argument."""
     if chain.batch_norm is None:
-        return variant
+        if chain.unary is None:
+            return variant
+        return dataclasses.replace(variant, overload=variant.overload.with_unary(chain.unary))
     conv, bn = chain.convolution, chain.batch_norm
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +152,8 @@ def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor])
         return convolution.reorder(conv, weight), bias
 
     sources = tuple(_constant(a, constants) for a in (*conv.args[1:3], *bn.args[1:5]))
-    return convolution.variant(conv, None, pack=True, packing=Packing.of(sources, compute))
+    return convolution.variant(conv, None, pack=True, packing=Packing.of(sources, compute),
+                               unary=chain.unary)
 
 
 def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +172,22 @@ def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tens
         shift = shift + beta.double()
     shape = (-1,) + (1,) * (weight.dim() - 1)
     return (weight.double() * scale.reshape(shape)).to(weight.dtype), shift.to(weight.dtype)
+
+
+def _activation(value: fx.Node) -> tuple[fx.Node, ...]:
+    """The activation reading `value` that a post-op can compute: one ACTIVATIONS op, or SiLU
+    as core ATen writes it, `mul(value, sigmoid(value))` with nothing else reading either."""
+    if not ACTIVATIONS:  # an empty table fuses none
+        return ()
+    users = list(value.users)
+    if len(users) == 1 and str(users[0].target) in ACTIVATIONS:
+        return (users[0],)
+    sigmoid = next((u for u in users if str(u.target) == SIGMOID), None)
+    mul = _sole_user(sigmoid) if sigmoid is not None else None
+    if len(users) == 2 and mul in users and str(mul.target) == MUL and not mul.kwargs \
+            and set(mul.args) == {value, sigmoid} and len(mul.args) == 2:
+        return (sigmoid, mul)
+    return ()
 
 
 def _other_operand(add: fx.Node, value: fx.Node) -> fx.Node | None:
