@@ -248,7 +248,7 @@ def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
 
     monkeypatch.setattr(discovery._PlannedPeaks, "__call__", request)
     monkeypatch.setattr(discovery, "planned_peak",
-                        lambda gm, inputs: planned.append(gm) or real_plan(gm, inputs))
+                        lambda gm, inputs, **kw: planned.append(gm) or real_plan(gm, inputs, **kw))
     model, inputs = zoo.get("resnet8_cifar", batch=1)
     tile(model, inputs, max_mac_overhead=0.1)
     assert len(planned) == len(set(requested)) < len(requested)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memtile.capture import INPUT, PARAMETER, MemGraph, capture
+from memtile.capture import INPUT, PARAMETER, MemGraph, capture, fast_capture
 from memtile.planner import ALIGNMENT, plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
@@ -75,8 +75,15 @@ class PlannedPeak:
         return (self.arena_bytes, self.arena_without_input_bytes, self.crowding)
 
 
-def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPeak:
-    g = capture(model, tuple(inputs))
+def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor], fast: bool = False,
+                 ) -> PlannedPeak:
+    """The planned peak of `model`; `fast` captures with `fast_capture` (the same graph, for
+    rewrites of a model that `capture` has already exported once)."""
+    return graph_peak((fast_capture if fast else capture)(model, tuple(inputs)))
+
+
+def graph_peak(g: MemGraph) -> PlannedPeak:
+    """The planned peak of a captured graph (see `planned_peak`)."""
     planned = plan_graph(g, "best", SCHEDULE_SECONDS, extra_shared=inplace_writes(g))
     problem, plan = planned.problem, planned.plan
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
