@@ -37,7 +37,12 @@ from memtile.tiling.check import Reference, compare
 from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
-from memtile.tiling.planned import PlannedPeak, planned_peak
+from memtile.tiling.planned import (
+    CANDIDATE_SCHEDULE_SECONDS,
+    SCHEDULE_SECONDS,
+    PlannedPeak,
+    planned_peak,
+)
 from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape
 from memtile.trace import trace
 
@@ -343,7 +348,7 @@ def tile(
         if (budget is not None and search.now.arena_bytes <= budget) or _past(deadline):
             break
     best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
-    current, now = best.current, best.now
+    current, now = best.current, peaks.final(best.current, best.history[-1][2])
     error, scale = compare(model, current, inputs)
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
@@ -366,8 +371,10 @@ class _PlannedPeaks:
     repeated, each a capture and a schedule of seconds). A rewrite is named by its recipe, the
     accepted steps applied to the original in order: `_rebuild` makes the same graph from the
     same recipe (a graph's code alone is not enough: an FFMT grid lives in its module). Only the
-    original goes through torch.export (which also checks that it exports); rewrites use
-    `fast_capture`."""
+    original goes through torch.export (which also checks that it exports) and the full schedule
+    limit; rewrites use `fast_capture` and CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT
+    tiles, the schedule's search spends all its limit on the tiles' segment and keeps their
+    exported order), and `final` plans the chosen one with the full limit."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs
@@ -376,8 +383,15 @@ class _PlannedPeaks:
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         recipe = _recipe(steps)
         if recipe not in self._found:
-            self._found[recipe] = planned_peak(gm, self.inputs, fast=bool(recipe))
+            seconds = CANDIDATE_SCHEDULE_SECONDS if recipe else SCHEDULE_SECONDS
+            self._found[recipe] = planned_peak(gm, self.inputs, fast=bool(recipe),
+                                               schedule_seconds=seconds)
         return self._found[recipe]
+
+    def final(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
+        """The planned peak of the model `tile` returns, scheduled with the full time limit (as
+        `planned_peak` and `memtile plan` do) where candidates had the short one."""
+        return planned_peak(gm, self.inputs, fast=True) if steps else self(gm, steps)
 
 
 def _recipe(steps: Sequence[_Applied]) -> tuple:
