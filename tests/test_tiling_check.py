@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from memtile.tiling.check import compare, equivalent, equivalent_models
+from memtile.tiling.check import Reference, compare, equivalent, equivalent_models
 
 
 def _model() -> nn.Module:
@@ -42,3 +42,16 @@ def test_a_reordered_sum_is_equivalent():
     reordered = nn.Sequential(model[0], model[1], SplitSum(model[2])).eval()
     x = torch.randn(1, 3, 16, 16) * 1e3
     assert equivalent_models(model, reordered, [x])
+
+
+
+def test_the_reference_runs_once_for_every_candidate_checked():
+    """Discovery checks each candidate against one Reference: the original runs once (and once
+    more in float64 only when a candidate needs the recheck), not once per candidate."""
+    model = _model()
+    candidates = [copy.deepcopy(model) for _ in range(3)]
+    runs = []
+    model.register_forward_hook(lambda *_: runs.append(1))
+    reference = Reference(model, [torch.randn(1, 3, 16, 16)])
+    assert all(reference.matches(c) for c in candidates)
+    assert len(runs) == 1

@@ -236,7 +236,8 @@ def test_fdt_discovery_refines_earlier_splits():
 
 def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
     """auto runs three greedy searches from the same model; a rewrite that two of them try
-    (the same accepted steps, in order) is captured and planned once."""
+    (the same accepted steps, in order) is captured and planned once; the model returned is
+    planned once more, with the full schedule limit."""
     from memtile.tiling import discovery
 
     requested, planned = [], []
@@ -248,10 +249,12 @@ def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
 
     monkeypatch.setattr(discovery._PlannedPeaks, "__call__", request)
     monkeypatch.setattr(discovery, "planned_peak",
-                        lambda gm, inputs: planned.append(gm) or real_plan(gm, inputs))
+                        lambda gm, inputs, **kw: planned.append(kw) or real_plan(gm, inputs, **kw))
     model, inputs = zoo.get("resnet8_cifar", batch=1)
-    tile(model, inputs, max_mac_overhead=0.1)
-    assert len(planned) == len(set(requested)) < len(requested)
+    _, report = tile(model, inputs, max_mac_overhead=0.1)
+    searched = [kw for kw in planned if "schedule_seconds" in kw]
+    assert report.steps and len(searched) == len(set(requested)) < len(requested)
+    assert len(planned) == len(searched) + 1
 
 
 def test_max_seconds_stops_the_search_with_the_best_found_so_far(tiled_mlp):

@@ -9,6 +9,7 @@ real mistake still shows at full size and rounding does not.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,14 +29,39 @@ def _flat_outputs(value) -> list[torch.Tensor]:
     return [t for item in value for t in _flat_outputs(item)]
 
 
+class Reference:
+    """A model's outputs on fixed inputs, computed once (in float64 only when needed): discovery
+    checks every candidate rewrite against the same original model."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor]):
+        self.model, self.inputs = model, tuple(inputs)
+
+    @functools.cached_property
+    def outputs(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _flat_outputs(self.model(*self.inputs))
+
+    @functools.cached_property
+    def float64(self):
+        return float64_outputs(self.model, self.inputs)
+
+    def compare(self, tiled: nn.Module) -> tuple[float, float]:
+        """(max abs error, output scale = max |reference output|) over all outputs."""
+        with torch.no_grad():
+            actual = _flat_outputs(tiled(*self.inputs))
+        error = max(float((a - e).abs().max()) for a, e in zip(actual, self.outputs, strict=True))
+        return error, max(float(e.abs().max()) for e in self.outputs)
+
+    def matches(self, tiled: nn.Module) -> bool:
+        """Within RELATIVE_TOLERANCE in float32, or else within FLOAT64_TOLERANCE in float64."""
+        if equivalent(*self.compare(tiled)):
+            return True
+        return relative_difference(float64_outputs(tiled, self.inputs), self.float64) <= FLOAT64_TOLERANCE
+
+
 def compare(reference: nn.Module, tiled: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[float, float]:
     """(max abs error, output scale = max |reference output|) over all outputs, run without grad."""
-    with torch.no_grad():
-        expected = _flat_outputs(reference(*inputs))
-        actual = _flat_outputs(tiled(*inputs))
-    error = max(float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True))
-    scale = max(float(e.abs().max()) for e in expected)
-    return error, scale
+    return Reference(reference, inputs).compare(tiled)
 
 
 def equivalent(error: float, scale: float) -> bool:
@@ -45,7 +71,4 @@ def equivalent(error: float, scale: float) -> bool:
 
 def equivalent_models(reference: nn.Module, tiled: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
     """Within RELATIVE_TOLERANCE in float32, or else within FLOAT64_TOLERANCE in float64."""
-    if equivalent(*compare(reference, tiled, inputs)):
-        return True
-    exact = float64_outputs(reference, inputs)
-    return relative_difference(float64_outputs(tiled, inputs), exact) <= FLOAT64_TOLERANCE
+    return Reference(reference, inputs).matches(tiled)

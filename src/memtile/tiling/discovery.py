@@ -4,8 +4,8 @@ Greedy, as in the FDT paper: estimate the peak, take the largest buffers live th
 node producing each try FDT (the channel path through it, N = 2..32) and FFMT (spans between
 cuts around it that start and end at smaller buffers, strips and grids). Candidates are ranked
 by the fast estimate (ties: no recompute, shorter path, fewer partitions); the best few are
-applied, checked for equivalence, re-captured and re-planned, and the first that lowers the
-planned peak within the MAC budget is kept. Repeat until nothing improves or the budget is met.
+applied, re-captured and re-planned, and the first that lowers the planned peak within the MAC
+budget, with outputs equal to the original's, is kept. Repeat until nothing improves or the budget is met.
 
 The objective is the planned peak, then the planned peak without the input buffers (once the
 peak sits where the input is still live, as at a tiled stem, later widening blocks are still
@@ -32,11 +32,17 @@ import torch
 from torch import fx, nn
 
 from memtile.errors import BudgetError, MemtileError
-from memtile.tiling.check import compare, equivalent_models
+from memtile.spatial import SpatialGraph
+from memtile.tiling.check import Reference, compare
 from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
-from memtile.tiling.planned import PlannedPeak, planned_peak
+from memtile.tiling.planned import (
+    CANDIDATE_SCHEDULE_SECONDS,
+    SCHEDULE_SECONDS,
+    PlannedPeak,
+    planned_peak,
+)
 from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape
 from memtile.trace import trace
 
@@ -227,9 +233,10 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
             out = shape(end)
             try:
                 trunk = extract(gm, path)
-                whole = FFMTTiles(trunk, shape(start), out, (1, 1)).conv_macs()
+                analysed = SpatialGraph(trunk)
+                whole = FFMTTiles(trunk, shape(start), out, (1, 1), analysed).conv_macs()
                 for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
-                    tiles = FFMTTiles(trunk, shape(start), out, grid)
+                    tiles = FFMTTiles(trunk, shape(start), out, grid, analysed)
                     collapse = Collapse(frozenset(path.nodes), tiles.tile_bytes())
                     found.append(Candidate(
                         "ffmt", (path,), grid[0] * grid[1], grid,
@@ -286,13 +293,14 @@ def _finer_candidates(gm: fx.GraphModule, target: str,
     region, path = regions[0], done.paths[0]
     source, end = node_named(before, path.source), node_named(before, path.nodes[-1])
     trunk = extract(before, path)
-    now = FFMTTiles(trunk, shape(source), shape(end), done.grid).conv_macs()
+    analysed = SpatialGraph(trunk)
+    now = FFMTTiles(trunk, shape(source), shape(end), done.grid, analysed).conv_macs()
     found = []
     for grid in GRIDS:
         if (grid[0] < done.grid[0] or grid[1] < done.grid[1] or grid == done.grid
                 or grid[0] > shape(end)[-2] or grid[1] > shape(end)[-1]):
             continue
-        tiles = FFMTTiles(trunk, shape(source), shape(end), grid)
+        tiles = FFMTTiles(trunk, shape(source), shape(end), grid, analysed)
         estimate = estimate_peak(gm, Collapse(region, tiles.tile_bytes()))
         found.append(Candidate("ffmt", (path,), grid[0] * grid[1], grid, estimate.objective,
                                tiles.conv_macs() - now, target, step))
@@ -328,18 +336,19 @@ def tile(
     say(f"planned peak before: {before.arena_bytes} B")
     mac_limit = int(before.macs * (1 + max_mac_overhead))
     rejected: list[str] = []
+    reference = Reference(original, inputs)
     found: list[_Search] = []
     for first in _starts(tuple(methods)):
         say(f"search starting with {'+'.join(first)}")
         search = _Search([(original, before, [])], [])
         for phase in dict.fromkeys([first, tuple(methods)]):
-            search.run(phase, original, peaks, budget, mac_limit, rejected, say, deadline)
+            search.run(phase, reference, peaks, budget, mac_limit, rejected, say, deadline)
         search.trim()
         found.append(search)
         if (budget is not None and search.now.arena_bytes <= budget) or _past(deadline):
             break
     best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
-    current, now = best.current, best.now
+    current, now = best.current, peaks.final(best.current, best.history[-1][2])
     error, scale = compare(model, current, inputs)
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
@@ -361,7 +370,11 @@ class _PlannedPeaks:
     start from the same model and often try the same rewrites (mobilenet_v2: 5 of 30 re-plans
     repeated, each a capture and a schedule of seconds). A rewrite is named by its recipe, the
     accepted steps applied to the original in order: `_rebuild` makes the same graph from the
-    same recipe (a graph's code alone is not enough: an FFMT grid lives in its module)."""
+    same recipe (a graph's code alone is not enough: an FFMT grid lives in its module). Only the
+    original goes through torch.export (which also checks that it exports) and the full schedule
+    limit; rewrites use `fast_capture` and CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT
+    tiles, the schedule's search spends all its limit on the tiles' segment and keeps their
+    exported order), and `final` plans the chosen one with the full limit."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs
@@ -370,8 +383,15 @@ class _PlannedPeaks:
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         recipe = _recipe(steps)
         if recipe not in self._found:
-            self._found[recipe] = planned_peak(gm, self.inputs)
+            seconds = CANDIDATE_SCHEDULE_SECONDS if recipe else SCHEDULE_SECONDS
+            self._found[recipe] = planned_peak(gm, self.inputs, fast=bool(recipe),
+                                               schedule_seconds=seconds)
         return self._found[recipe]
+
+    def final(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
+        """The planned peak of the model `tile` returns, scheduled with the full time limit (as
+        `planned_peak` and `memtile plan` do) where candidates had the short one."""
+        return planned_peak(gm, self.inputs, fast=True) if steps else self(gm, steps)
 
 
 def _recipe(steps: Sequence[_Applied]) -> tuple:
@@ -402,7 +422,7 @@ class _Search:
     def now(self) -> PlannedPeak:
         return self.history[-1][1]
 
-    def run(self, methods: Sequence[str], original: fx.GraphModule, peaks: _PlannedPeaks,
+    def run(self, methods: Sequence[str], reference: Reference, peaks: _PlannedPeaks,
             budget: int | None, mac_limit: int, rejected: list[str],
             say: Callable[[str], None], deadline: float | None) -> None:
         """Greedy steps until nothing improves, the budget is met, too many only thin or the
@@ -415,7 +435,7 @@ class _Search:
             for candidate in candidates[:TRIES]:
                 if _past(deadline):
                     return
-                accepted = _try(candidate, current, applied, len(self.steps) + 1, original,
+                accepted = _try(candidate, current, applied, len(self.steps) + 1, reference,
                                 peaks, now, mac_limit, rejected)
                 if accepted is not None:
                     self.steps.append(_step(candidate, current, accepted[1], applied))
@@ -482,19 +502,17 @@ def _rebuild(candidate: Candidate, number: int, current: fx.GraphModule,
 
 
 def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied], number: int,
-         original: fx.GraphModule, peaks: _PlannedPeaks, now: PlannedPeak, mac_limit: int,
+         reference: Reference, peaks: _PlannedPeaks, now: PlannedPeak, mac_limit: int,
          rejected: list[str],
          ) -> tuple[fx.GraphModule, PlannedPeak, list[_Applied]] | None:
-    """Apply, check and re-plan one candidate; None (with the reason recorded) if it fails."""
+    """Apply, re-plan and check one candidate; None (with the reason recorded) if it fails. The
+    outputs are checked last, once the plan says the candidate would be kept: a plan costs less
+    than running the model, and most candidates tried are kept."""
     inputs = peaks.inputs
     try:
         tiled, done = _rebuild(candidate, number, current, applied, inputs)
     except (MemtileError, KeyError) as error:  # KeyError: a replayed step's node is gone
         rejected.append(f"{candidate.describe()}: {error}")
-        return None
-    if not equivalent_models(original, tiled, inputs):
-        error, scale = compare(original, tiled, inputs)
-        rejected.append(f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
         return None
     planned = peaks(tiled, done)
     if planned.macs > mac_limit:
@@ -503,6 +521,10 @@ def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied],
     if planned.objective >= now.objective:
         rejected.append(f"{candidate.describe()}: planned peak {planned.arena_bytes} B "
                         f"({planned.arena_without_input_bytes} B without inputs) is no better")
+        return None
+    if not reference.matches(tiled):
+        error, scale = reference.compare(tiled)
+        rejected.append(f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
         return None
     return tiled, planned, done
 

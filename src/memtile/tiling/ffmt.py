@@ -99,10 +99,11 @@ class FFMTTiles(nn.Module):
     """Runs one span tile by tile into a preallocated output (the replacement of the span)."""
 
     def __init__(self, trunk: fx.GraphModule, in_shape: torch.Size, out_shape: torch.Size,
-                 grid: tuple[int, int]) -> None:
+                 grid: tuple[int, int], analysed: spatial.SpatialGraph | None = None) -> None:
+        """`analysed`: the trunk's SpatialGraph, when several grids of one span are costed."""
         super().__init__()
         self.trunk = trunk
-        self.spatial = spatial.SpatialGraph(trunk)
+        self.spatial = analysed or spatial.SpatialGraph(trunk)
         self.in_hw = tuple(in_shape[-2:])
         self.out_shape = tuple(out_shape)
         self.grid = grid

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memtile.capture import INPUT, PARAMETER, MemGraph, capture
+from memtile.capture import INPUT, PARAMETER, MemGraph, capture, fast_capture
 from memtile.planner import ALIGNMENT, plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
 SCHEDULE_SECONDS = 2.0
+CANDIDATE_SCHEDULE_SECONDS = 0.25  # discovery's candidates; the model it returns gets the full limit
 _ACCUMULATE = "aten.addmm.default"
 _WRITES_INTO = {"aten.slice_scatter.default", _ACCUMULATE}
 
@@ -75,9 +76,16 @@ class PlannedPeak:
         return (self.arena_bytes, self.arena_without_input_bytes, self.crowding)
 
 
-def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor]) -> PlannedPeak:
-    g = capture(model, tuple(inputs))
-    planned = plan_graph(g, "best", SCHEDULE_SECONDS, extra_shared=inplace_writes(g))
+def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor], fast: bool = False,
+                 schedule_seconds: float = SCHEDULE_SECONDS) -> PlannedPeak:
+    """The planned peak of `model`; `fast` captures with `fast_capture` (the same graph, for
+    rewrites of a model that `capture` has already exported once)."""
+    return graph_peak((fast_capture if fast else capture)(model, tuple(inputs)), schedule_seconds)
+
+
+def graph_peak(g: MemGraph, schedule_seconds: float = SCHEDULE_SECONDS) -> PlannedPeak:
+    """The planned peak of a captured graph (see `planned_peak`)."""
+    planned = plan_graph(g, "best", schedule_seconds, extra_shared=inplace_writes(g))
     problem, plan = planned.problem, planned.plan
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
     rest = Problem([b for b in problem.buffers if b.id not in inputs_only], alignment=ALIGNMENT)
