@@ -41,4 +41,4 @@ def first_line(error: BaseException) -> str:
     """`Type: first non-blank line of the message`, at most 300 characters: a foreign library's
     error (an exporter's, a compiler's) retold on one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:300]

@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from memtile import tinyml
-from memtile.errors import InputShapeError, MemtileError, UnknownModelError
+from memtile.errors import InputShapeError, MemtileError, UnknownModelError, first_line
 
 SEED = 0
 
@@ -197,9 +197,7 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -
             model(*inputs)
     except Exception as error:  # the user's forward may raise anything; say what and where
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-        text = str(error).strip()
-        first_line = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-        raise InputShapeError(f"{name} cannot run on inputs {shapes}: {first_line}") from error
+        raise InputShapeError(f"{name} cannot run on inputs {shapes}: {first_line(error)}") from error
 
 
 def _load_callable(spec: str, input_shape) -> tuple[nn.Module, tuple | None]:
