@@ -177,8 +177,6 @@ def folded(chain: Chain, constants: dict[str, torch.Tensor]) -> tuple[torch.Tens
 def _activation(value: fx.Node) -> tuple[fx.Node, ...]:
     """The activation reading `value` that a post-op can compute: one ACTIVATIONS op, or SiLU
     as core ATen writes it, `mul(value, sigmoid(value))` with nothing else reading either."""
-    if not ACTIVATIONS:  # an empty table fuses none
-        return ()
     users = list(value.users)
     if len(users) == 1 and str(users[0].target) in ACTIVATIONS:
         return (users[0],)
