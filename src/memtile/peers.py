@@ -120,10 +120,9 @@ class Peers:
 
     def _export(self) -> None:
         """The ONNX model in memory (sessions are made per thread count in `compare`)."""
-        import_onnxruntime()
+        version = import_onnxruntime().__version__
         self.onnx, exporter = export_onnx(self.model, self.inputs)
-        self.details["onnxruntime"] = {"exporter": exporter,
-                                       "version": import_onnxruntime().__version__}
+        self.details["onnxruntime"] = {"exporter": exporter, "version": version}
 
     def _compile(self):
         compiled = torch.compile(self.model, backend="inductor", dynamic=False)  # this shape
@@ -180,18 +179,20 @@ class OrtModule:
     """An ONNX Runtime CPU session called like the model: torch tensors in, eager's output
     structure out (the exporter flattens outputs in pytree order)."""
 
-    def __init__(self, onnx: bytes, threads: int, model: torch.nn.Module, inputs: tuple,
-                 profile_prefix: str | None = None):
-        self.session = ort_session(onnx, threads, profile_prefix)
+    def __init__(self, onnx: bytes, threads: int, model: torch.nn.Module, inputs: tuple):
+        self.session = ort_session(onnx, threads)
         self.names = [i.name for i in self.session.get_inputs()]
         with torch.no_grad():
             self.spec = pytree.tree_flatten(model(*inputs))[1]
 
     def __call__(self, *inputs: torch.Tensor):
-        feeds = {name: x.detach().contiguous().numpy() for name, x in zip(self.names, inputs,
-                                                                          strict=True)}
-        outputs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, ort_feeds(self.names, inputs))]
         return pytree.tree_unflatten(outputs, self.spec)
+
+
+def ort_feeds(names: list[str], inputs: tuple) -> dict:
+    """ONNX Runtime's feed dict: each named input as a contiguous numpy array."""
+    return {name: x.detach().contiguous().numpy() for name, x in zip(names, inputs, strict=True)}
 
 
 def ort_session(onnx: bytes, threads: int, profile_prefix: str | None = None):
@@ -215,8 +216,7 @@ def ort_peak(onnx: bytes, threads: int, inputs: tuple) -> dict:
     module docstring); None values where this ORT's profile has no memory statistics."""
     with tempfile.TemporaryDirectory() as folder:
         session = ort_session(onnx, threads, str(Path(folder) / "ort"))
-        feeds = {i.name: x.detach().contiguous().numpy()
-                 for i, x in zip(session.get_inputs(), inputs, strict=True)}
+        feeds = ort_feeds([i.name for i in session.get_inputs()], inputs)
         for _ in range(PROFILED_CALLS):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
