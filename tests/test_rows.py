@@ -275,6 +275,41 @@ def test_budget_too_small_is_refused():
         RowCentric(wide_stack(), rows="auto", budget=1024)(torch.randn(2, 3, 160, 64))
 
 
+@pytest.mark.parametrize("banded_f64", ["run", "off"])
+def test_train_judges_ill_conditioned_trunk_gradients_by_the_banded_run_in_float64(banded_f64):
+    """Where float32 rounding puts both float32 runs more than 1e-4 from each other and from
+    float64 (resnet18 2x512², 2PS: conv1.weight 3.2e-3 and 2.0e-2: `memtile train` failed on
+    exact bands), the trunk banded in float64 decides: exact here, a GradientMismatchError for
+    banded gradients that are off in float64 too."""
+    from memtile.commands.train import _banded_f64_grads, _loss, judge
+    from memtile.errors import GradientMismatchError
+
+    model, x = small_cnn(), torch.randn(2, 3, 45, 31, generator=torch.Generator().manual_seed(2))
+    row_model = wrap(copy.deepcopy(model), rows=4, strategy="2ps")
+    row_model.trunk.engine(x)
+    ref = copy.deepcopy(model).double()
+    _loss(ref(x.double()), seed=0).backward()
+    exact = [p.grad.float() for p in ref.parameters()]
+    noise = [g + 1e-2 * g.abs().max() * torch.randn(g.shape) for g in exact]  # "rounding"
+
+    class Grads:  # a `Side` as `judge` reads it
+        def __init__(self, grads: list[torch.Tensor]) -> None:
+            self.grads = lambda: grads
+
+    banded = (lambda: _banded_f64_grads(model, x, row_model.trunk, {})) if banded_f64 == "run" \
+        else (lambda: [g.double() for g in noise])
+
+    def judged() -> dict:
+        return judge(model, x, lambda m, x: _loss(m(x), seed=0), banded, Grads(exact),
+                     Grads(noise), f64_check=False)
+
+    if banded_f64 == "off":
+        with pytest.raises(GradientMismatchError, match="parameter '0.0.weight'"):
+            judged()
+    else:
+        assert judged()["grad_max_rel_error_f64_banded_f64"] <= 1e-10
+
+
 def test_train_command_json(capsys):
     import json
 

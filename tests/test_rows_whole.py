@@ -209,7 +209,8 @@ def test_train_judges_ill_conditioned_gradients_by_the_banded_run_in_float64(mon
     """Where float32 rounding moves both float32 runs more than 1e-4 from each other and from
     float64 (smp Unet 512², bce: 8.7e-4 and 8.4e-2), the banded run in float64 decides: exact
     with the planned crops, a GradientMismatchError without a halo."""
-    from memtile.commands.train_whole import WholeReference, judge
+    from memtile.commands.train import judge
+    from memtile.commands.train_whole import banded_f64_grads
 
     model, (x,) = tiny_unet()
     freeze(model)
@@ -224,8 +225,9 @@ def test_train_judges_ill_conditioned_gradients_by_the_banded_run_in_float64(mon
             BandCrop(b.rows, b.rows) for b in plan_bands(loc, size, count)])
 
     def judged():
-        return judge(model, x, lambda m, x, t: F.cross_entropy(m(x), t), target,
-                     WholeReference("ce", 4), Grads(exact), Grads(noise), f64_check=False)
+        return judge(model, x, lambda m, x: F.cross_entropy(m(x), target),
+                     lambda: banded_f64_grads(model, x, "ce", 4, target),
+                     Grads(exact), Grads(noise), f64_check=False)
 
     if halo == "none":
         with pytest.raises(GradientMismatchError):
