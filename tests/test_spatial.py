@@ -4,12 +4,13 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from memtile.errors import InputShapeError, UnsupportedOpError
-from memtile.spatial import SpatialGraph, Window, band_region, split
+from memtile.spatial import NCHW, SpatialGraph, Window, band_region, split
 
 SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -162,3 +163,85 @@ def test_band_missing_rows_is_an_error():
     x = torch.randn(1, 1, 10, 4)
     with pytest.raises(InputShapeError, match="does not cover"):
         graph.run_band(band_region(0, (2, 5), (10, 4)), x[..., 2:5, :], ((2, 5), (0, 4)), (10, 4))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: channels moved last, normalized, moved back (NHWC inside)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """timm's ConvNeXt block with conv MLP (convnext_atto): 7x7 depthwise, LayerNorm2d, MLP,
+    layer scale `gamma.reshape(1, -1, 1, 1)`, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.conv_dw(x)))))
+        return x + y.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+def convnext_like(c: int = 8) -> nn.Module:
+    """A ConvNeXt stem (4x4 patchify conv + LayerNorm2d) and two blocks, with random norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, c, 4, 4), LayerNorm2d(c), ConvNeXtBlock(c),
+                          ConvNeXtBlock(c))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("parts", [(1, 1), (3, 1), (2, 3), (7, 7)])
+def test_permuted_channel_norm_tiles_equal_full_forward(parts):
+    model = convnext_like()
+    x = torch.randn(2, 3, 28, 36)
+    graph = SpatialGraph(model, layouts=True)
+    nhwc = [n for n in graph.order if graph.ops[n].dims != NCHW]
+    assert nhwc and all(graph.ops[n].dims == (-3, -2) for n in nhwc)  # H, W of N x H x W x C
+    with torch.no_grad():
+        ref = model(x)
+        got = stitched(graph, x, parts)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-6
+
+
+def test_permutes_need_layouts_and_norms_and_constants_must_not_span_h_or_w():
+    with pytest.raises(UnsupportedOpError, match="permute"):
+        SpatialGraph(convnext_like())  # the row engine joins rows along dim -2: NCHW only
+
+    class NormOverWidth(nn.Module):
+        def forward(self, x):
+            return F.layer_norm(x, (16,))
+
+    class EndsNHWC(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1)
+
+    class ConvOnNHWC(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x.permute(0, 2, 3, 1), 3).permute(0, 3, 1, 2)
+
+    class PositionalMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(4, 16, 1))
+
+        def forward(self, x):
+            return x + self.pos.unsqueeze(0)  # varies over H: a band would need its rows
+
+    for tail, why in [(NormOverWidth(), "layer_norm.*include H or W"),
+                      (PositionalMap(), "add.*unsqueeze of shape \\(1, 4, 16, 1\\) varies over H"),
+                      (EndsNHWC(), "must return an NCHW"),
+                      (ConvOnNHWC(), "max_pool2d.*needs H and W as the last two dims")]:
+        with pytest.raises(UnsupportedOpError, match=why):
+            SpatialGraph(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), tail), layouts=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_spatial import convnext_like
 from torch import fx, nn
 
 from memtile import zoo
@@ -142,3 +143,18 @@ def test_ffmt_on_the_stem_of_mobilenet_v1_vww(grid):
     tiled = apply_ffmt(gm, path, grid)
     assert equivalent_models(model, tiled, inputs)  # float32: 1.8e-5 of the 2-logit output; float64: 6e-15
     assert count_macs(tiled, inputs) > count_macs(model, inputs)  # 3x3 halos are recomputed
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (7, 1)])
+def test_ffmt_tiles_through_permuted_layer_norms(grid):
+    """timm's LayerNorm2d (permute, layer_norm over channels, permute back) inside a span: the
+    NHWC interior is cropped along its own H and W dims and costed per NHWC position."""
+    model = convnext_like(c=8)
+    x = torch.randn(1, 3, 56, 56)
+    gm, tiled = tile_whole(model, x, grid)
+    error, scale = compare(model, tiled, [torch.randn(1, 3, 56, 56)])  # a fresh input
+    assert error / scale < 1e-6
+    tiles = tiled.ffmt0
+    nhwc = [n.name for n in tiles.spatial.order if tiles.spatial.ops[n].dims != (-2, -1)]
+    assert nhwc and all(tiles.pixel_bytes[name] == 8 * 4 for name in nhwc)  # C floats
+    assert tiles.tile_bytes() < nbytes(next(n for n in gm.graph.nodes if n.name == "_2_fc1"))

@@ -146,6 +146,17 @@ def test_ffmt_span_with_a_value_it_never_uses():
     assert _tile_whole_graph(Unused().eval(), (3, 1))[1] <= 1e-5
 
 
+def test_ffmt_spans_timm_convnext_layernorm2d():
+    """convnext_atto's stem and stage 0: LayerNorm2d runs permute -> layer_norm over channels
+    -> permute back, and every block scales by `gamma.reshape(1, -1, 1, 1)`."""
+    model, _ = zoo.get("timm:convnext_atto")
+    x = torch.randn(1, 3, 64, 64)
+    gm = propagate_shapes(trace(model), [x])
+    assert "add_1" in [n.name for n in cuts(gm)]  # the end of stage 0
+    tiled = apply_ffmt(gm, span(gm, "x", "add_1"), (3, 2))
+    assert _relative(model, tiled, torch.randn(1, 3, 64, 64)) <= 1e-5
+
+
 def test_peak_estimate_of_a_view_of_a_parameter():
     class LayerScale(nn.Module):  # timm's convnext: x * gamma.reshape(1, -1, 1, 1)
         def __init__(self):

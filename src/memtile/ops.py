@@ -16,6 +16,8 @@ Kinds:
 - SPLIT: a tuple of views of its input (torch.split, chunk), picked by getitem.
 - WINDOW: a sliding window over H and W (Conv2d, MaxPool2d, AvgPool2d).
 - GLOBAL_POOL: one value per channel (adaptive pooling).
+- LAST_DIMS: mixes only its trailing dims (`F.layer_norm` over `normalized_shape`), pointwise
+  in all others: timm's LayerNorm2d normalizes channels after permuting them last.
 
 ATen-level facts used by the planner (which ops may overwrite an input) live in
 `memtile.inplace.ELEMENTWISE`.
@@ -40,6 +42,7 @@ VIEW = "view"
 SPLIT = "split"
 WINDOW = "window"
 GLOBAL_POOL = "global_pool"
+LAST_DIMS = "last_dims"
 
 ELEMENTWISE_KINDS = frozenset({IDENTITY, POINTWISE, PER_CHANNEL, BINARY})
 
@@ -65,6 +68,7 @@ _FUNCTIONS: dict[object, str] = {
                      torch.permute, torch.transpose, torch.narrow, operator.getitem), VIEW),
     **dict.fromkeys((F.max_pool2d, F.avg_pool2d), WINDOW),
     **dict.fromkeys((F.adaptive_avg_pool2d, F.adaptive_max_pool2d), GLOBAL_POOL),
+    F.layer_norm: LAST_DIMS,
 }
 _METHODS: dict[str, str] = {
     "contiguous": IDENTITY,
@@ -137,6 +141,16 @@ def constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes a node reads, without get_attr (parameters are not values that flow)."""
     return [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+
+
+def is_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A parameter, or a view or elementwise result of parameters alone (timm's layer scale
+    `gamma.reshape(1, -1, 1, 1)`): the same whole tensor for every band and tile."""
+    if node.op == "get_attr":
+        return True
+    return (node.op in ("call_function", "call_method") and bool(node.all_input_nodes)
+            and kind(gm, node) in (VIEW, *ELEMENTWISE_KINDS)
+            and all(is_constant(gm, arg) for arg in node.all_input_nodes))
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:

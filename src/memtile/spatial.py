@@ -8,6 +8,12 @@ owns that arithmetic for a `torch.fx` graph, per spatial axis (H, W), so both us
 
 Intervals are half-open `(lo, hi)` in the coordinates of the tensor they index; a `Region` holds one
 interval per spatial axis (H, W). A `Band` is a tensor holding the region of a node it covers.
+
+Every tensor carries the dims that hold its H and W (`Dims`, negative indices; NCHW is (-2, -1)).
+With `layouts=True` a `permute` relabels them (timm's LayerNorm2d runs permute -> layer_norm over
+channels -> permute back, so its interior is NHWC) and ops that do not care where H and W are
+(elementwise ops, a layer_norm over trailing non-spatial dims) keep them; every other op needs
+NCHW. The row engine joins rows along dim -2, so it builds its graphs without `layouts`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +40,10 @@ Interval = tuple[int, int]
 Region = tuple[Interval, ...]
 Size = tuple[int, ...]
 Band = tuple[torch.Tensor, Region]
+Dims = tuple[int, int]  # the (negative) dims of a tensor that hold H and W
 
 SPATIAL_DIMS = 2  # NCHW: the last two dims are spatial
+NCHW: Dims = (-2, -1)
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,12 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 class _Op:
     """One graph node as the interval engine sees it."""
 
-    kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn)
+    kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn),
+    # "constant" (a parameter or a value computed from parameters alone)
     inputs: list[fx.Node]
     windows: tuple[Window, ...] = (IDENTITY, IDENTITY)
     module: nn.Module | FoldedConvBN | None = None
+    dims: Dims = NCHW
 
 
 class SpatialGraph:
@@ -90,9 +100,11 @@ class SpatialGraph:
     Build once per module; sizes and regions are computed per input size. `frozen_bn=True`
     accepts BatchNorm layers in training mode and runs them with their running statistics;
     otherwise such a layer is refused (its statistics span the whole feature map).
+    `layouts=True` accepts permutes (see the module doc); the output must still be NCHW.
     """
 
-    def __init__(self, module: nn.Module, *, frozen_bn: bool = False) -> None:
+    def __init__(self, module: nn.Module, *, frozen_bn: bool = False,
+                 layouts: bool = False) -> None:
         self.module = module
         self.gm = trace(module)
         self.frozen_bn = frozen_bn
@@ -112,13 +124,32 @@ class SpatialGraph:
                     raise UnsupportedOpError("a spatial trunk must return one tensor")
                 self.output = out
             else:
-                self.ops[node] = classify(self.gm, node, self.ops, frozen_bn)
-        self.order = [n for n in self.ops if n is not self.input]
+                self.ops[node] = classify(self.gm, node, self.ops, frozen_bn, layouts)
+        out_op = self.ops[self.output]
+        if out_op.kind == "constant" or out_op.dims != NCHW:
+            raise UnsupportedOpError(f"{self.output.name}: a spatial trunk must return an NCHW "
+                                     "image tensor")
+        self.order = [n for n, op in self.ops.items() if op.kind not in ("input", "constant")]
+        for node in self.order:
+            if ops.kind(self.gm, node) in (ops.BINARY, ops.POINTWISE):
+                self._check_uniform_in_space(node)
         self.consumers: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.ops}
         for node in self.order:
             for arg in self.ops[node].inputs:
                 if node not in self.consumers[arg]:
                     self.consumers[arg].append(node)
+
+    def _check_uniform_in_space(self, node: fx.Node) -> None:
+        """A parameter that an elementwise op broadcasts must not vary over H or W (a layer
+        scale of shape (C, 1, 1) is fine, a positional map is not): a band would need its slice."""
+        dims = self.ops[node].dims
+        for arg in node.all_input_nodes:
+            if ops.is_constant(self.gm, arg):
+                shape = self._value(arg, {}).shape
+                if any(len(shape) >= -d and shape[d] != 1 for d in dims):
+                    raise UnsupportedOpError(
+                        f"{ops.describe(self.gm, node)}: its operand {arg.name} of shape "
+                        f"{tuple(shape)} varies over H or W; bands take per-channel constants")
 
     def sizes(self, in_size: Size) -> dict[fx.Node, Size]:
         """Spatial size (H, W) of every node for an input of spatial size `in_size`."""
@@ -225,7 +256,8 @@ class SpatialGraph:
         if op.kind == "local":
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
-        cropped = {arg: _crop(x, reg, out) for arg, (x, reg) in zip(op.inputs, inputs, strict=True)}
+        cropped = {arg: _crop(x, reg, out, self.ops[arg].dims)
+                   for arg, (x, reg) in zip(op.inputs, inputs, strict=True)}
         if isinstance(op.module, FrozenBatchNorm2d):
             return op.module(cropped[op.inputs[0]])
         if isinstance(op.module, _BatchNorm):
@@ -247,8 +279,17 @@ class SpatialGraph:
         return target(*args, **kwargs)
 
     def _value(self, node: fx.Node, bands: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
-        """An argument of an op being run: a band of an image tensor, or a parameter."""
-        return ops.constant(self.gm, node) if node.op == "get_attr" else bands[node]
+        """An argument of an op being run: a band of an image tensor, or a parameter (or a
+        value computed from parameters, recomputed here: `.double()` replaces parameters)."""
+        if node.op == "get_attr":
+            return ops.constant(self.gm, node)
+        if self.ops[node].kind != "constant":
+            return bands[node]
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, bands))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, bands))
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
 
     def run_band(self, out: Region, x: torch.Tensor, x_region: Region,
                  in_size: Size | None = None) -> torch.Tensor:
@@ -276,23 +317,45 @@ class SpatialGraph:
         return values[self.output][0]
 
 
-def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
-             frozen_bn: bool) -> _Op:
+def classify(gm: fx.GraphModule, node: fx.Node, known: Mapping[fx.Node, Any],
+             frozen_bn: bool, layouts: bool = False) -> _Op:
     """How the interval engine treats `node`; UnsupportedOpError names it if it cannot.
 
-    `known` holds the nodes already accepted (the inputs must be image tensors among them).
+    `known` holds the nodes already accepted (the inputs must be image tensors among them; a
+    value with a `dims` attribute says where its H and W are, else NCHW). `layouts` accepts
+    permutes (see the module doc).
     """
     if node.op == "placeholder":
         return _Op("input", [])
-    if node.op == "get_attr":  # a parameter or buffer: per-channel constants of the op reading it
+    if ops.is_constant(gm, node):  # a parameter: per-channel constants of the op reading it
         return _Op("constant", [])
-    inputs = ops.tensor_inputs(node)
+    inputs = [arg for arg in ops.tensor_inputs(node) if not ops.is_constant(gm, arg)]
     for arg in inputs:
         if arg not in known:
             raise UnsupportedOpError(f"{node.name}: input {arg.name} is not an image tensor")
+    dims = {getattr(known[arg], "dims", NCHW) for arg in inputs}
+    if len(dims) > 1:
+        raise UnsupportedOpError(f"{node.name}: its inputs hold H and W in different dims "
+                                 f"{sorted(dims)}")
+    where = dims.pop() if dims else NCHW
+    kind = ops.kind(gm, node)
+    if layouts and kind == ops.VIEW and _is_permute(node):
+        return _Op("pointwise", inputs, dims=_permuted(node, where))
+    if kind == ops.LAST_DIMS:
+        return _Op("pointwise", inputs, dims=_check_last_dims(gm, node, inputs, where))
+    if where != NCHW and kind not in (ops.IDENTITY, ops.POINTWISE, ops.BINARY):
+        raise UnsupportedOpError(f"{ops.describe(gm, node)} needs H and W as the last two dims "
+                                 f"(NCHW); after a permute they are dims {where}")
+    op = _classify_nchw(gm, node, inputs, kind, frozen_bn)
+    op.dims = where
+    return op
+
+
+def _classify_nchw(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], kind: str | None,
+                   frozen_bn: bool) -> _Op:
+    """`classify` for an op whose inputs are NCHW (or that does not care where H and W are)."""
     if node.op == "call_module":
         return _classify_module(gm, node, inputs, frozen_bn)
-    kind = ops.kind(gm, node)
     if kind == ops.CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim not in (1, -3):
@@ -309,6 +372,39 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Container[fx.Node],
     if kind in ops.ELEMENTWISE_KINDS or picks:
         return _Op("pointwise", inputs)
     raise _refused(ops.describe(gm, node), kind)
+
+
+def _is_permute(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target == "permute")
+            or (node.op == "call_function" and node.target is torch.permute))
+
+
+def _permuted(node: fx.Node, dims: Dims) -> Dims:
+    """Where H and W are after `x.permute(*order)` / `torch.permute(x, order)`: output dim i is
+    input dim order[i], so a relabelling of dims (the data a band holds does not change)."""
+    order = node.args[1] if len(node.args) == 2 else node.args[1:]
+    order = node.kwargs.get("dims", order)
+    if isinstance(order, int):
+        order = (order,)
+    ndim = len(order)
+    order = [d % ndim for d in order]
+    if sorted(order) != list(range(ndim)) or ndim < SPATIAL_DIMS:
+        raise UnsupportedOpError(f"{node.name}: permute {order} is not a permutation of dims")
+    return tuple(order.index(d % ndim) - ndim for d in dims)
+
+
+def _check_last_dims(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
+                     dims: Dims) -> Dims:
+    """`F.layer_norm(x, normalized_shape, ...)` is pointwise in space when it normalizes only
+    dims that hold neither H nor W (LayerNorm2d over channels after a permute)."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    count = 1 if isinstance(shape, int) else len(shape)
+    if len(inputs) != 1 or max(dims) >= -count:
+        raise UnsupportedOpError(
+            f"{ops.describe(gm, node)}: normalizes the last {count} dims, which include H or W "
+            f"(dims {dims}), or its weight is not a parameter; a norm over channels alone "
+            "is spatially local")
+    return dims
 
 
 def _slices_channels_only(index: Any) -> bool:
@@ -477,17 +573,18 @@ def _contains(outer: Region, inner: Region) -> bool:
                for (olo, ohi), (lo, hi) in zip(outer, inner, strict=True))
 
 
-def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-    """View of band `x` (covering `have`) restricted to `want` (each of a split's tensors)."""
+def _crop(x: torch.Tensor, have: Region, want: Region, dims: Dims = NCHW) -> torch.Tensor:
+    """View of band `x` (covering `have`, H and W in `dims`) restricted to `want` (each of a
+    split's tensors)."""
     if have == want:
         return x
     if isinstance(x, tuple | list):
-        return tuple(_crop(t, have, want) for t in x)
-    for axis, ((hlo, hhi), (wlo, whi)) in enumerate(zip(have, want, strict=True)):
+        return tuple(_crop(t, have, want, dims) for t in x)
+    for dim, (hlo, hhi), (wlo, whi) in zip(dims, have, want, strict=True):
         if wlo < hlo or whi > hhi:
             raise InputShapeError(f"band covers {have} but {want} is needed")
         if (hlo, hhi) != (wlo, whi):
-            x = x.narrow(axis - SPATIAL_DIMS, wlo - hlo, whi - wlo)
+            x = x.narrow(dim, wlo - hlo, whi - wlo)
     return x
 
 

@@ -124,7 +124,8 @@ class Locality:
         return out
 
     def _classify(self, node: fx.Node) -> _Step | None:
-        """The node's step, None for a shape read (kept in `shapes`), or UnsupportedOpError."""
+        """The node's step, None for a shape read (kept in `shapes`) or a value computed from
+        parameters, or UnsupportedOpError."""
         if node.op == "placeholder":
             if self.steps:
                 raise UnsupportedOpError("whole-network bands take models with one image input")
@@ -146,6 +147,8 @@ class Locality:
                 return self._upsample(node, mod.mode, mod.align_corners, mod.size,
                                       mod.scale_factor, False)
         op = classify(self.gm, node, self.steps, frozen_bn=False)
+        if op.kind == "constant":  # computed from parameters: no rows of its own
+            return None
         kind = "window" if op.kind == "local" else "pointwise"
         return _Step(kind, tuple(op.inputs), op.windows)
 

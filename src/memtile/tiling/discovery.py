@@ -233,7 +233,7 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
             out = shape(end)
             try:
                 trunk = extract(gm, path)
-                analysed = SpatialGraph(trunk)
+                analysed = SpatialGraph(trunk, layouts=True)
                 whole = FFMTTiles(trunk, shape(start), out, (1, 1), analysed).conv_macs()
                 for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
                     tiles = FFMTTiles(trunk, shape(start), out, grid, analysed)
@@ -293,7 +293,7 @@ def _finer_candidates(gm: fx.GraphModule, target: str,
     region, path = regions[0], done.paths[0]
     source, end = node_named(before, path.source), node_named(before, path.nodes[-1])
     trunk = extract(before, path)
-    analysed = SpatialGraph(trunk)
+    analysed = SpatialGraph(trunk, layouts=True)
     now = FFMTTiles(trunk, shape(source), shape(end), done.grid, analysed).conv_macs()
     found = []
     for grid in GRIDS:

@@ -2,14 +2,16 @@
 
 A span is the part of the graph between two *cuts* (points of the execution order where exactly
 one tensor is live): one image tensor in, one out, any mix of conv, pooling, eval BN, elementwise
-ops, residual adds and channel concats inside. The span is split over its output's H (strips) or
-H x W (grids); each tile's input window comes from `memtile.spatial` (stride, padding, dilation;
-zero padding only at the true border), tiles recompute their overlap, and every tile's result is
-written into its place of one preallocated output buffer (slice assignment, no concat).
+ops, residual adds, channel concats and channel norms between permutes (timm's LayerNorm2d)
+inside. The span is split over its output's H (strips) or H x W (grids); each tile's input
+window comes from `memtile.spatial` (stride, padding, dilation; zero padding only at the true
+border), tiles recompute their overlap, and every tile's result is written into its place of one
+preallocated output buffer (slice assignment, no concat).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,14 +105,15 @@ class FFMTTiles(nn.Module):
         """`analysed`: the trunk's SpatialGraph, when several grids of one span are costed."""
         super().__init__()
         self.trunk = trunk
-        self.spatial = analysed or spatial.SpatialGraph(trunk)
+        self.spatial = analysed or spatial.SpatialGraph(trunk, layouts=True)
         self.in_hw = tuple(in_shape[-2:])
         self.out_shape = tuple(out_shape)
         self.grid = grid
         self.tiles = tile_regions(self.spatial, self.in_hw, grid)
-        self.pixel_bytes = {n.name: _pixel_bytes(n) for n in self.spatial.order}
+        self.pixel_bytes = {n.name: _pixel_bytes(n, self.spatial.ops[n].dims)
+                            for n in self.spatial.order}
         self.pixel_macs = {
-            n.name: _pixel_bytes(n) // _element_size(n) * op.module.weight[0].numel()
+            n.name: _pixel_bytes(n, op.dims) // _element_size(n) * op.module.weight[0].numel()
             for n, op in self.spatial.ops.items() if isinstance(op.module, nn.Conv2d)
         }
         self.costs = self._costs()
@@ -167,12 +170,15 @@ def _element_size(node: fx.Node) -> int:
     return torch.empty((), dtype=node.meta["tensor_meta"].dtype).element_size()
 
 
-def _pixel_bytes(node: fx.Node) -> int:
-    """Bytes of one spatial position of a node's NCHW output (batch x channels x element)."""
+def _pixel_bytes(node: fx.Node, dims: spatial.Dims) -> int:
+    """Bytes of one spatial position of a node's output whose H and W are `dims` (NCHW or,
+    inside a permuted norm, NHWC): every other dim times the element size."""
     meta = node.meta["tensor_meta"]
     if not hasattr(meta, "shape"):  # a split's tuple of views: no storage of its own
         return 0
-    return meta.shape[0] * meta.shape[1] * _element_size(node)
+    ndim = len(meta.shape)
+    others = [n for d, n in enumerate(meta.shape) if d - ndim not in dims]
+    return math.prod(others) * _element_size(node)
 
 
 def _area(region: spatial.Region) -> int:
