@@ -10,6 +10,7 @@ to cross-check it.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -191,3 +192,13 @@ def _vars(tree) -> list[Var]:
     if isinstance(tree, dict):
         return [v for item in tree.values() for v in _vars(item)]
     return []
+
+
+def rebind(run: Callable[[tuple, tuple], list], replace: dict[int, object]
+           ) -> Callable[[tuple, tuple], list]:
+    """`run` with each global constant whose id is in `replace` swapped for its value: the same
+    compiled code over other constants (weights packed for another thread count)."""
+    namespace = {name: replace.get(id(value), value) for name, value in run.__globals__.items()}
+    rebound = types.FunctionType(run.__code__, namespace, run.__name__)
+    rebound.source = run.source
+    return rebound

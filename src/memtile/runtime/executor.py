@@ -26,7 +26,7 @@ from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.planner import ALIGNMENT, prepare
 from memtile.planning import Plan, Problem, solve
 from memtile.runtime import convolution, fusion
-from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program
+from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program, rebind
 from memtile.runtime.kernels import check_kernels, names_of, select_kernels
 from memtile.runtime.layout import LAYOUTS, Restride, channels_last_tensors
 from memtile.runtime.packing import Packings
@@ -75,7 +75,8 @@ class ArenaProgram:
         self.kernel_bytes = report.kernel_bytes  # node name -> scratch its out= call allocated
         self._strides = report.strides  # produced tensor -> strides in a call
         self._restride = report.restride  # tensors whose functional op returns other strides
-        self.packings = Packings([v.packing for v in self.planned.values() if v.packing])
+        self.packings = Packings([v.packing for v in self.planned.values() if v.packing],
+                                 torch.get_num_threads())
         self.arena_storages = self._arena_storages()
         self.shared = self._shared(prepared.shared)
         self.problem = Problem(
@@ -86,6 +87,8 @@ class ArenaProgram:
         self.views: list[ViewSpec] = []
         self.program = self._program()
         self.run = compile_program(self.program)
+        self._runs = {self.packings.threads: self.run}  # intra-op threads -> program (`runner`)
+        self._lock = threading.Lock()
 
     @property
     def arena_bytes(self) -> int:
@@ -93,8 +96,26 @@ class ArenaProgram:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes of the packed convolution weights this program keeps (see `convolution`)."""
-        return sum(v.packed_bytes for v in self.planned.values())
+        """Bytes of the packed convolution weights this program keeps (see `convolution`),
+        with the copies packed for other thread counts (`runner`)."""
+        return sum(v.packed_bytes for v in self.planned.values()) + self.packings.repacked_bytes()
+
+    def runner(self):
+        """The compiled program for the calling thread's intra-op thread count, its packed
+        weights up to date (`packing`: recomputed after in-place updates of their sources) and
+        packed for that count (another count's cost a oneDNN reorder at every call; made on the
+        first call at a new count)."""
+        if self.packings.stale():
+            with self._lock:
+                self.packings.refresh()
+        threads = torch.get_num_threads()
+        run = self._runs.get(threads)
+        if run is None:
+            with self._lock:
+                if threads not in self._runs:
+                    self._runs[threads] = rebind(self.run, self.packings.repack(threads))
+                run = self._runs[threads]
+        return run
 
     def fused_counts(self) -> dict[str, int]:
         """How many batch norms, adds and activations (SiLU, hardswish) run inside a
@@ -233,7 +254,9 @@ class PlannedModule(nn.Module):
     swish post-op (it keeps NaN and Inf where eager does), ReLU and ReLU6 stay steps of their
     own (oneDNN's turn NaN into numbers). Packed and folded weights are recomputed before a call when their
     sources were updated in place (`packing`; not through `.data`); parameters replaced by new
-    tensors are not seen: build a new module.
+    tensors are not seen: build a new module. oneDNN packs for the intra-op thread count that
+    runs the call: a call at another count than construction's packs the weights again for it
+    once, and keeps them (`packed_bytes` counts them).
     """
 
     def __init__(self, model: nn.Module, example_inputs, strategy: str = "best",
@@ -289,15 +312,13 @@ class PlannedModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         program = self._program_for(inputs)
-        if program.packings.stale():  # weights updated in place: repack them (`packing`)
-            with self._lock:
-                program.packings.refresh()
+        run = program.runner()
         arenas = self._local.__dict__.setdefault("arenas", {})
         views = arenas.get(id(program))
         if views is None:
             views = arenas[id(program)] = program.allocate_views()
         with torch.no_grad():
-            flat = program.run(inputs, views)
+            flat = run(inputs, views)
         return pytree.tree_unflatten(flat, program.graph.program.call_spec.out_spec)
 
     def _program_for(self, inputs: tuple) -> ArenaProgram:
