@@ -60,11 +60,6 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def fresh_name(gm: fx.GraphModule, stem: str) -> str:
     """A top-level attribute name not yet used in `gm` (tilings of one model get fdt0, fdt1, ...)."""
     index = 0
