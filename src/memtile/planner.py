@@ -12,6 +12,7 @@ from torch import nn
 
 from memtile.capture import MemGraph, capture
 from memtile.inplace import inplace_pairs
+from memtile.lifetimes import buffers
 from memtile.planning import Plan, Problem, solve
 from memtile.schedule import Schedule, schedule
 
@@ -62,7 +63,7 @@ def prepare(
     order = found.order if found else list(range(graph.num_steps))
     pairs = inplace_pairs(graph, order) if inplace else {}
     shared = {**pairs, **(extra_shared or {})}
-    problem = Problem(graph.buffers(order, shared), alignment=alignment, capacity=capacity)
+    problem = Problem(buffers(graph, order, shared), alignment=alignment, capacity=capacity)
     return PreparedGraph(graph, order, shared, problem, found, len(pairs))
 
 

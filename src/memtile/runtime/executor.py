@@ -21,8 +21,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from memtile.capture import INPUT, OUTPUT, capture, shared_root
+from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
+from memtile.lifetimes import buffers, shared_root
 from memtile.planner import ALIGNMENT, prepare
 from memtile.planning import Plan, Problem, solve
 from memtile.runtime import convolution, fusion
@@ -80,7 +81,7 @@ class ArenaProgram:
         self.arena_storages = self._arena_storages()
         self.shared = self._shared(prepared.shared)
         self.problem = Problem(
-            [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
+            [b for b in buffers(self.graph, self.order, self.shared) if b.id in self.arena_storages],
             alignment=ALIGNMENT,
         )
         self.plan: Plan = solve(self.problem, strategy)
