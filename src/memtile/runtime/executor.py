@@ -5,8 +5,9 @@ finds which outputs may overwrite an input in place (`memtile.inplace` when pres
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
 kernel (see `outvariants`) and each convolution with the batch norm and residual add after it
-fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
-compiles the straight-line program (`codegen`). A call then runs each planned op into its view
+fused into its call (see `fusion`), builds the arena's problem with `planner.prepare` (the
+in-place pairs its kernels keep, the fused chains' slots, the tensors planned ops write), plans
+it (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call then runs each planned op into its view
 of the arena; unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and
 their results are freed as soon as their last reader ran.
 """
@@ -23,9 +24,9 @@ from torch.utils import _pytree as pytree
 
 from memtile.capture import INPUT, OUTPUT, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
-from memtile.lifetimes import buffers, shared_root
-from memtile.planner import ALIGNMENT, prepare
-from memtile.planning import Plan, Problem, solve
+from memtile.lifetimes import shared_root
+from memtile.planner import op_order, prepare
+from memtile.planning import Plan, solve
 from memtile.runtime import convolution, fusion
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program, rebind
 from memtile.runtime.kernels import check_kernels, names_of, select_kernels
@@ -57,8 +58,7 @@ class ArenaProgram:
         self.graph = capture(model, inputs)
         refuse_side_effects(self.graph.program, model)
         self.device = inputs[0].device if inputs else torch.device("cpu")
-        prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
-        self.order = prepared.order
+        self.order, _ = op_order(self.graph, time_limit=schedule_seconds)
         self.copy_outputs = copy_outputs
         self.layout = layout
         self._constants = _constants(self.graph.program)
@@ -79,11 +79,10 @@ class ArenaProgram:
         self.packings = Packings([v.packing for v in self.planned.values() if v.packing],
                                  torch.get_num_threads())
         self.arena_storages = self._arena_storages()
-        self.shared = self._shared(prepared.shared)
-        self.problem = Problem(
-            [b for b in buffers(self.graph, self.order, self.shared) if b.id in self.arena_storages],
-            alignment=ALIGNMENT,
-        )
+        self.prepared = prepare(
+            self.graph, order=self.order, keep_pair=self.keeps_pair, storages=self.arena_storages,
+            extra_shared=fusion.slots(self.graph, self.fused_chains(), self.arena_storages))
+        self.shared, self.problem = self.prepared.shared, self.prepared.problem
         self.plan: Plan = solve(self.problem, strategy)
         self.views: list[ViewSpec] = []
         self.program = self._program()
@@ -121,7 +120,7 @@ class ArenaProgram:
     def fused_counts(self) -> dict[str, int]:
         """How many batch norms, adds and activations (SiLU, hardswish) run inside a
         convolution's call."""
-        chains = [fused.chain for fused in self.fused.values()]
+        chains = self.fused_chains()
         return {"batch_norm": sum(c.batch_norm is not None for c in chains),
                 "add": sum(c.add is not None for c in chains),
                 "activation": sum(bool(c.activation) for c in chains)}
@@ -129,20 +128,14 @@ class ArenaProgram:
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
 
-    def _shared(self, in_place: dict[str, str]) -> dict[str, str]:
-        """Tensor -> the tensor whose slot it takes: the in-place pairs within the arena and of
-        one layout, and each fused chain's ops in one slot (the identity's, or the conv's)."""
-        shared = {out: source for out, source in in_place.items()
-                  if out in self.arena_storages and source in self.arena_storages
-                  and (out in self.channels_last) == (source in self.channels_last)}
-        value_of = self.graph.value_of
-        for fused in self.fused.values():
-            chain, slot = fused.chain, value_of[fused.chain.convolution]
-            if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
-                shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
-                slot = value_of[chain.identity]
-            shared.update({fusion.first_value(self.graph, node): slot for node in chain.absorbed})
-        return shared
+    def fused_chains(self) -> list[fusion.Chain]:
+        return [fused.chain for fused in self.fused.values()]
+
+    def keeps_pair(self, output: str, source: str) -> bool:
+        """Whether an in-place pair (`planner.prepare`'s `keep_pair`) shares a slot here: both
+        tensors are in the arena and of one layout."""
+        return (output in self.arena_storages and source in self.arena_storages
+                and (output in self.channels_last) == (source in self.channels_last))
 
     def _arena_storages(self) -> set[str]:
         """Storages written by planned ops, less graph outputs that are returned fresh."""
