@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from memtile.capture import INPUT, OUTPUT, capture
+from memtile.capture import INPUT, OUTPUT, OpNode, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
 from memtile.lifetimes import shared_root
 from memtile.planner import op_order, prepare
@@ -152,66 +152,77 @@ class ArenaProgram:
     # ---- the program ---------------------------------------------------------------------
 
     def _program(self) -> Program:
-        graph, value_of = self.graph, self.graph.value_of
-        roots = {name: shared_root(name, self.shared) for name in self.arena_storages}
-        index_of: dict[str, int] = {}
-
-        def destination(name: str):
-            tensor = graph.tensors[name]
-            if name not in self.arena_storages:
-                return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
-            if name not in index_of:
-                index_of[name] = len(self.views)
-                self.views.append(ViewSpec(self.plan.offsets[roots[name]], tensor.nbytes,
-                                           tensor.shape, self._strides[name], tensor.dtype))
-            return ArenaView(index_of[name])
-
-        def reference(node: fx.Node):
-            return self._constants[node.name] if node.name in self._constants else Var(node.name)
-
-        steps = []
-        absorbed = {node for fused in self.fused.values() for node in fused.chain.absorbed}
+        """Lower the graph, in the planned order, to the straight-line program (`codegen`);
+        `views` gets each arena tensor's place as the steps first write it."""
+        view_index: dict[str, int] = {}  # arena tensor -> its position in `views`
+        absorbed = {node for chain in self.fused_chains() for node in chain.absorbed}
+        steps: list[Step] = []
         for op in self.ops_in_order():
-            node = op.node
-            if node in absorbed:
-                continue  # computed by its convolution's call
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
-            fn = node.target
-            variant = self.planned.get(node.name)
-            restride = {}  # variable -> tensor, for an unplanned op's results in other strides
-            label = str(node.target)
-            if node.name in self.fused:  # the chain's result, written into the chain's slot
-                chain = self.fused[node.name].chain
-                if chain.identity is not None:
-                    args = (*args, reference(chain.identity))
-                node = chain.result
-                label += "".join(f" + {n.target}" for n in chain.absorbed)
-            if variant is not None:
-                args, kwargs = variant.arguments(args, kwargs)
-                kwargs.update({out: destination(name)
-                               for out, name in zip(variant.out_names, names_of(value_of[node]), strict=True)})
-                fn = variant.overload
-            elif not op.is_view:
-                restride = {var: name for var, name in _output_variables(node, value_of)
-                            if name in self._restride}
-            natural = {var: f"{var}__natural" for var in restride}
-            items = tuple((natural.get(u.name, u.name), u.args[1])
-                          for u in node.users if u.target is getitem)
-            steps.append(Step(fn, args, kwargs, natural.get(node.name, node.name), items, label))
-            steps.extend(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
-                              label="restride to the planned layout")
-                         for var, name in restride.items())
-        output = next(n for n in graph.program.graph.nodes if n.op == "output")
-        flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], reference))
-        inputs = tuple(n.name for n in graph.program.graph.nodes
+            if op.node not in absorbed:  # absorbed ops are computed by their convolution's call
+                steps += self._lower(op, view_index)
+        inputs = tuple(n.name for n in self.graph.program.graph.nodes
                        if n.op == "placeholder" and n.name not in self._constants)
+        return Program(inputs, steps, *self._outputs())
+
+    def _lower(self, op: OpNode, view_index: dict[str, int]) -> list[Step]:
+        """The steps of one op: its planned out= call writing arena views (a fused chain's call
+        for a chain's convolution), or its functional call with a restride to the planned
+        strides where that call returns others."""
+        node, value_of = op.node, self.graph.value_of
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._reference)
+        fn, label = node.target, str(node.target)
+        variant = self.planned.get(node.name)
+        restride = {}  # variable -> tensor, for an unplanned op's results in other strides
+        if node.name in self.fused:  # the chain's result, written into the chain's slot
+            chain = self.fused[node.name].chain
+            if chain.identity is not None:
+                args = (*args, self._reference(chain.identity))
+            node = chain.result
+            label += "".join(f" + {n.target}" for n in chain.absorbed)
+        if variant is not None:
+            args, kwargs = variant.arguments(args, kwargs)
+            kwargs.update({out: self._destination(name, view_index) for out, name
+                           in zip(variant.out_names, names_of(value_of[node]), strict=True)})
+            fn = variant.overload
+        elif not op.is_view:
+            restride = {var: name for var, name in _output_variables(node, value_of)
+                        if name in self._restride}
+        natural = {var: f"{var}__natural" for var in restride}
+        items = tuple((natural.get(u.name, u.name), u.args[1])
+                      for u in node.users if u.target is getitem)
+        return [Step(fn, args, kwargs, natural.get(node.name, node.name), items, label),
+                *(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
+                       label="restride to the planned layout")
+                  for var, name in restride.items())]
+
+    def _destination(self, name: str, view_index: dict[str, int]) -> ArenaView | Fresh:
+        """Where a planned op writes tensor `name`: its arena view, or a fresh tensor."""
+        tensor = self.graph.tensors[name]
+        if name not in self.arena_storages:
+            return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
+        if name not in view_index:
+            view_index[name] = len(self.views)
+            offset = self.plan.offsets[shared_root(name, self.shared)]
+            self.views.append(ViewSpec(offset, tensor.nbytes, tensor.shape, self._strides[name],
+                                       tensor.dtype))
+        return ArenaView(view_index[name])
+
+    def _reference(self, node: fx.Node):
+        return self._constants[node.name] if node.name in self._constants else Var(node.name)
+
+    def _outputs(self) -> tuple[tuple, frozenset]:
+        """The program's output references, and those to clone: outputs that are a graph
+        input or a view of one, when outputs are returned fresh."""
+        graph, value_of = self.graph, self.graph.value_of
+        output = next(n for n in graph.program.graph.nodes if n.op == "output")
+        flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], self._reference))
         nodes = {n.name: n for n in graph.program.graph.nodes}
         clone = frozenset(
             v.name for v in flat if isinstance(v, Var) and self.copy_outputs
             and isinstance(name := value_of.get(nodes[v.name]), str)
             and graph.tensors[graph.tensors[name].base].category == INPUT
         )
-        return Program(inputs, steps, tuple(flat), clone)
+        return tuple(flat), clone
 
     def allocate_views(self) -> tuple[torch.Tensor, ...]:
         """A new arena on the graph's device and the planned tensors' views of it."""
