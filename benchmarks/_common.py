@@ -4,6 +4,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -16,10 +17,14 @@ SMP = ("smp:Unet:resnet18", "smp:FPN:resnet34", "smp:Linknet:resnet18")
 CORPUS = TIMM + SMP
 
 
-def header(title: str) -> str:
+def header(title: str, threads: Sequence[int] | None = None) -> str:
+    """`threads`: the intra-op thread counts the timed runners use, where the script sets them
+    per run (default: this process's count when the header is printed)."""
     command = "python " + " ".join(sys.argv)
+    counts = (f"{', '.join(map(str, threads))} intra-op thread(s) per runner" if threads
+              else f"{torch.get_num_threads()} intra-op threads")
     return (
         f"### {title}\n\n`{command}` — {time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads\n"
+        f"{counts}\n"
     )

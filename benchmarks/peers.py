@@ -141,7 +141,7 @@ def main() -> None:
     started = time.time()
     rows = matrix(args.models.split(","), args.batches, args.threads,
                   (args.iters_b1, args.iters_b8), runners)
-    print(header("Peers: ONNX Runtime"))
+    print(header("Peers: ONNX Runtime", args.threads))
     versions = {k: v for row in rows for k, v in row["runners"].get(ANCHOR, {}).items()
                 if k in ("exporter", "version")}
     print(f"ONNX Runtime {versions.get('version', '-')} (CPU EP, exported by torch.onnx's "

@@ -24,9 +24,8 @@ import torch
 
 from memtile import zoo
 from memtile.capture import capture
-from memtile.inplace import inplace_pairs
+from memtile.planner import prepare
 from memtile.planning import best_heuristic, lower_bound, naive_bytes, solve
-from memtile.schedule import schedule
 
 TORCHVISION = (
     "alexnet", "vgg11", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -69,17 +68,16 @@ def measure(name: str, schedule_seconds: float, cp_sat_seconds: float) -> dict:
     graph = capture(model, inputs)
     row = {"model": name, "input": list(inputs[0].shape), "ops": graph.num_steps,
            "capture_s": time.perf_counter() - began}
-    exported = graph.problem()
+    exported = prepare(graph, reorder=False, inplace=False).problem
     row |= {"buffers": len(exported.buffers), "naive": naive_bytes(exported),
             "load_exported": lower_bound(exported)}
-    result = schedule(graph, time_limit=schedule_seconds, inplace=True)
-    pairs = inplace_pairs(graph, result.order)
-    problem = graph.problem(order=result.order, shared=pairs)
+    prepared = prepare(graph, time_limit=schedule_seconds)
+    result, problem = prepared.schedule, prepared.problem
     heuristic = best_heuristic(problem)
     exact = solve(problem, "optimal", time_limit=cp_sat_seconds)
     row |= {
         "load": lower_bound(problem), "schedule_exact": result.exact,
-        "reordered": result.order != list(range(graph.num_steps)), "inplace_pairs": len(pairs),
+        "reordered": result.order != list(range(graph.num_steps)), "inplace_pairs": prepared.inplace_count,
         "schedule_s": result.seconds,
         "blocks": len(result.segment_peaks),
         "blocks_lowered": [new / old for old, new in result.segment_peaks if new < old],

@@ -1,9 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from memtile import zoo
+from memtile import lifetimes, zoo
 from memtile.capture import OUTPUT, capture
 from memtile.errors import ExportError
 
@@ -52,8 +55,8 @@ def test_resnet18_load_matches_an_independent_count():
     with torch.no_grad(), _StorageLifetimes(params) as counter:
         output = model(*inputs)
     independent = counter.load(output)
-    assert independent == pytest.approx(graph.load(), rel=0.01)
-    assert graph.load() == 2 * 64 * 112 * 112 * 4  # conv1 output + bn1 output
+    assert independent == pytest.approx(lifetimes.load(graph), rel=0.01)
+    assert lifetimes.load(graph) == 2 * 64 * 112 * 112 * 4  # conv1 output + bn1 output
 
 
 def test_tensors_know_producer_consumers_and_module():
@@ -74,15 +77,15 @@ def test_views_are_not_buffers_and_extend_their_base():
     model, inputs = zoo.get("tests_models:conv_flatten_linear", input_shape=(3, 8, 8))
     graph = capture(model, inputs)
     view = next(t for t in graph.tensors.values() if t.is_view and t.category != "parameter")
-    buffers = {b.id: b for b in graph.buffers()}
+    buffers = {b.id: b for b in lifetimes.buffers(graph)}
     assert view.name not in buffers and view.base in buffers
     linear = next(op for op in graph.ops if op.target == "aten.addmm.default")
     assert buffers[view.base].end == linear.index + 1
-    assert {b.id for b in graph.buffers()} == {
+    assert {b.id for b in lifetimes.buffers(graph)} == {
         t.name for t in graph.tensors.values()
         if not t.is_view and t.category != "parameter" and t.nbytes > 0
     }
-    output = next(b for b in graph.buffers() if graph.tensors[b.id].category == OUTPUT)
+    output = next(b for b in lifetimes.buffers(graph) if graph.tensors[b.id].category == OUTPUT)
     assert output.end == graph.num_steps
 
 
@@ -90,12 +93,22 @@ def test_execution_order_changes_lifetimes():
     model, inputs = zoo.get("resnet8_cifar")
     graph = capture(model, inputs)
     order = list(range(graph.num_steps))
-    assert graph.load(order) == graph.load()
+    assert lifetimes.load(graph, order) == lifetimes.load(graph)
     with pytest.raises(ValueError, match="permutation"):
-        graph.load(order[:-1])
+        lifetimes.load(graph, order[:-1])
 
 
 def test_export_failure_names_the_construct():
     model, inputs = zoo.get("tests_models:data_dependent")
     with pytest.raises(ExportError, match="torch.export cannot trace"):
         capture(model, inputs)
+
+
+def test_capture_does_not_import_planning():
+    """Capture depends on torch alone: buffers and Problems are built by their consumers
+    (`lifetimes`, `planner`)."""
+    code = ("import sys, memtile.capture; "
+            "print(sorted(m for m in sys.modules if m.startswith('memtile.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "['memtile.capture', 'memtile.errors']"

@@ -5,6 +5,8 @@ from torch import nn
 from memtile import zoo
 from memtile.capture import ACTIVATION, capture
 from memtile.inplace import inplace_input, inplace_pairs
+from memtile.lifetimes import load
+from memtile.planner import prepare
 from memtile.planning import lower_bound, solve, verify
 from memtile.schedule import schedule
 
@@ -18,14 +20,15 @@ def resnet18():
 
 def test_inplace_plans_verify_and_beat_onnx_runtime_on_resnet18(resnet18):
     pairs = inplace_pairs(resnet18)
-    plain, shared = resnet18.problem(), resnet18.problem(shared=pairs)
+    plain = prepare(resnet18, reorder=False, inplace=False).problem
+    shared = prepare(resnet18, reorder=False).problem
     plan = solve(shared, "best")
     verify(shared, plan)
     assert len(shared.buffers) == len(plain.buffers) - len(pairs)
     assert lower_bound(shared) < lower_bound(plain)
     # conv1 output (3.06 MiB) no longer coexists with bn1's: the peak moves to the max-pool
     # (relu output 3.06 MiB + pooled 0.77 MiB + int64 indices 1.53 MiB).
-    assert resnet18.load(shared=pairs) == 64 * 112 * 112 * 4 + 64 * 56 * 56 * (4 + 8)
+    assert load(resnet18, shared=pairs) == 64 * 112 * 112 * 4 + 64 * 56 * 56 * (4 + 8)
     assert plan.arena_bytes == lower_bound(shared) < ORT_RESNET18
 
 
@@ -75,4 +78,4 @@ def test_inputs_read_later_graph_inputs_and_outputs_are_never_overwritten():
         "aten.convolution.default", "aten.relu.default", "aten.add.Tensor", "aten.relu.default"
     ]
     assert inplace_pairs(graph) == {"add": "relu"}  # relu_1 reads the graph input x: kept
-    assert graph.load(shared={"add": "relu"}) == graph.load() - 4 * 16 * 4
+    assert load(graph, shared={"add": "relu"}) == load(graph) - 4 * 16 * 4

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from memtile import zoo
+from memtile import lifetimes, zoo
 from memtile.capture import capture
 from memtile.measure import measure
 
@@ -29,7 +29,7 @@ def test_measure_catches_a_temporary_inside_an_op():
 
 def test_resnet18_inference_peak_is_at_least_load():
     model, inputs = zoo.get("resnet18")
-    load = capture(model, inputs).load()
+    load = lifetimes.load(capture(model, inputs))
     with torch.no_grad():
         m = measure(model, *inputs, model=model)
     # Documented in BENCHMARKS.md: oneDNN reorders conv weights into temporaries, so the

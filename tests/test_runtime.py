@@ -15,6 +15,7 @@ from torch import nn
 
 from memtile import zoo
 from memtile.errors import BudgetError, ExportError, InputShapeError, MemtileError
+from memtile.lifetimes import load
 from memtile.measure import measure
 from memtile.numerics import agreement
 from memtile.runtime import PlannedModule, convolution, executor
@@ -57,7 +58,7 @@ def test_eager_layout_outputs_equal_eager_bit_exact(name, shape):
     module = PlannedModule(model, inputs, layout="eager")
     assert module.main.planned, "some ops must run from the arena"
     assert module.main.channels_last == set() and module.packed_bytes == 0
-    assert 0 < module.arena_bytes <= module.main.graph.load(module.main.order) + 64 * len(
+    assert 0 < module.arena_bytes <= load(module.main.graph, module.main.order) + 64 * len(
         module.main.problem.buffers)
     for _ in range(2):  # the second call reuses the arena
         assert torch.equal(module(*inputs), eager(model, inputs))

@@ -7,6 +7,7 @@ from torch import nn
 
 from memtile import zoo
 from memtile.measure import measure
+from memtile.planner import prepare
 from memtile.runtime import PlannedModule, fusion
 from memtile.runtime.outvariants import relative_error
 
@@ -207,3 +208,24 @@ def test_a_wrong_fold_is_refused_at_construction(monkeypatch):
     assert sorted(module.main.unfused) == sorted(conv_bn_pairs(module.main.graph))
     assert all("differs from the functional op" in why for why in module.main.unfused.values())
     assert relative_error(eager(model, inputs), module(*inputs)) <= CONV_TOLERANCE
+
+
+def test_the_arena_problem_is_planner_prepare_narrowed_by_the_executor():
+    """The executor plans in `memtile plan`'s op order, and its Problem is `planner.prepare`'s
+    given its in-place pair filter (both tensors in the arena, of one layout), its fused chains'
+    slots and its arena storages."""
+    model, inputs = zoo.get("resnet18", input_shape=SMALL)
+    program = PlannedModule(model, inputs).main
+    graph = program.graph
+    unfiltered = prepare(graph)
+    assert program.order == unfiltered.order
+    slots = fusion.slots(graph, program.fused_chains(), program.arena_storages)
+    assert len(slots) > len(program.fused)  # every chain absorbs its batch norm at least
+    kept = {out: source for out, source in unfiltered.shared.items()
+            if out in program.arena_storages and source in program.arena_storages
+            and (out in program.channels_last) == (source in program.channels_last)}
+    assert program.shared == {**kept, **slots}
+    again = prepare(graph, order=program.order, keep_pair=program.keeps_pair,
+                    extra_shared=slots, storages=program.arena_storages)
+    assert again.problem == program.problem
+    assert {b.id for b in program.problem.buffers} <= program.arena_storages

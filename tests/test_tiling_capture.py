@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memtile import zoo
+from memtile import lifetimes, zoo
 from memtile.capture import MemGraph, capture, fast_capture
 from memtile.tiling import tile
 from memtile.tiling.fdt import apply_fdt, fdt_path
@@ -17,7 +17,7 @@ def memory_picture(g: MemGraph) -> tuple:
     """Everything the planner reads, without node names: ops, tensors, buffer lifetimes."""
     tensors = [(t.shape, t.dtype, t.nbytes, t.category, t.is_view, t.producer, t.consumers)
                for t in g.tensors.values()]
-    buffers = sorted((b.size, b.start, b.end) for b in g.buffers())
+    buffers = sorted((b.size, b.start, b.end) for b in lifetimes.buffers(g))
     return [op.target for op in g.ops], tensors, buffers
 
 

@@ -19,7 +19,6 @@ from torch import fx, nn
 
 from memtile import callable_module
 from memtile.errors import ExportError
-from memtile.planning import Buffer, Problem, live_bytes
 
 INPUT, PARAMETER, ACTIVATION, OUTPUT = "input", "parameter", "activation", "output"
 
@@ -61,7 +60,8 @@ class OpNode:
 
 
 class MemGraph:
-    """The memory picture of one model call: ops, tensors, buffers and their lifetimes.
+    """The memory picture of one model call: ops, tensors and the storages they use
+    (`memtile.lifetimes` turns these into buffers with live intervals).
 
     Built from an ExportedProgram (kept as `program`: the runtime and export read it), or from a
     bare core-ATen `graph` and the names of its user inputs (`fast_capture`; `program` is None).
@@ -159,46 +159,6 @@ class MemGraph:
             users.setdefault(tensor.base, []).append(tensor.name)
         return users
 
-    def buffers(
-        self, order: list[int] | None = None, shared: dict[str, str] | None = None
-    ) -> list[Buffer]:
-        """Non-parameter storages with their live step interval `[start, end)`.
-
-        `order` is an execution order (a permutation of op indices; default: exported order).
-        `shared` maps a storage to the storage it overwrites in place; the pair becomes one buffer.
-        """
-        position = positions(order, self.num_steps)
-        shared = shared or {}
-        intervals: dict[str, list[int]] = {}
-        for base, users in self.storage_users().items():
-            tensor = self.tensors[base]
-            if tensor.category == PARAMETER or tensor.nbytes == 0:
-                continue
-            root = shared_root(base, shared)
-            start = 0 if tensor.producer is None else position[tensor.producer]
-            steps = [position[c] for name in users for c in self.tensors[name].consumers]
-            end = self.num_steps if tensor.category == OUTPUT else max([start, *steps]) + 1
-            size = max(tensor.nbytes, self.tensors[root].nbytes)
-            span = intervals.setdefault(root, [start, end, size])
-            span[0], span[1], span[2] = min(span[0], start), max(span[1], end), max(span[2], size)
-        return [Buffer(name, size, start, end) for name, (start, end, size) in intervals.items()]
-
-    def problem(
-        self, alignment: int = 64, order: list[int] | None = None, shared: dict[str, str] | None = None
-    ) -> Problem:
-        """The planning problem of this graph (see `buffers`)."""
-        return Problem(self.buffers(order, shared), alignment=alignment)
-
-    def live_bytes(
-        self, order: list[int] | None = None, shared: dict[str, str] | None = None
-    ) -> list[int]:
-        """Bytes of live buffers (unaligned) at every step."""
-        return live_bytes(self.buffers(order, shared))
-
-    def load(self, order: list[int] | None = None, shared: dict[str, str] | None = None) -> int:
-        """LOAD: the largest total bytes of buffers live at one step (unaligned)."""
-        return max(self.live_bytes(order, shared))
-
     @property
     def parameter_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values() if t.category == PARAMETER and not t.is_view)
@@ -293,13 +253,6 @@ def _flatten(value) -> list[str]:
     if isinstance(value, tuple):
         return [v for v in value if v]
     return [value]
-
-
-def shared_root(name: str, shared: dict[str, str]) -> str:
-    """The storage `name` ends up in after following in-place sharing (`shared`: name -> base)."""
-    while name in shared:
-        name = shared[name]
-    return name
 
 
 def positions(order: list[int] | None, count: int) -> list[int]:

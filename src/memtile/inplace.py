@@ -4,7 +4,7 @@ Output element `i` of an elementwise op depends only on input element `i`, so on
 read an input that nobody reads afterwards, the output can take that input's bytes: the pair
 becomes one buffer and LOAD drops by the input's size at that step (MemoMalloc, PAPERS.md §2).
 
-The mapping `inplace_pairs` returns is `shared` for `MemGraph.buffers/problem/load`:
+The mapping `inplace_pairs` returns is `shared` for `lifetimes.buffers/load`:
 `{op.outputs[0]: op.inputs[k]}`. For the executor, `inplace_input(op, pairs)` gives `k`, the
 index into `op.inputs` of the tensor the op overwrites. For every target in ELEMENTWISE the
 tensor arguments come first, so `k` is also the position in `op.node.args`.

@@ -1,10 +1,12 @@
 """The one planning pipeline for a model: capture → schedule → in-place pairs → plan.
 
 `memtile plan`, the planned executor and tiling's peak evaluation all plan a graph the same way,
-so a model's planned arena is one number wherever memtile reports it. `memtile.plan` is this
-module's `plan`.
+so a model's planned arena is one number wherever memtile reports it. `prepare` is the one
+place a graph's `Problem` is built; callers that plan part of a graph (the executor's arena,
+tiling's in-place slice writes) pass what narrows it in. `memtile.plan` is this module's `plan`.
 """
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 from memtile.capture import MemGraph, capture
 from memtile.inplace import inplace_pairs
+from memtile.lifetimes import buffers
 from memtile.planning import Plan, Problem, solve
 from memtile.schedule import Schedule, schedule
 
@@ -54,16 +57,40 @@ def prepare(
     alignment: int = ALIGNMENT,
     capacity: int | None = None,
     extra_shared: dict[str, str] | None = None,
+    order: list[int] | None = None,
+    keep_pair: Callable[[str, str], bool] | None = None,
+    storages: Collection[str] | None = None,
 ) -> PreparedGraph:
     """The planning problem of a graph after the best op order (when `reorder`) and in-place
-    pairs (when `inplace`); `extra_shared` adds storage pairs a rewrite already writes in place
-    (tiling's slice writes)."""
-    found = schedule(graph, time_limit=time_limit, inplace=inplace) if reorder else None
-    order = found.order if found else list(range(graph.num_steps))
+    pairs (when `inplace`). A caller that plans only part of the graph narrows it:
+
+    - `order`: a fixed op order (from `op_order`), instead of scheduling again;
+    - `keep_pair(output, source)`: which in-place pairs to keep (the executor drops pairs whose
+      kernels cannot write in place);
+    - `extra_shared`: storage pairs written in place beyond those (tiling's slice writes, the
+      executor's fused chains writing into one slot); they override in-place pairs;
+    - `storages`: the buffers to plan, by name (the executor's arena storages); default all.
+    """
+    found = None
+    if order is None:
+        order, found = op_order(graph, reorder, inplace, time_limit)
     pairs = inplace_pairs(graph, order) if inplace else {}
+    if keep_pair is not None:
+        pairs = {out: source for out, source in pairs.items() if keep_pair(out, source)}
     shared = {**pairs, **(extra_shared or {})}
-    problem = Problem(graph.buffers(order, shared), alignment=alignment, capacity=capacity)
+    found_buffers = buffers(graph, order, shared)
+    if storages is not None:
+        found_buffers = [b for b in found_buffers if b.id in storages]
+    problem = Problem(found_buffers, alignment=alignment, capacity=capacity)
     return PreparedGraph(graph, order, shared, problem, found, len(pairs))
+
+
+def op_order(graph: MemGraph, reorder: bool = True, inplace: bool = True,
+             time_limit: float = 5.0) -> tuple[list[int], Schedule | None]:
+    """The op order `prepare` plans in (the best schedule's when `reorder`, else the exported
+    one) and the schedule that found it."""
+    found = schedule(graph, time_limit=time_limit, inplace=inplace) if reorder else None
+    return (found.order if found else list(range(graph.num_steps))), found
 
 
 def plan_graph(graph: MemGraph, strategy: str = "best", time_limit: float = 5.0,

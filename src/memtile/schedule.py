@@ -14,7 +14,7 @@ its end before another branch starts. The search:
 - *Free ops first*: an op that adds no bytes while it runs (a view; an in-place op whose input
   dies there) is run as soon as it is ready; an exchange argument shows this loses nothing.
 - *Never worse*: each segment keeps the exported order when that is not beaten, and the whole
-  order is checked against the exported one with `MemGraph.load`.
+  order is checked against the exported one with `lifetimes.load`.
 
 Ops that read only parameters (a weight's permute) belong to no segment: they run right
 before their first reader.
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from memtile.capture import INPUT, OUTPUT, PARAMETER, MemGraph
 from memtile.inplace import inplace_pairs, overwritable
+from memtile.lifetimes import load
 
 
 @dataclass
@@ -272,7 +273,7 @@ def schedule(
 
 
 def _load(graph: MemGraph, order: list[int], inplace: bool) -> int:
-    return graph.load(order, inplace_pairs(graph, order) if inplace else None)
+    return load(graph, order, inplace_pairs(graph, order) if inplace else None)
 
 
 def is_topological(graph: MemGraph, order: list[int]) -> bool:

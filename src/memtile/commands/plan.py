@@ -90,7 +90,8 @@ def prepare_graph(
     from memtile.planner import prepare
 
     ready = prepare(graph, reorder, inplace, time_limit, capacity=capacity)
-    facts = {"exported_load_bytes": lower_bound(graph.problem()), "ops": graph.num_steps}
+    exported = prepare(graph, reorder=False, inplace=False).problem
+    facts = {"exported_load_bytes": lower_bound(exported), "ops": graph.num_steps}
     if ready.schedule is not None:
         facts["schedule"] = {
             "reordered": ready.order != list(range(graph.num_steps)),

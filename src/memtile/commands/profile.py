@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def profile(model: torch.nn.Module, inputs: tuple, train: bool = False) -> tuple[dict, object]:
     """Capture and measure one call (or one SGD step with `train`); returns (summary, Measurement)."""
     from memtile.capture import capture
+    from memtile.lifetimes import load
     from memtile.measure import measure
 
     graph = capture(model, inputs)
@@ -45,7 +46,7 @@ def profile(model: torch.nn.Module, inputs: tuple, train: bool = False) -> tuple
         "mode": "training" if train else "inference",
         "measured_peak_bytes": measurement.peak_bytes,
         "trace_plan_bytes": _trace_plan_bytes(measurement),
-        "load_bytes": graph.load(),
+        "load_bytes": load(graph),
         "input_bytes": graph.input_bytes,
         "parameter_bytes": graph.parameter_bytes,
         "peak_op": measurement.peak_op,

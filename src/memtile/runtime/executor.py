@@ -5,8 +5,9 @@ finds which outputs may overwrite an input in place (`memtile.inplace` when pres
 each tensor's memory format (`layout`: channels_last where convolutions can then write into the
 arena, see `convolution`), runs the graph once on the example inputs to check each op's `out=`
 kernel (see `outvariants`) and each convolution with the batch norm and residual add after it
-fused into its call (see `fusion`), plans the arena (`memtile.planning.solve`) and
-compiles the straight-line program (`codegen`). A call then runs each planned op into its view
+fused into its call (see `fusion`), builds the arena's problem with `planner.prepare` (the
+in-place pairs its kernels keep, the fused chains' slots, the tensors planned ops write), plans
+it (`memtile.planning.solve`) and compiles the straight-line program (`codegen`). A call then runs each planned op into its view
 of the arena; unplanned ops (no out= kernel, or one that allocates) run as ordinary calls, and
 their results are freed as soon as their last reader ran.
 """
@@ -21,10 +22,11 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from memtile.capture import INPUT, OUTPUT, capture, shared_root
+from memtile.capture import INPUT, OUTPUT, OpNode, capture
 from memtile.errors import BudgetError, InputShapeError, MemtileError
-from memtile.planner import ALIGNMENT, prepare
-from memtile.planning import Plan, Problem, solve
+from memtile.lifetimes import shared_root
+from memtile.planner import op_order, prepare
+from memtile.planning import Plan, solve
 from memtile.runtime import convolution, fusion
 from memtile.runtime.codegen import ArenaView, Fresh, Program, Step, Var, compile_program, rebind
 from memtile.runtime.kernels import check_kernels, names_of, select_kernels
@@ -56,8 +58,7 @@ class ArenaProgram:
         self.graph = capture(model, inputs)
         refuse_side_effects(self.graph.program, model)
         self.device = inputs[0].device if inputs else torch.device("cpu")
-        prepared = prepare(self.graph, time_limit=schedule_seconds)  # order + in-place pairs
-        self.order = prepared.order
+        self.order, _ = op_order(self.graph, time_limit=schedule_seconds)
         self.copy_outputs = copy_outputs
         self.layout = layout
         self._constants = _constants(self.graph.program)
@@ -78,11 +79,10 @@ class ArenaProgram:
         self.packings = Packings([v.packing for v in self.planned.values() if v.packing],
                                  torch.get_num_threads())
         self.arena_storages = self._arena_storages()
-        self.shared = self._shared(prepared.shared)
-        self.problem = Problem(
-            [b for b in self.graph.buffers(self.order, self.shared) if b.id in self.arena_storages],
-            alignment=ALIGNMENT,
-        )
+        self.prepared = prepare(
+            self.graph, order=self.order, keep_pair=self.keeps_pair, storages=self.arena_storages,
+            extra_shared=fusion.slots(self.graph, self.fused_chains(), self.arena_storages))
+        self.shared, self.problem = self.prepared.shared, self.prepared.problem
         self.plan: Plan = solve(self.problem, strategy)
         self.views: list[ViewSpec] = []
         self.program = self._program()
@@ -120,7 +120,7 @@ class ArenaProgram:
     def fused_counts(self) -> dict[str, int]:
         """How many batch norms, adds and activations (SiLU, hardswish) run inside a
         convolution's call."""
-        chains = [fused.chain for fused in self.fused.values()]
+        chains = self.fused_chains()
         return {"batch_norm": sum(c.batch_norm is not None for c in chains),
                 "add": sum(c.add is not None for c in chains),
                 "activation": sum(bool(c.activation) for c in chains)}
@@ -128,20 +128,14 @@ class ArenaProgram:
     def ops_in_order(self):
         return [self.graph.ops[i] for i in self.order]
 
-    def _shared(self, in_place: dict[str, str]) -> dict[str, str]:
-        """Tensor -> the tensor whose slot it takes: the in-place pairs within the arena and of
-        one layout, and each fused chain's ops in one slot (the identity's, or the conv's)."""
-        shared = {out: source for out, source in in_place.items()
-                  if out in self.arena_storages and source in self.arena_storages
-                  and (out in self.channels_last) == (source in self.channels_last)}
-        value_of = self.graph.value_of
-        for fused in self.fused.values():
-            chain, slot = fused.chain, value_of[fused.chain.convolution]
-            if chain.identity is not None and value_of[chain.identity] in self.arena_storages:
-                shared[slot] = value_of[chain.identity]  # the conv's own slot is never written
-                slot = value_of[chain.identity]
-            shared.update({fusion.first_value(self.graph, node): slot for node in chain.absorbed})
-        return shared
+    def fused_chains(self) -> list[fusion.Chain]:
+        return [fused.chain for fused in self.fused.values()]
+
+    def keeps_pair(self, output: str, source: str) -> bool:
+        """Whether an in-place pair (`planner.prepare`'s `keep_pair`) shares a slot here: both
+        tensors are in the arena and of one layout."""
+        return (output in self.arena_storages and source in self.arena_storages
+                and (output in self.channels_last) == (source in self.channels_last))
 
     def _arena_storages(self) -> set[str]:
         """Storages written by planned ops, less graph outputs that are returned fresh."""
@@ -158,66 +152,77 @@ class ArenaProgram:
     # ---- the program ---------------------------------------------------------------------
 
     def _program(self) -> Program:
-        graph, value_of = self.graph, self.graph.value_of
-        roots = {name: shared_root(name, self.shared) for name in self.arena_storages}
-        index_of: dict[str, int] = {}
-
-        def destination(name: str):
-            tensor = graph.tensors[name]
-            if name not in self.arena_storages:
-                return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
-            if name not in index_of:
-                index_of[name] = len(self.views)
-                self.views.append(ViewSpec(self.plan.offsets[roots[name]], tensor.nbytes,
-                                           tensor.shape, self._strides[name], tensor.dtype))
-            return ArenaView(index_of[name])
-
-        def reference(node: fx.Node):
-            return self._constants[node.name] if node.name in self._constants else Var(node.name)
-
-        steps = []
-        absorbed = {node for fused in self.fused.values() for node in fused.chain.absorbed}
+        """Lower the graph, in the planned order, to the straight-line program (`codegen`);
+        `views` gets each arena tensor's place as the steps first write it."""
+        view_index: dict[str, int] = {}  # arena tensor -> its position in `views`
+        absorbed = {node for chain in self.fused_chains() for node in chain.absorbed}
+        steps: list[Step] = []
         for op in self.ops_in_order():
-            node = op.node
-            if node in absorbed:
-                continue  # computed by its convolution's call
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
-            fn = node.target
-            variant = self.planned.get(node.name)
-            restride = {}  # variable -> tensor, for an unplanned op's results in other strides
-            label = str(node.target)
-            if node.name in self.fused:  # the chain's result, written into the chain's slot
-                chain = self.fused[node.name].chain
-                if chain.identity is not None:
-                    args = (*args, reference(chain.identity))
-                node = chain.result
-                label += "".join(f" + {n.target}" for n in chain.absorbed)
-            if variant is not None:
-                args, kwargs = variant.arguments(args, kwargs)
-                kwargs.update({out: destination(name)
-                               for out, name in zip(variant.out_names, names_of(value_of[node]), strict=True)})
-                fn = variant.overload
-            elif not op.is_view:
-                restride = {var: name for var, name in _output_variables(node, value_of)
-                            if name in self._restride}
-            natural = {var: f"{var}__natural" for var in restride}
-            items = tuple((natural.get(u.name, u.name), u.args[1])
-                          for u in node.users if u.target is getitem)
-            steps.append(Step(fn, args, kwargs, natural.get(node.name, node.name), items, label))
-            steps.extend(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
-                              label="restride to the planned layout")
-                         for var, name in restride.items())
-        output = next(n for n in graph.program.graph.nodes if n.op == "output")
-        flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], reference))
-        inputs = tuple(n.name for n in graph.program.graph.nodes
+            if op.node not in absorbed:  # absorbed ops are computed by their convolution's call
+                steps += self._lower(op, view_index)
+        inputs = tuple(n.name for n in self.graph.program.graph.nodes
                        if n.op == "placeholder" and n.name not in self._constants)
+        return Program(inputs, steps, *self._outputs())
+
+    def _lower(self, op: OpNode, view_index: dict[str, int]) -> list[Step]:
+        """The steps of one op: its planned out= call writing arena views (a fused chain's call
+        for a chain's convolution), or its functional call with a restride to the planned
+        strides where that call returns others."""
+        node, value_of = op.node, self.graph.value_of
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._reference)
+        fn, label = node.target, str(node.target)
+        variant = self.planned.get(node.name)
+        restride = {}  # variable -> tensor, for an unplanned op's results in other strides
+        if node.name in self.fused:  # the chain's result, written into the chain's slot
+            chain = self.fused[node.name].chain
+            if chain.identity is not None:
+                args = (*args, self._reference(chain.identity))
+            node = chain.result
+            label += "".join(f" + {n.target}" for n in chain.absorbed)
+        if variant is not None:
+            args, kwargs = variant.arguments(args, kwargs)
+            kwargs.update({out: self._destination(name, view_index) for out, name
+                           in zip(variant.out_names, names_of(value_of[node]), strict=True)})
+            fn = variant.overload
+        elif not op.is_view:
+            restride = {var: name for var, name in _output_variables(node, value_of)
+                        if name in self._restride}
+        natural = {var: f"{var}__natural" for var in restride}
+        items = tuple((natural.get(u.name, u.name), u.args[1])
+                      for u in node.users if u.target is getitem)
+        return [Step(fn, args, kwargs, natural.get(node.name, node.name), items, label),
+                *(Step(Restride(self._strides[name]), (Var(natural[var]),), {}, var,
+                       label="restride to the planned layout")
+                  for var, name in restride.items())]
+
+    def _destination(self, name: str, view_index: dict[str, int]) -> ArenaView | Fresh:
+        """Where a planned op writes tensor `name`: its arena view, or a fresh tensor."""
+        tensor = self.graph.tensors[name]
+        if name not in self.arena_storages:
+            return Fresh(tensor.shape, self._strides[name], tensor.dtype, self.device)
+        if name not in view_index:
+            view_index[name] = len(self.views)
+            offset = self.plan.offsets[shared_root(name, self.shared)]
+            self.views.append(ViewSpec(offset, tensor.nbytes, tensor.shape, self._strides[name],
+                                       tensor.dtype))
+        return ArenaView(view_index[name])
+
+    def _reference(self, node: fx.Node):
+        return self._constants[node.name] if node.name in self._constants else Var(node.name)
+
+    def _outputs(self) -> tuple[tuple, frozenset]:
+        """The program's output references, and those to clone: outputs that are a graph
+        input or a view of one, when outputs are returned fresh."""
+        graph, value_of = self.graph, self.graph.value_of
+        output = next(n for n in graph.program.graph.nodes if n.op == "output")
+        flat = pytree.tree_leaves(fx.node.map_arg(output.args[0], self._reference))
         nodes = {n.name: n for n in graph.program.graph.nodes}
         clone = frozenset(
             v.name for v in flat if isinstance(v, Var) and self.copy_outputs
             and isinstance(name := value_of.get(nodes[v.name]), str)
             and graph.tensors[graph.tensors[name].base].category == INPUT
         )
-        return Program(inputs, steps, tuple(flat), clone)
+        return tuple(flat), clone
 
     def allocate_views(self) -> tuple[torch.Tensor, ...]:
         """A new arena on the graph's device and the planned tensors' views of it."""

@@ -38,6 +38,7 @@ otherwise the ops run as separate steps.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from operator import getitem
 
@@ -230,6 +231,21 @@ def _constant(arg, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def slots(graph: MemGraph, fused_chains: Iterable[Chain], storages: Collection[str]) -> dict[str, str]:
+    """Tensor -> the tensor whose arena slot it takes, for fused chains (`planner.prepare`'s
+    `extra_shared`): the ops a chain absorbs write its slot, which is the identity's when the
+    convolution accumulates into an identity in the arena (`storages`; the convolution's own
+    slot is then never written), else the convolution's."""
+    shared: dict[str, str] = {}
+    for chain in fused_chains:
+        slot = graph.value_of[chain.convolution]
+        if chain.identity is not None and graph.value_of[chain.identity] in storages:
+            shared[slot] = graph.value_of[chain.identity]
+            slot = graph.value_of[chain.identity]
+        shared.update({first_value(graph, node): slot for node in chain.absorbed})
+    return shared
 
 
 def first_value(graph: MemGraph, node: fx.Node) -> str:

@@ -13,13 +13,13 @@ from a view of the accumulator: that result shares the accumulator's buffer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from memtile.capture import INPUT, PARAMETER, MemGraph, capture, fast_capture
-from memtile.planner import ALIGNMENT, plan_graph
+from memtile.planner import plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
 SCHEDULE_SECONDS = 2.0
@@ -88,7 +88,7 @@ def graph_peak(g: MemGraph, schedule_seconds: float = SCHEDULE_SECONDS) -> Plann
     planned = plan_graph(g, "best", schedule_seconds, extra_shared=inplace_writes(g))
     problem, plan = planned.problem, planned.plan
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
-    rest = Problem([b for b in problem.buffers if b.id not in inputs_only], alignment=ALIGNMENT)
+    rest = replace(problem, buffers=[b for b in problem.buffers if b.id not in inputs_only])
     without = solve(rest, "best").arena_bytes if rest.buffers else 0
     return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan,
                        _crowding(rest))
