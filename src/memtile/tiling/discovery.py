@@ -44,6 +44,7 @@ from memtile.tiling.planned import (
     planned_peak,
 )
 from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape
+from memtile.tiling.stitch import Stitcher
 from memtile.trace import trace
 
 PARTITIONS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -372,26 +373,30 @@ class _PlannedPeaks:
     accepted steps applied to the original in order: `_rebuild` makes the same graph from the
     same recipe (a graph's code alone is not enough: an FFMT grid lives in its module). Only the
     original goes through torch.export (which also checks that it exports) and the full schedule
-    limit; rewrites use `fast_capture` and CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT
-    tiles, the schedule's search spends all its limit on the tiles' segment and keeps their
-    exported order), and `final` plans the chosen one with the full limit."""
+    limit; rewrites are captured by a `Stitcher`, which traces only the nodes a rewrite made
+    (the rest of its graph is spliced from pieces traced before), and scheduled with
+    CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the schedule's search spends all
+    its limit on the tiles' segment and keeps their exported order); `final` plans the chosen
+    one with the full limit."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs
+        self.stitch = Stitcher()
         self._found: dict[tuple, PlannedPeak] = {}
 
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         recipe = _recipe(steps)
         if recipe not in self._found:
-            seconds = CANDIDATE_SCHEDULE_SECONDS if recipe else SCHEDULE_SECONDS
-            self._found[recipe] = planned_peak(gm, self.inputs, fast=bool(recipe),
-                                               schedule_seconds=seconds)
+            self._found[recipe] = (
+                planned_peak(gm, self.inputs, schedule_seconds=CANDIDATE_SCHEDULE_SECONDS,
+                             capture_with=self.stitch) if recipe
+                else planned_peak(gm, self.inputs, schedule_seconds=SCHEDULE_SECONDS))
         return self._found[recipe]
 
     def final(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         """The planned peak of the model `tile` returns, scheduled with the full time limit (as
         `planned_peak` and `memtile plan` do) where candidates had the short one."""
-        return planned_peak(gm, self.inputs, fast=True) if steps else self(gm, steps)
+        return planned_peak(gm, self.inputs, capture_with=self.stitch) if steps else self(gm, steps)
 
 
 def _recipe(steps: Sequence[_Applied]) -> tuple:

@@ -12,13 +12,13 @@ from a view of the accumulator: that result shares the accumulator's buffer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from memtile.capture import INPUT, PARAMETER, MemGraph, capture, fast_capture
+from memtile.capture import INPUT, PARAMETER, MemGraph, capture
 from memtile.planner import plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
@@ -76,11 +76,12 @@ class PlannedPeak:
         return (self.arena_bytes, self.arena_without_input_bytes, self.crowding)
 
 
-def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor], fast: bool = False,
-                 schedule_seconds: float = SCHEDULE_SECONDS) -> PlannedPeak:
-    """The planned peak of `model`; `fast` captures with `fast_capture` (the same graph, for
-    rewrites of a model that `capture` has already exported once)."""
-    return graph_peak((fast_capture if fast else capture)(model, tuple(inputs)), schedule_seconds)
+def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor],
+                 schedule_seconds: float = SCHEDULE_SECONDS,
+                 capture_with: Callable[[nn.Module, tuple], MemGraph] = capture) -> PlannedPeak:
+    """The planned peak of `model`; `capture_with` makes its graph (discovery's rewrites of a
+    model that `capture` has already exported once use a faster capture of the same graph)."""
+    return graph_peak(capture_with(model, tuple(inputs)), schedule_seconds)
 
 
 def graph_peak(g: MemGraph, schedule_seconds: float = SCHEDULE_SECONDS) -> PlannedPeak:
