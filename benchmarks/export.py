@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def measure(name: str, tiled: bool, folder: Path, default: bool, calls: int) -> 
     try:
         result = export(model, inputs, folder / "m.pte", tile=tiled)
     except Exception as error:  # noqa: BLE001 - a model that does not export is a row note
+        traceback.print_exc()
         return row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     row |= {k: v for k, v in result.as_dict().items() if k != "steps"}
     row["tiling_steps"] = len(result.steps)

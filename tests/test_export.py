@@ -15,7 +15,7 @@ from memtile.errors import PlanVerificationError
 from memtile.export import ExecuTorchMissingError, export, require_executorch
 from memtile.export.check import fresh_inputs, planned_buffer_sizes
 from memtile.export.hook import MemtilePlanner, check_offsets
-from memtile.export.program import scheduled_program
+from memtile.export.program import scheduled_program, to_edge_program
 
 TOLERANCE = 1e-5
 
@@ -209,3 +209,36 @@ def test_out_that_is_a_folder_is_refused_before_exporting(tmp_path, capsys):
     assert main(["export", "tests_models:conv_bn_relu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a folder" in err[0]
+
+
+class SplitAndSlice(nn.Module):
+    """res2net's and dpn's patterns: a conv's output split into chunks that are convolved in a
+    chain and concatenated (Res2Net), and channel slices of one tensor (DPN's dual path).
+    ExecuTorch's edge dialect makes each chunk and slice a copy with its own spec, which the
+    ATen graph holds as views: memtile plans ExecuTorch's specs, copies included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 1)
+        self.chain = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        chunks = torch.split(self.conv(x), 4, dim=1)
+        out, previous = [], None
+        for chunk, conv in zip(chunks[:3], self.chain, strict=True):
+            previous = conv(chunk if previous is None else chunk + previous)
+            out.append(previous)
+        y = torch.cat([*out, chunks[3]], dim=1)
+        return y[:, :8].relu() + y[:, 8:]
+
+
+def test_split_and_slice_copies_are_planned(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = SplitAndSlice().eval(), (torch.randn(1, 3, 16, 16),)
+    program, _ = scheduled_program(model, inputs)
+    targets = {str(n.target) for n in to_edge_program(program).exported_program().graph.nodes}
+    assert any("split_with_sizes_copy" in t for t in targets)
+    assert any("slice_copy" in t for t in targets)
+    result = export(model, inputs, tmp_path / "s.pte")
+    assert_memtile_planned(result, tmp_path / "s.pte")
+    assert run_through_runtime(tmp_path / "s.pte", model, inputs) <= TOLERANCE
