@@ -17,7 +17,7 @@ exactly what the full-size engine runs:
   padding branches (`spatial._apply_local`) that the full width takes.
 - One thread (`small_kernels`): the crop's calls are small, and each parallel region of a
   2-thread pool on a loaded 2-core machine waits for a descheduled thread: resnet18's banded
-  side on 2x512x32 took 19 s at 2 threads, 1.2 s at 1, in one process (load 6).
+  side on 2x512x32 took 19 s at 2 threads, 1.2 s at 1, in one process (load 4 to 7).
 
 A float32 mismatch is checked again in float64 before it fails, so float32 rounding alone never
 raises; the float64 pass runs only then.
