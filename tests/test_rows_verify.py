@@ -57,7 +57,7 @@ def test_timm_models_in_training_mode_train_exact(name):
     errors = [grad_error(model, wrapped, x, dtype) for dtype in (torch.float32, torch.float64)]
     assert min(errors) <= TOL, errors
     check = wrapped.trunk.checks[(64, 64)]
-    assert check.max_rel_error <= TOL and check.input_shape == (2, 3, 64, 32)
+    assert check.max_rel_error <= TOL and check.input_shape == (1, 3, 64, 32)
     # bands end at a global pooling (the head's, or a squeeze-excite), not at a norm
     assert wrapped.stopped_at["reason"].startswith("global pooling"), wrapped.stopped_at
     assert any(isinstance(m, FrozenBatchNormAct2d) for m in model.modules())
@@ -105,6 +105,28 @@ def test_broken_engine_is_caught_at_wrap_time(monkeypatch):
         row(torch.randn(2, 3, 24, 24))
     quiet = RowCentric(model, rows=3, strategy="2ps", bn="frozen", verify=False)
     quiet(torch.randn(2, 3, 24, 24))  # unchecked: no error, wrong gradients
+
+
+def test_check_runs_one_image_and_the_fewest_columns_with_the_same_edges(monkeypatch):
+    """The check's cost: the first image, every row, and at 26 columns (13, then 7 after two
+    stride-2 convolutions; the second reads one column past its input) 2 columns, the fewest
+    that end the same way, on one thread; the thread count comes back after."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1))
+    seen = []
+    forward = engine_module.Engine.forward
+
+    def recording(self, x):
+        seen.append((tuple(x.shape), torch.get_num_threads()))
+        return forward(self, x)
+
+    monkeypatch.setattr(engine_module.Engine, "forward", recording)
+    threads = torch.get_num_threads()
+    row = RowCentric(model, rows=3, strategy="2ps")
+    row(torch.randn(4, 3, 24, 26))
+    assert seen[0] == ((1, 3, 24, 2), 1) and seen[1][0] == (4, 3, 24, 26)
+    assert row.checks[(24, 26)].input_shape == (1, 3, 24, 2)
+    assert torch.get_num_threads() == threads
 
 
 def scaled_backward(monkeypatch, factor: float) -> None:

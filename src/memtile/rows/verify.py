@@ -1,11 +1,26 @@
 """Wrap-time check: banded forward and backward against ordinary autograd, before any use.
 
 A wrong band plan gives wrong gradients silently, and training would go on. So every new input
-size is checked once, on a crop that ordinary training surely fits: all its rows
-(the band plans depend on rows only, so the crop runs exactly the bands, plans and folded norms
-of the full-size engine), the whole batch (a batch of 2 once found a bug that one image did
-not show) and few columns. A float32 mismatch is checked again in float64 before
-it fails, so float32 rounding alone never raises.
+size is checked once, on a crop that ordinary training surely fits, cut so that it still runs
+exactly what the full-size engine runs:
+
+- All rows: the band plans (rows, halos, kept boundaries, band edges) and the folded norms
+  depend on the input rows only, so the crop runs the same bands through the same code.
+- The first image of the batch. Every band tensor holds the whole batch and nothing in a band
+  plan or in `Engine` depends on it (rows are `narrow`ed along dim -2, buffers take the batch
+  from their input); norms are frozen (running statistics) or refused in training mode, so each
+  image's gradient is the same function of that image whatever the batch. ATen's convolution
+  backward loops over images and writes a weight-sized gradient per image and band: resnet18
+  2x512², 6 bands, one thread, banded side 0.82 s for 2 images, 0.46 s for 1.
+- The fewest columns with the same column edges (`check_width`): every convolution and pool
+  meets the right image edge with the same padding as at full width, so the crop takes the same
+  padding branches (`spatial._apply_local`) that the full width takes.
+- One thread (`small_kernels`): the crop's calls are small, and each parallel region of a
+  2-thread pool on a loaded 2-core machine waits for a descheduled thread: resnet18's banded
+  side on 2x512x32 took 19 s at 2 threads, 1.2 s at 1, in one process (load 4 to 7).
+
+A float32 mismatch is checked again in float64 before it fails, so float32 rounding alone never
+raises; the float64 pass runs only then.
 """
 
 from __future__ import annotations
@@ -20,13 +35,9 @@ from torch import nn
 
 from memtile.errors import GradientMismatchError, InputShapeError
 from memtile.rows.engine import Engine, RowFunction
+from memtile.spatial import Size, SpatialGraph
 
 TOLERANCE = 1e-4  # max relative gradient error accepted (float32 ordinary is within 1e-5)
-# columns of the crop: at least CHECK_WIDTH, W / WIDTH_SHRINK for wide inputs. The check's time
-# is mostly per-band overhead, not arithmetic (resnet18 2x512², 16 bands: 1.7 s at 16 columns,
-# 1.9 s at 32), and 16 columns let a max pool's float32 near-ties send its check to float64
-CHECK_WIDTH = 32
-WIDTH_SHRINK = 16
 ZERO_FLOOR = 1e-6  # a gradient below this share of the largest one counts as zero-sized
 
 
@@ -45,23 +56,39 @@ class Check:
 
 
 def check_width(engine: Engine, width: int) -> int:
-    """Fewest columns, from CHECK_WIDTH or width / WIDTH_SHRINK up, that the trunk accepts."""
-    height = engine.sizes[engine.graph.input][0]
-    start = min(width, max(CHECK_WIDTH, width // WIDTH_SHRINK))
-    for cols in range(start, width):
+    """Fewest columns whose every convolution and pool ends at the right image edge as at
+    `width`: the same read past the edge, so the same padding (resnet18 at 512: 32, one output
+    column; 16 columns pad differently, and its max pools' float32 near-ties sent the check to
+    float64). The left edge is the same at any width."""
+    graph = engine.graph
+    height = engine.sizes[graph.input][0]
+    want = column_edges(graph, (height, width))
+    for cols in range(1, width):
         try:
-            if engine.graph.output_size((height, cols))[1] >= 1:
+            if column_edges(graph, (height, cols)) == want:
                 return cols
         except InputShapeError:
             continue
     return width
 
 
+def column_edges(graph: SpatialGraph, size: Size) -> list[int]:
+    """Per convolution and pool, how far its last output column reads past its input's last
+    column (InputShapeError where `size` is too small for the trunk)."""
+    sizes = graph.sizes(size)
+    edges = []
+    for v in graph.order:
+        op = graph.ops[v]
+        if op.kind == "local":
+            edges.append(op.windows[1].needs((0, sizes[v][1]))[1] - sizes[op.inputs[0]][1])
+    return edges
+
+
 def check_engine(trunk: nn.Module, engine: Engine, x: torch.Tensor) -> Check:
     """Check `engine` (built for `x`'s size) on a crop of `x`; GradientMismatchError if its
     output or gradients differ from ordinary autograd through `trunk` by more than TOLERANCE."""
     cols = check_width(engine, x.shape[-1])
-    crop = x[..., :cols].detach().clone()
+    crop = x[:1, ..., :cols].detach().clone()
     small = engine.narrowed(cols)
     return run_check(trunk, lambda dtype: _error(trunk, small, crop.to(dtype)), crop)
 
@@ -73,10 +100,7 @@ def run_check(model: nn.Module, error_at: Callable[[torch.dtype], tuple[float, s
     still over."""
     start = time.perf_counter()
     dtype = crop.dtype
-    # oneDNN compiles a kernel for every new convolution shape (each band's, here once more at
-    # the crop's width): 40 ms each on a loaded CPU, more than the crop's arithmetic. ATen's own
-    # kernels compute the same band plan without that cost.
-    with without_onednn():
+    with small_kernels():
         error, worst = error_at(dtype)
         if error > TOLERANCE and dtype != torch.float64:
             dtype = torch.float64
@@ -98,13 +122,20 @@ def run_check(model: nn.Module, error_at: Callable[[torch.dtype], tuple[float, s
 
 
 @contextmanager
-def without_onednn() -> Iterator[None]:
-    """`torch.backends.mkldnn.flags(enabled=False)`, without its TF32 warning on restore."""
-    enabled = torch._C._get_mkldnn_enabled()
+def small_kernels() -> Iterator[None]:
+    """ATen's kernels on one thread, for the crop's many small calls.
+
+    oneDNN compiles a kernel for every new convolution shape (each band's, here once more at the
+    crop's width): 40 ms each on a loaded CPU, more than the crop's arithmetic; ATen's own
+    kernels compute the same band plan without that cost (`torch.backends.mkldnn.flags`, without
+    its TF32 warning on restore). One thread: see the module docstring."""
+    enabled, threads = torch._C._get_mkldnn_enabled(), torch.get_num_threads()
     torch._C._set_mkldnn_enabled(False)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
+        torch.set_num_threads(threads)
         torch._C._set_mkldnn_enabled(enabled)
 
 

@@ -24,7 +24,7 @@ from memtile.errors import InputShapeError, MemtileError
 from memtile.freeze import freeze
 from memtile.rows.engine import swapped
 from memtile.rows.locality import BandCrop, Locality, plan_bands
-from memtile.rows.verify import CHECK_WIDTH, WIDTH_SHRINK, Check, run_check, worst_error
+from memtile.rows.verify import Check, run_check, worst_error
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES: dict[str, LossFn] = {
@@ -148,13 +148,15 @@ def check_bands(module: WholeBands, plan: list[BandCrop], x: torch.Tensor,
                 target: torch.Tensor) -> Check:
     """The wrap-time check (`memtile.rows.verify`) of `plan`: banded loss and parameter
     gradients against ordinary autograd of the mean loss, on all rows (the same bands and
-    crops) and the fewest columns on the net's grid from CHECK_WIDTH or W / WIDTH_SHRINK."""
+    crops), the first image (see `memtile.rows.verify`) and one grid step of columns plus what
+    the width has past its last whole step, so that every layer ends at the right image edge as
+    at full width (a width on the net's grid: one step)."""
     locality, width = module.locality, x.shape[-1]
     step = locality.alignment[1]
-    cols = min(width, -(-max(CHECK_WIDTH, width // WIDTH_SHRINK) // step) * step)
+    cols = min(width, step + width % step)
     out_cols = locality.sizes((x.shape[-2], cols))[locality.output][1]
-    crop = x[..., :cols].detach().clone()
-    crop_target = target[..., :out_cols]
+    crop = x[:1, ..., :cols].detach().clone()
+    crop_target = target[:1, ..., :out_cols]
 
     def error_at(dtype: torch.dtype) -> tuple[float, str]:
         xs = crop.to(dtype)
