@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from memtile.errors import BudgetError, MemtileError
 from memtile.spatial import SpatialGraph
-from memtile.tiling.check import Reference, compare
+from memtile.tiling.check import Reference
 from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
@@ -343,8 +343,8 @@ def tile(
     say(f"planned peak before: {before.arena_bytes} B")
     mac_limit = int(before.macs * (1 + max_mac_overhead))
     rejected: list[str] = []
-    setting = _Setting(_Checks(Reference(original, inputs)), peaks, budget, mac_limit, rejected,
-                       say, deadline)
+    reference = Reference(model, inputs)  # the caller's model, as the report's error is
+    setting = _Setting(_Checks(reference), peaks, budget, mac_limit, rejected, say, deadline)
     found: list[_Search] = []
     for first in _starts(tuple(methods)):
         say(f"search starting with {'+'.join(first)}")
@@ -364,7 +364,8 @@ def tile(
         if best.verify(setting):
             break
     current, now = best.current, peaks.final(best.current, best.history[-1][2])
-    error, scale = compare(model, current, inputs)
+    steps = best.history[-1][2]  # the check of the model returned gave its error
+    _, error, scale = setting.checks(current, steps) if steps else (True, *reference.compare(current))
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,

@@ -7,6 +7,7 @@ copies, and hand back a new GraphModule; these helpers keep that bookkeeping in 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from memtile import ops
 from memtile.errors import UnsupportedOpError
 
 
@@ -72,6 +74,12 @@ class _Incremental(ShapeProp):
             self.changed.add(n.name)
         return result
 
+    def call_module(self, target, args, kwargs):
+        """A module with `empty_output` (FFMT's tiles: their output is the shape they were
+        made for) gives that without running (tile by tile, on fake tensors, costs seconds)."""
+        empty = getattr(self.fetch_attr(target), "empty_output", None)
+        return empty(*args, **kwargs) if empty is not None else super().call_module(target, args, kwargs)
+
 
 class _Unknown(Exception):
     """A value that metadata alone cannot rebuild (the node is run)."""
@@ -102,7 +110,7 @@ def nbytes(node: fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return 0
-    return int(torch.Size(meta.shape).numel()) * torch.empty((), dtype=meta.dtype).element_size()
+    return math.prod(meta.shape) * meta.dtype.itemsize
 
 
 def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
@@ -114,7 +122,7 @@ def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The leaf module a call_module node runs, else None."""
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
+    return ops.submodule(gm, node.target) if node.op == "call_module" else None
 
 
 def fresh_name(gm: fx.GraphModule, stem: str) -> str:
