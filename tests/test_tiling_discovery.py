@@ -1,5 +1,6 @@
 """Discovery: tile() lowers the planned peak (never raises it), keeps outputs, honours budgets."""
 
+import copy
 import itertools
 
 import pytest
@@ -280,3 +281,85 @@ def test_barriers_name_the_op_that_ended_spans_and_paths():
     ])
     assert found == ["ffmt: mean (2)", "fdt: add (1)", ("fdt: its output has 2 consumers (branch "
                      "or residual), so its channels cannot be split (1)")]
+
+
+def test_outputs_are_run_for_the_model_returned_not_after_every_step(monkeypatch):
+    """A search's steps are checked once it ends, on the model it ends at: one run of a tiled
+    model checks a search of several steps and gives the report's error, where every accepted
+    step was run before (and the model returned once more for the error)."""
+    from memtile.tiling import check
+
+    compared = []
+    real = check.Reference.compare
+    monkeypatch.setattr(check.Reference, "compare",
+                        lambda self, tiled: compared.append(tiled) or real(self, tiled))
+    torch.manual_seed(0)
+    model = nn.Sequential(  # two widening paths: several steps (see refines_earlier_splits)
+        nn.Conv2d(4, 64, 1), nn.ReLU(), nn.Conv2d(64, 4, 1),
+        nn.Conv2d(4, 48, 1), nn.ReLU(), nn.Conv2d(48, 4, 1),
+    ).eval()
+    x = torch.randn(1, 4, 16, 16)
+    tiled, report = tile(model, x, methods=("fdt",))
+    assert len(report.steps) > 2
+    assert compared == [tiled]
+    assert equivalent(*compare(model, tiled, [x]))
+
+
+def test_a_step_whose_outputs_differ_is_rejected_with_the_reason_and_the_next_is_taken(
+        tiled_mlp, monkeypatch):
+    """The first step of the clean search is made wrong (a weight of its new partitions moved):
+    the returned model's check finds it, the candidate is rejected with the reason, and the
+    search goes on from before it with the next-best candidate, to a model that matches."""
+    from memtile.tiling import discovery
+
+    model, x, _, clean = tiled_mlp
+    first = clean.steps[0]
+    real_apply = discovery.Candidate.apply
+    broken = []
+
+    def apply(self, gm):
+        tiled, made = real_apply(self, gm)
+        if self.redo is None and (self.partitions, list(self.ops)) == (first.partitions, first.ops):
+            old = dict(gm.named_parameters())
+            weight = next(p for n, p in tiled.named_parameters() if n not in old)
+            with torch.no_grad():
+                weight.add_(1.0)
+            broken.append(self.describe())
+        return tiled, made
+
+    monkeypatch.setattr(discovery.Candidate, "apply", apply)
+    tiled, report = tile(model, x, methods=("fdt",))
+    assert broken
+    assert any(reason.startswith(f"{broken[0]}: outputs differ by") for reason in report.rejected)
+    assert any(b.startswith("fdt: outputs differ beyond the tolerance") for b in report.barriers)
+    assert all((s.partitions, s.ops, s.replaces) != (first.partitions, first.ops, None)
+               for s in report.steps)
+    assert report.steps and report.peak_after_bytes < report.peak_before_bytes
+    assert equivalent(*compare(model, tiled, [x]))
+    assert equivalent(report.max_abs_error, report.output_scale)
+
+
+def test_a_rewrite_propagates_shapes_through_the_nodes_it_changed_only(monkeypatch):
+    """`propagate_shapes(tiled, inputs, before=gm)` gives every node the metadata a full
+    propagation gives, running only the nodes an FFMT or FDT rewrite made and their consumers."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from memtile.tiling.ffmt import apply_ffmt, cuts, span
+    from memtile.trace import trace
+
+    model, inputs = zoo.get("mobilenet_v2_035_144", batch=1)
+    gm = propagate_shapes(trace(model), inputs)
+    names = [n.name for n in cuts(gm)]
+    ffmt = apply_ffmt(gm, span(gm, names[0], names[3]), (2, 2))
+    fdt = apply_fdt(gm, fdt_path(gm, "features_5_conv_0_0"), 4)
+    real, ran = ShapeProp.run_node, []
+    monkeypatch.setattr(ShapeProp, "run_node", lambda self, n: ran.append(n) or real(self, n))
+    for tiled in (ffmt, fdt):
+        ran.clear()
+        incremental = propagate_shapes(copy.deepcopy(tiled), inputs, before=gm)
+        count = len(ran)
+        full = propagate_shapes(copy.deepcopy(tiled), inputs)
+        for a, b in zip(incremental.graph.nodes, full.graph.nodes, strict=True):
+            assert a.name == b.name and a.meta.get("tensor_meta") == b.meta.get("tensor_meta")
+        made = {n.name for n in tiled.graph.nodes} - {n.name for n in gm.graph.nodes}
+        assert len(made) < count < len(made) + 10 < len(tiled.graph.nodes) // 2

@@ -5,7 +5,13 @@ node producing each try FDT (the channel path through it, N = 2..32) and FFMT (s
 cuts around it that start and end at smaller buffers, strips and grids). Candidates are ranked
 by the fast estimate (ties: no recompute, shorter path, fewer partitions); the best few are
 applied, re-captured and re-planned, and the first that lowers the planned peak within the MAC
-budget, with outputs equal to the original's, is kept. Repeat until nothing improves or the budget is met.
+budget is kept. Repeat until nothing improves or the budget is met.
+
+Outputs are checked against the original's once a search ends, on the model it ends at (the
+chain of its steps), and only for the search whose model is returned: running a tiled model
+costs more than planning it, and candidates almost always match. When that model differs, its
+steps' models are checked in order, the first step that differs is rejected with the reason,
+and the search goes on from the step before as if that candidate had failed when it was tried.
 
 The objective is the planned peak, then the planned peak without the input buffers (once the
 peak sits where the input is still live, as at a tiled stem, later widening blocks are still
@@ -33,7 +39,7 @@ from torch import fx, nn
 
 from memtile.errors import BudgetError, MemtileError
 from memtile.spatial import SpatialGraph
-from memtile.tiling.check import Reference, compare
+from memtile.tiling.check import Reference
 from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
@@ -337,20 +343,29 @@ def tile(
     say(f"planned peak before: {before.arena_bytes} B")
     mac_limit = int(before.macs * (1 + max_mac_overhead))
     rejected: list[str] = []
-    reference = Reference(original, inputs)
+    reference = Reference(model, inputs)  # the caller's model, as the report's error is
+    setting = _Setting(_Checks(reference), peaks, budget, mac_limit, rejected, say, deadline)
     found: list[_Search] = []
     for first in _starts(tuple(methods)):
         say(f"search starting with {'+'.join(first)}")
-        search = _Search([(original, before, [])], [])
-        for phase in dict.fromkeys([first, tuple(methods)]):
-            search.run(phase, reference, peaks, budget, mac_limit, rejected, say, deadline)
-        search.trim()
+        search = _Search([(original, before, [])], [],
+                         tuple(dict.fromkeys([first, tuple(methods)])))
+        search.run(setting)
         found.append(search)
-        if (budget is not None and search.now.arena_bytes <= budget) or _past(deadline):
+        if budget is not None and search.now.arena_bytes <= budget:
+            while not search.verify(setting):
+                pass
+            if search.now.arena_bytes <= budget:
+                break
+        if _past(deadline):
             break
-    best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
+    while True:  # the model returned is checked; a step that fails is dropped and searched again
+        best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
+        if best.verify(setting):
+            break
     current, now = best.current, peaks.final(best.current, best.history[-1][2])
-    error, scale = compare(model, current, inputs)
+    steps = best.history[-1][2]  # the check of the model returned gave its error
+    _, error, scale = setting.checks(current, steps) if steps else (True, *reference.compare(current))
     report = TileReport(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
@@ -412,12 +427,51 @@ def _starts(methods: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 @dataclass
+class _Setting:
+    """What every greedy search of one `tile` call shares."""
+
+    checks: _Checks
+    peaks: _PlannedPeaks
+    budget: int | None
+    mac_limit: int
+    rejected: list[str]
+    say: Callable[[str], None]
+    deadline: float | None
+
+
+class _Checks:
+    """Output checks of rewrites against the original model, each rewrite (named by its recipe,
+    as in `_PlannedPeaks`) run once; `banned`: the recipes whose outputs differ, which `_try`
+    rejects from then on."""
+
+    def __init__(self, reference: Reference):
+        self.reference = reference
+        self._done: dict[tuple, tuple[bool, float, float]] = {}
+        self.banned: set[tuple] = set()
+        self.runs = 0  # rewrites run and compared
+
+    def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> tuple[bool, float, float]:
+        """(matches, float32 max abs error, output scale); the original always matches."""
+        recipe = _recipe(steps)
+        if not recipe:
+            return True, 0.0, 0.0
+        if recipe not in self._done:
+            self.runs += 1
+            self._done[recipe] = self.reference.check(gm)
+        return self._done[recipe]
+
+
+@dataclass
 class _Search:
-    """One greedy search: (graph, planned peak, accepted steps) after every step, and the
-    report's steps."""
+    """One greedy search: (graph, planned peak, accepted steps) after every step, the report's
+    steps, the phases (methods) it runs in order, and per step the candidate accepted and the
+    index of the phase that accepted it."""
 
     history: list[tuple[fx.GraphModule, PlannedPeak, list[_Applied]]]
     steps: list[TileStep]
+    phases: tuple[tuple[str, ...], ...] = ()
+    chosen: list[Candidate] = field(default_factory=list)
+    made_in: list[int] = field(default_factory=list)
 
     @property
     def current(self) -> fx.GraphModule:
@@ -427,34 +481,65 @@ class _Search:
     def now(self) -> PlannedPeak:
         return self.history[-1][1]
 
-    def run(self, methods: Sequence[str], reference: Reference, peaks: _PlannedPeaks,
-            budget: int | None, mac_limit: int, rejected: list[str],
-            say: Callable[[str], None], deadline: float | None) -> None:
+    def run(self, setting: _Setting, phase: int = 0) -> None:
+        """The phases from `phase` on, then `trim`."""
+        for index in range(phase, len(self.phases)):
+            self._greedy(index, setting)
+        self.trim()
+
+    def _greedy(self, phase: int, setting: _Setting) -> None:
         """Greedy steps until nothing improves, the budget is met, too many only thin or the
         deadline has passed."""
+        methods, budget, deadline = self.phases[phase], setting.budget, setting.deadline
         while (len(self.steps) < MAX_STEPS and _thinning(self.history) < MAX_THINNING
                and not (budget is not None and self.now.arena_bytes <= budget)
                and not _past(deadline)):
             current, now, applied = self.history[-1]
-            candidates = _candidates(current, methods, mac_limit - now.macs, rejected, applied)
+            candidates = _candidates(current, methods, setting.mac_limit - now.macs,
+                                     setting.rejected, applied)
             for candidate in candidates[:TRIES]:
                 if _past(deadline):
                     return
-                accepted = _try(candidate, current, applied, len(self.steps) + 1, reference,
-                                peaks, now, mac_limit, rejected)
+                accepted = _try(candidate, current, applied, len(self.steps) + 1, setting, now)
                 if accepted is not None:
                     self.steps.append(_step(candidate, current, accepted[1], applied))
                     self.history.append(accepted)
-                    say(f"{candidate.describe()}: planned peak {accepted[1].arena_bytes} B")
+                    self.chosen.append(candidate)
+                    self.made_in.append(phase)
+                    setting.say(f"{candidate.describe()}: planned peak {accepted[1].arena_bytes} B")
                     break
             else:
                 return
+
+    def verify(self, setting: _Setting) -> bool:
+        """Check the outputs of the model this search ends at against the original's. If they
+        differ, find its first step whose model differs (its steps are checked in order), reject
+        that step's candidate with the reason, drop the step and those after it, and search on
+        from there as if the candidate had failed when it was tried (`_try` then rejects it);
+        False then, and the new end wants checking again."""
+        checks = setting.checks
+        end, _, steps = self.history[-1]
+        if checks(end, steps)[0]:
+            return True
+        for index, (gm, _, applied) in enumerate(self.history[1:], 1):
+            matches, error, scale = checks(gm, applied)
+            if not matches:
+                break
+        candidate = self.chosen[index - 1]
+        setting.rejected.append(
+            f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
+        checks.banned.add(_recipe(applied))
+        phase = self.made_in[index - 1]
+        del self.history[index:], self.steps[index - 1:], self.chosen[index - 1:]
+        del self.made_in[index - 1:]
+        self.run(setting, phase)
+        return False
 
     def trim(self) -> None:
         """Drop steps that only thinned a tied peak and never led to a lower one."""
         peak = self.now.objective[:2]
         keep = next(i for i, (_, p, _) in enumerate(self.history) if p.objective[:2] == peak)
-        del self.history[keep + 1:], self.steps[keep:]
+        del self.history[keep + 1:], self.steps[keep:], self.chosen[keep:], self.made_in[keep:]
 
 
 def _past(deadline: float | None) -> bool:
@@ -502,22 +587,23 @@ def _rebuild(candidate: Candidate, number: int, current: fx.GraphModule,
                               *((a.candidate, a.number) for a in applied[start + 1:])]:
         tiled, made = step.apply(gm)
         done.append(_Applied(step, gm, made, step_number))
-        gm = propagate_shapes(tiled, inputs)
+        gm = propagate_shapes(tiled, inputs, before=gm)  # runs only what the step changed
     return gm, done
 
 
 def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied], number: int,
-         reference: Reference, peaks: _PlannedPeaks, now: PlannedPeak, mac_limit: int,
-         rejected: list[str],
+         setting: _Setting, now: PlannedPeak,
          ) -> tuple[fx.GraphModule, PlannedPeak, list[_Applied]] | None:
-    """Apply, re-plan and check one candidate; None (with the reason recorded) if it fails. The
-    outputs are checked last, once the plan says the candidate would be kept: a plan costs less
-    than running the model, and most candidates tried are kept."""
-    inputs = peaks.inputs
+    """Apply and re-plan one candidate; None (with the reason recorded) if it fails. Outputs
+    are not run here: a search's steps are checked when it ends (`_Search.verify`), as the
+    chain that makes the model returned; a rewrite found there to differ is rejected here."""
+    peaks, mac_limit, rejected = setting.peaks, setting.mac_limit, setting.rejected
     try:
-        tiled, done = _rebuild(candidate, number, current, applied, inputs)
+        tiled, done = _rebuild(candidate, number, current, applied, peaks.inputs)
     except (MemtileError, KeyError) as error:  # KeyError: a replayed step's node is gone
         rejected.append(f"{candidate.describe()}: {error}")
+        return None
+    if _recipe(done) in setting.checks.banned:  # its outputs differ (recorded when found)
         return None
     planned = peaks(tiled, done)
     if planned.macs > mac_limit:
@@ -526,10 +612,6 @@ def _try(candidate: Candidate, current: fx.GraphModule, applied: list[_Applied],
     if planned.objective >= now.objective:
         rejected.append(f"{candidate.describe()}: planned peak {planned.arena_bytes} B "
                         f"({planned.arena_without_input_bytes} B without inputs) is no better")
-        return None
-    if not reference.matches(tiled):
-        error, scale = reference.compare(tiled)
-        rejected.append(f"{candidate.describe()}: outputs differ by {error:.3g} (scale {scale:.3g})")
         return None
     return tiled, planned, done
 

@@ -126,6 +126,10 @@ class FFMTTiles(nn.Module):
             out[..., rows[0]:rows[1], cols[0]:cols[1]] = value
         return out
 
+    def empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor like `forward`'s result (shape propagation uses it)."""
+        return x.new_empty(self.out_shape)
+
     def _costs(self) -> tuple[int, int]:
         """(largest working set of one tile in bytes, conv MACs of all tiles), from the regions.
 
@@ -167,7 +171,7 @@ class FFMTTiles(nn.Module):
 
 
 def _element_size(node: fx.Node) -> int:
-    return torch.empty((), dtype=node.meta["tensor_meta"].dtype).element_size()
+    return node.meta["tensor_meta"].dtype.itemsize
 
 
 def _pixel_bytes(node: fx.Node, dims: spatial.Dims) -> int:

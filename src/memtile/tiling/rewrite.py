@@ -7,23 +7,32 @@ copies, and hand back a new GraphModule; these helpers keep that bookkeeping in 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from memtile import ops
 from memtile.errors import UnsupportedOpError
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor],
+                     before: fx.GraphModule | None = None) -> fx.GraphModule:
     """Give every node `meta['tensor_meta']` (shape, dtype) from one run of `gm` on fake tensors:
     shapes without the compute (tiling propagates every candidate rewrite of a model; a real
     run of mobilenet_v2 with FFMT tiles costs seconds). The parameters stay real; fake mode reads
     only their metadata. A graph that fake tensors cannot run (an op without a fake kernel,
-    data-dependent code) is run for real."""
-    prop = ShapeProp(gm)  # made outside the mode, so that it keeps no fake copy of `gm`
+    data-dependent code) is run for real.
+
+    `before`: the graph (shapes propagated) that `gm` was rewritten from. A node of `gm` that is
+    in `before` under its name with the same op, target and arguments (by name), and whose
+    inputs' metadata is unchanged, keeps its metadata from `before` and is not run: a rewrite
+    runs only the nodes it made, their consumers, and any node whose inputs' shapes changed."""
+    prop = (ShapeProp(gm) if before is None  # made outside the mode: it keeps no fake copy of `gm`
+            else _Incremental(gm, before))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         with torch.no_grad(), mode:
@@ -32,6 +41,62 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.G
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     return gm
+
+
+def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    module = type(module_of(gm, node)) if node.op == "call_module" else None
+    return (node.op, node.target, module, fx.map_arg(node.args, lambda n: n.name),
+            fx.map_arg(node.kwargs, lambda n: n.name))
+
+
+class _Incremental(ShapeProp):
+    """ShapeProp that reuses the metadata of nodes a rewrite left alone (see propagate_shapes)."""
+
+    def __init__(self, gm: fx.GraphModule, before: fx.GraphModule):
+        super().__init__(gm)
+        self.old = {n.name: (_signature(before, n), n.meta["tensor_meta"]) for n in before.graph.nodes
+                    if n.op not in ("placeholder", "output") and "tensor_meta" in n.meta}
+        self.changed: set[str] = set()
+
+    def run_node(self, n: fx.Node):
+        old = self.old.get(n.name)
+        if (old is not None and old[0] == _signature(self.module, n)
+                and self.changed.isdisjoint(a.name for a in n.all_input_nodes)):
+            try:
+                fake = _value_of(old[1])
+            except _Unknown:
+                pass
+            else:
+                n.meta["tensor_meta"] = old[1]
+                return fake
+        result = super().run_node(n)
+        if old is None or n.meta.get("tensor_meta") != old[1]:
+            self.changed.add(n.name)
+        return result
+
+    def call_module(self, target, args, kwargs):
+        """A module with `empty_output` (FFMT's tiles: their output is the shape they were
+        made for) gives that without running (tile by tile, on fake tensors, costs seconds)."""
+        empty = getattr(self.fetch_attr(target), "empty_output", None)
+        return empty(*args, **kwargs) if empty is not None else super().call_module(target, args, kwargs)
+
+
+class _Unknown(Exception):
+    """A value that metadata alone cannot rebuild (the node is run)."""
+
+
+def _value_of(meta):
+    """An empty tensor (fake, inside the mode) for each TensorMetadata in `meta`."""
+    if isinstance(meta, TensorMetadata):
+        if meta.is_quantized:
+            raise _Unknown
+        return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype,
+                                   requires_grad=meta.requires_grad)
+    if isinstance(meta, tuple | list):
+        return type(meta)(_value_of(m) for m in meta)
+    if meta is None or isinstance(meta, int | float | bool | str | torch.dtype):
+        return meta
+    raise _Unknown
 
 
 def shape(node: fx.Node) -> torch.Size | None:
@@ -45,7 +110,7 @@ def nbytes(node: fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return 0
-    return int(torch.Size(meta.shape).numel()) * torch.empty((), dtype=meta.dtype).element_size()
+    return math.prod(meta.shape) * meta.dtype.itemsize
 
 
 def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
@@ -57,7 +122,7 @@ def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The leaf module a call_module node runs, else None."""
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
+    return ops.submodule(gm, node.target) if node.op == "call_module" else None
 
 
 def fresh_name(gm: fx.GraphModule, stem: str) -> str:
