@@ -88,7 +88,7 @@ def test_a_module_called_while_a_value_is_computed_is_recorded_once():
     assert calls == ["down", "up"]
 
 
-@pytest.mark.parametrize("arch", ["FPN", "Linknet"])
+@pytest.mark.parametrize("arch", ["FPN", "Linknet", "DeepLabV3Plus"])
 def test_segmentation_models_trace_at_their_input_shape(arch):
     from memtile import zoo
 
