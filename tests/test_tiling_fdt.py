@@ -156,6 +156,26 @@ def test_fdt_channel_mixing_op_ends_path():
         fdt_path(gm, "a")
 
 
+def test_fdt_refuses_transposed_convolutions():
+    """A transposed conv's weight is (in, out, k, k): slicing it as a conv's built a module with
+    its arguments out of place, and tiling smp's Linknet crashed with a TypeError."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+            self.b = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.up(torch.relu(self.a(x)))))
+
+    gm = traced(Decoder().eval(), torch.randn(1, 3, 4, 4))
+    with pytest.raises(UnsupportedOpError, match="ConvTranspose2d.*mixes channels"):
+        fdt_path(gm, "a")
+    with pytest.raises(UnsupportedOpError, match="ConvTranspose2d.*cannot head"):
+        fdt_path(gm, "up")
+
+
 def test_fdt_through_global_pool_and_flatten_to_classifier():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -66,7 +66,7 @@ def tile_summary(model: torch.nn.Module, inputs: tuple, budget: int | None = Non
     except BudgetNotMetError as error:
         tiled, report = error.model, error.report
     summary = report.as_dict()
-    summary["measured_peak_before_bytes"] = measured_peak(trace(model), inputs)
+    summary["measured_peak_before_bytes"] = measured_peak(trace(model, inputs), inputs)
     summary["measured_peak_after_bytes"] = measured_peak(tiled, inputs)
     return summary, tiled, report
 

@@ -337,7 +337,7 @@ def tile(
         raise MemtileError(f"unknown tiling method(s) {sorted(unknown)}; use fdt and/or ffmt")
     model = model.eval()
     say = progress or (lambda _: None)
-    original = propagate_shapes(trace(model), inputs)
+    original = propagate_shapes(trace(model, inputs), inputs)
     peaks = _PlannedPeaks(inputs)
     before = peaks(original, [])
     say(f"planned peak before: {before.arena_bytes} B")

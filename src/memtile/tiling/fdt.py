@@ -92,14 +92,20 @@ class FDTPath:
         return (self.head, *self.mids, self.tail)
 
 
+def _is_conv(module: nn.Module | None) -> bool:
+    """A convolution whose weight is (out, in / groups, ...): not a transposed one, whose weight
+    is (in, out / groups, ...) and whose slices `_conv_copy` would build wrong."""
+    return isinstance(module, _ConvNd) and not module.transposed
+
+
 def _is_mixer(module: nn.Module | None) -> bool:
     """Conv with groups=1 or linear: reads all input channels, so it can head or end a path."""
-    return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and module.groups == 1)
+    return isinstance(module, nn.Linear) or (_is_conv(module) and module.groups == 1)
 
 
 def _is_depthwise(module: nn.Module | None) -> bool:
     return (
-        isinstance(module, _ConvNd)
+        _is_conv(module)
         and module.groups > 1
         and module.groups == module.in_channels
         and module.out_channels % module.in_channels == 0
