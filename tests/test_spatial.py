@@ -245,3 +245,63 @@ def test_permutes_need_layouts_and_norms_and_constants_must_not_span_h_or_w():
                       (ConvOnNHWC(), "max_pool2d.*needs H and W as the last two dims")]:
         with pytest.raises(UnsupportedOpError, match=why):
             SpatialGraph(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), tail), layouts=True)
+
+
+class Interpolate(nn.Module):
+    """`F.interpolate` as a call in the graph (smp's decoders), not a module."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.factor, mode="nearest")
+
+
+@st.composite
+def upsampling_stack(draw):
+    c = 3
+    layers = [nn.Conv2d(2, c, 3, 1, 1)]
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["module", "function", "layer"]))
+        factor = draw(st.sampled_from([2, 4]))
+        layers.append(nn.Upsample(scale_factor=factor) if kind == "module"
+                      else Interpolate(float(factor)) if kind == "function"
+                      else draw(conv_layer(c)))
+    return nn.Sequential(*layers)
+
+
+@SETTINGS
+@given(upsampling_stack(), st.integers(3, 12), st.integers(3, 10), st.data())
+def test_nearest_upsampling_tiles_equal_full_forward(model, h, w, data):
+    check_splits(model, torch.randn(1, 2, h, w), data)
+
+
+def test_upsampling_factor_and_mode_are_checked():
+    for layer, why in ((nn.Upsample(scale_factor=3), "not a power of two"),
+                       (nn.Upsample(scale_factor=2, mode="bilinear"), "only nearest")):
+        with pytest.raises(UnsupportedOpError, match=why):
+            SpatialGraph(nn.Sequential(nn.Conv2d(1, 1, 3), layer))
+
+
+def test_upsampling_to_a_traced_size_reads_the_factor_from_the_shapes():
+    """smp's Unet upsamples to the skip's size: traced at example inputs, that size is a number."""
+    from memtile.tiling.rewrite import propagate_shapes
+    from memtile.trace import trace
+
+    class ToSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Conv2d(2, 3, 3, 4, 1), nn.Conv2d(3, 3, 3, 1, 1)
+
+        def forward(self, x):
+            y = self.up(self.down(x))
+            return F.interpolate(y, size=x.shape[-2:])
+
+    x = torch.randn(1, 2, 16, 12)
+    model = ToSkip().eval()
+    with pytest.raises(UnsupportedOpError, match="getattr"):
+        SpatialGraph(trace(model))  # the size is a shape read: no factor without example inputs
+    graph = SpatialGraph(propagate_shapes(trace(model, (x,)), (x,)))
+    with torch.no_grad():
+        torch.testing.assert_close(stitched(graph, x, (3, 2)), model(x), rtol=1e-5, atol=1e-5)

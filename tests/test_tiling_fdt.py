@@ -176,6 +176,26 @@ def test_fdt_refuses_transposed_convolutions():
         fdt_path(gm, "up")
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_fdt_through_upsampling(mode, parts):
+    """Upsampling reads one channel at a time (any mode): a path runs through it, as through
+    smp Unet's decoder (before: "interpolate ... mixes channels or is not channel-local")."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 4, 1)
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+
+        def forward(self, x):
+            y = nn.functional.interpolate(torch.relu(self.a(x)), scale_factor=2.0, mode=mode)
+            return self.b(self.up(y))
+
+    torch.manual_seed(0)
+    tiled = check_split(Decoder().eval(), torch.randn(1, 3, 6, 5), "a", parts)
+    assert any(isinstance(m, nn.Upsample) for m in tiled.modules())
+
+
 def test_fdt_through_global_pool_and_flatten_to_classifier():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -75,9 +75,28 @@ class Window:
         return out
 
 
+@dataclass(frozen=True)
+class Nearest:
+    """One axis of nearest upsampling by a whole factor: output position o reads input o // factor.
+
+    Only powers of two: PyTorch picks the source as floor(o * (1 / factor)) in floating point,
+    which equals o // factor for every o only when 1 / factor is exact."""
+
+    factor: int
+
+    def needs(self, out: Interval) -> Interval:
+        lo, hi = out
+        if hi <= lo:
+            return (0, 0)
+        return (lo // self.factor, -(-hi // self.factor))
+
+    def out_size(self, n: int) -> int:
+        return n * self.factor
+
+
 IDENTITY = Window(1, 1, 0, 0)
-_ACCEPTED = ("bands and tiles take Conv2d, MaxPool2d, AvgPool2d, eval batch norm, elementwise "
-             "ops, add/mul of same-size maps and channel cat")
+_ACCEPTED = ("bands and tiles take Conv2d, MaxPool2d, AvgPool2d, nearest upsampling by 2, 4, 8..., "
+             "eval batch norm, elementwise ops, add/mul of same-size maps and channel cat")
 
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 
@@ -89,7 +108,7 @@ class _Op:
     kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn),
     # "constant" (a parameter or a value computed from parameters alone)
     inputs: list[fx.Node]
-    windows: tuple[Window, ...] = (IDENTITY, IDENTITY)
+    windows: tuple[Window | Nearest, ...] = (IDENTITY, IDENTITY)
     module: nn.Module | FoldedConvBN | None = None
     dims: Dims = NCHW
 
@@ -253,6 +272,9 @@ class SpatialGraph:
         a checkpoint's recompute.
         """
         op = self.ops[node]
+        if op.kind == "local" and isinstance(op.windows[0], Nearest):
+            x, reg = inputs[0]
+            return _upsample_nearest(op.windows, x, reg, out, sizes[op.inputs[0]])
         if op.kind == "local":
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
@@ -356,6 +378,9 @@ def _classify_nchw(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], kin
     """`classify` for an op whose inputs are NCHW (or that does not care where H and W are)."""
     if node.op == "call_module":
         return _classify_module(gm, node, inputs, frozen_bn)
+    if node.op == "call_function" and node.target is F.interpolate:
+        return _Op("local", inputs, _nearest_windows(f"{node.name} (interpolate)", node,
+                                                     _interpolate_arguments(node)))
     if kind == ops.CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim not in (1, -3):
@@ -435,6 +460,11 @@ def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
         return _Op("local", inputs, _conv_windows(mod), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
+    if isinstance(mod, nn.Upsample):
+        arguments = {"mode": mod.mode, "size": mod.size, "scale_factor": mod.scale_factor,
+                     "align_corners": mod.align_corners, "recompute_scale_factor": None,
+                     "antialias": False}
+        return _Op("local", inputs, _nearest_windows(where, node, arguments))
     if isinstance(mod, FrozenBatchNormAct2d):
         for part in (mod.drop, mod.act):
             _check_elementwise_part(where, part)
@@ -537,6 +567,52 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
             raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
     return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
                  for ki, si, pi, di in zip(k, s, p, d, strict=True))
+
+
+def _interpolate_arguments(node: fx.Node) -> dict[str, Any]:
+    """`F.interpolate`'s arguments by name, defaults filled in."""
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+             "antialias")
+    return {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+            "recompute_scale_factor": None, "antialias": False,
+            **dict(zip(names, node.args, strict=False)), **node.kwargs}
+
+
+def _nearest_windows(where: str, node: fx.Node, arguments: Mapping[str, Any]
+                     ) -> tuple[Nearest, ...]:
+    """The per-axis factors of a nearest upsampling, or UnsupportedOpError saying why not.
+
+    A `size` (smp's decoders upsample to the skip's size) gives the factor only where the input's
+    shape is known: a graph traced at example inputs and shape-propagated, where it is fixed."""
+    if arguments["mode"] != "nearest" or arguments["antialias"]:
+        raise UnsupportedOpError(f"{where}: mode={arguments['mode']!r}; bands and tiles take "
+                                 "only nearest upsampling")
+    size, scale = arguments["size"], arguments["scale_factor"]
+    if size is not None:
+        source = node.all_input_nodes[0].meta.get("tensor_meta")
+        sizes = tuple(size) if isinstance(size, tuple | list) else (size, size)
+        if source is None or not all(isinstance(n, int) for n in sizes):
+            raise UnsupportedOpError(f"{where}: upsampling to a size that is not a fixed number "
+                                     "of another known size")
+        factors = [n / m for n, m in zip(sizes, source.shape[-SPATIAL_DIMS:], strict=True)]
+    else:
+        factors = list(scale) if isinstance(scale, tuple | list) else [scale, scale]
+    if not all(f >= 1 and float(f).is_integer() and int(f) & (int(f) - 1) == 0 for f in factors):
+        raise UnsupportedOpError(f"{where}: factor {factors} is not a power of two")
+    return tuple(Nearest(int(f)) for f in factors)
+
+
+def _upsample_nearest(axes: tuple[Nearest, ...], x: torch.Tensor, have: Region, out: Region,
+                      size: Size) -> torch.Tensor:
+    """Nearest upsampling of the input rows that `out` reads, cropped to `out`."""
+    if any(hi <= lo for lo, hi in out):
+        return x.new_zeros(*x.shape[:-SPATIAL_DIMS], *(max(hi - lo, 0) for lo, hi in out))
+    need = _clip(tuple(a.needs(iv) for a, iv in zip(axes, out, strict=True)), size)
+    y = F.interpolate(_crop(x, have, need), scale_factor=tuple(float(a.factor) for a in axes),
+                      mode="nearest")
+    for axis, (a, (nlo, _), (lo, hi)) in enumerate(zip(axes, need, out, strict=True)):
+        y = y.narrow(axis - SPATIAL_DIMS, lo - nlo * a.factor, max(hi - lo, 0))
+    return y
 
 
 def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:

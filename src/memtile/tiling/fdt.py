@@ -34,6 +34,7 @@ from memtile.tiling.rewrite import (
 )
 
 _FLATTEN = {torch.flatten, "flatten"}
+_UPSAMPLE = {nn.functional.interpolate, nn.functional.upsample}  # every mode, one channel at a time
 
 
 ACCUMULATE = "accumulate"
@@ -146,6 +147,8 @@ def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, in
         return "shared", cdim
     pooling = kind in (ops.WINDOW, ops.GLOBAL_POOL) and not isinstance(module, _ConvNd)
     if pooling and cdim == 1:
+        return "shared", 1
+    if cdim == 1 and (isinstance(module, nn.Upsample) or node.target in _UPSAMPLE):
         return "shared", 1
     flatten = isinstance(module, nn.Flatten) or node.target in _FLATTEN
     if flatten and cdim == 1 and ndim == 2 and _flattens_unit_map(node):
