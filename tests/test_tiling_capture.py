@@ -90,12 +90,17 @@ class InPlace(nn.Module):
         return self.head(w.transpose(2, 3).reshape(1, -1))
 
 
-def test_stitched_capture_follows_in_place_ops_aliases_and_strides():
+def stitch_small(model: nn.Module) -> tuple[stitch.Stitcher, MemGraph, torch.fx.GraphModule, tuple]:
+    """(stitcher, its capture, the traced graph, inputs) of `model` on one 1x3x8x8 input."""
     torch.manual_seed(0)
     inputs = (torch.randn(1, 3, 8, 8),)
-    gm = propagate_shapes(trace(InPlace().eval()), inputs)
+    gm = propagate_shapes(trace(model.eval()), inputs)
     stitcher = stitch.Stitcher()
-    stitched = stitcher(gm, inputs)
+    return stitcher, stitcher(gm, inputs), gm, inputs
+
+
+def test_stitched_capture_follows_in_place_ops_aliases_and_strides():
+    stitcher, stitched, gm, inputs = stitch_small(InPlace())
     assert not stitcher.fallbacks and stitcher.traced == 10  # one per node
     assert memory_picture(stitched) == memory_picture(fast_capture(gm, inputs))
     assert "aten.clone.default" in [op.target for op in stitched.ops]
@@ -122,11 +127,7 @@ class Awkward(nn.Module):
 
 
 def test_a_viewed_storage_overwritten_in_place_is_traced_whole():
-    torch.manual_seed(0)
-    inputs = (torch.randn(1, 3, 8, 8),)
-    gm = propagate_shapes(trace(Awkward().eval()), inputs)
-    stitcher = stitch.Stitcher()
-    stitched = stitcher(gm, inputs)
+    stitcher, stitched, gm, inputs = stitch_small(Awkward())
     assert stitcher.fallbacks == ["a storage is both mutated and viewed across nodes"]
     assert memory_picture(stitched) == memory_picture(capture(gm, inputs))
     targets = [op.target for op in stitched.ops]
