@@ -380,7 +380,7 @@ def _classify_nchw(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], kin
         return _classify_module(gm, node, inputs, frozen_bn)
     if node.op == "call_function" and node.target is F.interpolate:
         return _Op("local", inputs, _nearest_windows(f"{node.name} (interpolate)", node,
-                                                     _interpolate_arguments(node)))
+                                                     interpolate_arguments(node)))
     if kind == ops.CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim not in (1, -3):
@@ -569,7 +569,7 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
                  for ki, si, pi, di in zip(k, s, p, d, strict=True))
 
 
-def _interpolate_arguments(node: fx.Node) -> dict[str, Any]:
+def interpolate_arguments(node: fx.Node) -> dict[str, Any]:
     """`F.interpolate`'s arguments by name, defaults filled in."""
     names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
              "antialias")

@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.rows.trunk import kind_of_stop, op_name
-from memtile.spatial import IDENTITY, Interval, Size, Window, classify
+from memtile.spatial import IDENTITY, Interval, Size, Window, classify, interpolate_arguments
 from memtile.trace import trace
 
 _EMPTY = (0, 0)
@@ -153,10 +153,7 @@ class Locality:
         return _Step(kind, tuple(op.inputs), op.windows)
 
     def _interpolate(self, node: fx.Node) -> _Step:
-        names = ("input", "size", "scale_factor", "mode", "align_corners",
-                 "recompute_scale_factor", "antialias")
-        bound = {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
-                 "antialias": False, **dict(zip(names, node.args, strict=False)), **node.kwargs}
+        bound = interpolate_arguments(node)
         return self._upsample(node, bound["mode"], bound["align_corners"], bound["size"],
                               bound["scale_factor"], bound["antialias"])
 
