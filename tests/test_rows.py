@@ -348,16 +348,18 @@ def test_train_command_json(capsys):
 
 def test_train_command_stop_before(capsys):
     """--stop-before layer4: resnet18's banded trunk ends at layer3 (4x4 output at 64², where
-    layer4's would be 2x2); gradients still match ordinary training."""
+    layer4's would be 2x2); gradients still match ordinary training, judged in float64 (float32
+    rounding alone puts some of resnet18's small gradients 4e-2 apart on AMD EPYC CPUs)."""
     import json
 
     from memtile.cli import main
 
     assert main(["train", "resnet18", "--resolution", "64", "--batch", "2", "--rows", "3",
-                 "--strategy", "2ps", "--stop-before", "layer4", "--no-f64-check", "--json"]) == 0
+                 "--strategy", "2ps", "--stop-before", "layer4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stop_before"] == "layer4" and result["trunk_output_shape"] == [4, 4]
-    assert result["grad_max_rel_error"] <= 1e-5
+    assert result["grad_max_rel_error_f64_row"] <= 1e-5
+    assert result["grad_max_rel_error"] <= result["grad_max_rel_error_f64_baseline"] + 1e-5
 
 
 def test_train_command_refuses_batchnorm_with_bn_error(capsys):

@@ -70,6 +70,18 @@ def test_the_time_limit_holds_inside_a_long_bucket():
     assert is_topological(graph, result.order) and result.load <= result.exported_load
 
 
+def test_a_segment_too_large_to_finish_leaves_time_for_the_others():
+    """Segments are searched smallest first: one that cannot finish in time (16 branches; FFMT
+    tiles in discovery) used to come first in the graph and take the whole limit, leaving the
+    two branches after it in their exported order."""
+    model = nn.Sequential(ManyBranches(), nn.Conv2d(64, 4, 1, bias=False), TwoBranches()).eval()
+    graph = capture(model, (torch.ones(1, 4, 8, 8),))
+    result = schedule(graph, time_limit=0.5, width=10**6)
+    assert not result.exact and is_topological(graph, result.order)
+    exported, found = result.segment_peaks[-1]  # the two branches
+    assert found < exported
+
+
 # ---- random graphs, checked against every topological order -------------------------------
 
 ELEMENTWISE, OTHER = "aten.relu.default", "aten.convolution.default"

@@ -301,7 +301,7 @@ def test_outputs_are_run_for_the_model_returned_not_after_every_step(monkeypatch
     x = torch.randn(1, 4, 16, 16)
     tiled, report = tile(model, x, methods=("fdt",))
     assert len(report.steps) > 2
-    assert compared == [tiled]
+    assert len(compared) == 1 and compared[0].code == tiled.code  # tiled: a copy of it
     assert equivalent(*compare(model, tiled, [x]))
 
 
@@ -363,3 +363,37 @@ def test_a_rewrite_propagates_shapes_through_the_nodes_it_changed_only(monkeypat
             assert a.name == b.name and a.meta.get("tensor_meta") == b.meta.get("tensor_meta")
         made = {n.name for n in tiled.graph.nodes} - {n.name for n in gm.graph.nodes}
         assert len(made) < count < len(made) + 10 < len(tiled.graph.nodes) // 2
+
+
+def test_the_model_returned_shares_no_tensor_with_the_callers_model():
+    """Rewrites share unchanged modules between candidate copies (`copy_graph_module`); the
+    model `tile` returns is copied deeply, so updating one model's weights leaves the other."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.ReLU(), nn.Conv2d(64, 4, 1),
+                          nn.Conv2d(4, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 16, 16)
+    tiled, report = tile(model, x, methods=("fdt",))
+    assert report.steps
+    ours = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert ours.isdisjoint(t.data_ptr() for t in [*tiled.parameters(), *tiled.buffers()])
+
+
+def test_batch_norm_shapes_are_propagated_without_running_it(monkeypatch):
+    """Eval batch norm gives its input's shape and layout (channels-last in, channels-last out)
+    without running on fake tensors (about 10 ms a call): the metadata a real run gives."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from memtile.trace import trace
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    real = trace(model)
+    with torch.no_grad():
+        ShapeProp(real).propagate(x)
+    ran = []
+    monkeypatch.setattr(nn.functional, "batch_norm", lambda t, *a, **k: ran.append(t) or t)
+    fake = propagate_shapes(trace(model), (x,))
+    assert not ran
+    metas = [(n.name, n.meta["tensor_meta"]) for n in fake.graph.nodes if n.op != "output"]
+    assert metas == [(n.name, n.meta["tensor_meta"]) for n in real.graph.nodes if n.op != "output"]
+    assert fake.graph.find_nodes(op="call_module", target="1")[0].meta["tensor_meta"].stride[1] == 1

@@ -8,6 +8,7 @@ Inputs are live from step 0; graph outputs until the end.
 """
 
 import contextlib
+import functools
 import io
 import logging
 import operator
@@ -205,10 +206,17 @@ def fast_capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph
         with torch.no_grad(), _quiet_export_logs():
             graph, signature = aot_export_module(
                 _FlatOutputs(model), tuple(inputs), trace_joint=False,
-                decompositions=torch.export.default_decompositions())
+                decompositions=core_aten_decompositions())
     except Exception as error:  # tracing raises many unrelated types
         raise ExportError(_export_failure(error, "aot_export_module")) from error
     return MemGraph(None, graph.graph, signature.user_inputs)
+
+
+@functools.cache
+def core_aten_decompositions() -> dict:
+    """torch.export's default decomposition table, materialized once: building it costs about
+    50 ms, and tiling traces dozens of rewrites."""
+    return dict(torch.export.default_decompositions().materialize())
 
 
 class _FlatOutputs(nn.Module):

@@ -248,21 +248,26 @@ def schedule(
     constant = _constant_ops(graph)
     effects = _Effects(graph, constant, inplace)
     ops = [op.index for op in graph.ops if op.index not in constant]
-    done, live, order, exact = 0, effects.initial_live, [], not any(
-        effects.alloc[v] for v in constant
-    )
-    peaks = []
-    for segment in _segments(effects, ops):
-        exported_peak, after, after_live = _replay(effects, segment, done, live)
-        found = _search(effects, segment, done, live, width, deadline) if len(segment) > 1 else None
-        if found is not None and found[1] < exported_peak:
-            order += found[0]
-        else:
-            order += segment
+    done, live, exact = 0, effects.initial_live, not any(effects.alloc[v] for v in constant)
+    segments = _segments(effects, ops)
+    starts, exported_peaks = [], []  # per segment, in the exported order: (executed set, live
+    for segment in segments:  # bytes) where it starts, and its peak
+        starts.append((done, live))
+        peak, done, live = _replay(effects, segment, done, live)
+        exported_peaks.append(peak)
+    found: dict[int, tuple[list[int], int, bool] | None] = {}
+    for index in sorted(range(len(segments)), key=lambda i: len(segments[i])):
+        # smallest first: one segment too large to finish in time (FFMT tiles) then costs
+        # only itself its search, not every segment after it
+        if len(segments[index]) > 1:
+            found[index] = _search(effects, segments[index], *starts[index], width, deadline)
+    order, peaks = [], []
+    for index, segment in enumerate(segments):
+        best, exported_peak = found.get(index), exported_peaks[index]
+        order += best[0] if best is not None and best[1] < exported_peak else segment
         if len(segment) > 1:
-            peaks.append((exported_peak, min(exported_peak, found[1] if found else exported_peak)))
-        exact = exact and (len(segment) == 1 or (found is not None and found[2]))
-        done, live = after, after_live
+            peaks.append((exported_peak, min(exported_peak, best[1] if best else exported_peak)))
+        exact = exact and (len(segment) == 1 or (best is not None and best[2]))
     order = _with_constants(graph, order, constant)
     exported = list(range(graph.num_steps))
     load = _load(graph, order, inplace)

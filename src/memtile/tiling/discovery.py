@@ -49,7 +49,7 @@ from memtile.tiling.planned import (
     PlannedPeak,
     planned_peak,
 )
-from memtile.tiling.rewrite import nbytes, node_named, propagate_shapes, shape
+from memtile.tiling.rewrite import independent_copy, nbytes, node_named, propagate_shapes, shape
 from memtile.tiling.stitch import Stitcher
 from memtile.trace import trace
 
@@ -231,7 +231,47 @@ def _span_ends(gm: fx.GraphModule, target: str) -> tuple[list[fx.Node], list[fx.
             choose([c for c in eligible if position[c] > position[node]]))
 
 
-def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> list[Candidate]:
+class _SpanCosts:
+    """(working bytes of one tile, conv MACs of all tiles) of an FFMT span split by a grid, each
+    worked out once per `tile` call: every round re-weighs mostly the same spans (mobilenet_v2:
+    1,800 weighings of about 4 ms, a few hundred distinct). A span is named by its input shape
+    and, per node, op, target, arguments and module object: rewrites copy a graph but share the
+    modules it calls (`copy_graph_module`), so one name cannot stand for two computations."""
+
+    def __init__(self) -> None:
+        self._spans: dict[tuple, tuple[fx.GraphModule, SpatialGraph] | MemtileError] = {}
+        self._costs: dict[tuple, tuple[int, int]] = {}
+
+    def __call__(self, gm: fx.GraphModule, path: FFMTPath, grid: tuple[int, int]
+                 ) -> tuple[int, int]:
+        """Raises the MemtileError that makes `path` no span (every time it is asked)."""
+        name = _span_name(gm, path)
+        if name not in self._spans:
+            try:
+                trunk = extract(gm, path)
+                self._spans[name] = trunk, SpatialGraph(trunk, layouts=True)
+            except MemtileError as error:
+                self._spans[name] = error
+        found = self._spans[name]
+        if isinstance(found, MemtileError):
+            raise found
+        if (name, grid) not in self._costs:
+            trunk, analysed = found
+            source, end = node_named(gm, path.source), node_named(gm, path.nodes[-1])
+            self._costs[name, grid] = FFMTTiles(trunk, shape(source), shape(end), grid,
+                                                analysed).costs
+        return self._costs[name, grid]
+
+
+def _span_name(gm: fx.GraphModule, path: FFMTPath) -> tuple:
+    nodes = [node_named(gm, name) for name in path.nodes]
+    return (tuple(shape(node_named(gm, path.source)) or ()), tuple(
+        (n.name, n.op, n.target, gm.get_submodule(n.target) if n.op == "call_module" else None,
+         repr(fx.map_arg((n.args, n.kwargs), lambda a: a.name))) for n in nodes))
+
+
+def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str],
+                     costs: _SpanCosts) -> list[Candidate]:
     found = []
     starts, ends = _span_ends(gm, target)
     for start in starts:
@@ -239,15 +279,13 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
             path = span(gm, start.name, end.name)
             out = shape(end)
             try:
-                trunk = extract(gm, path)
-                analysed = SpatialGraph(trunk, layouts=True)
-                whole = FFMTTiles(trunk, shape(start), out, (1, 1), analysed).conv_macs()
+                whole = costs(gm, path, (1, 1))[1]
                 for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
-                    tiles = FFMTTiles(trunk, shape(start), out, grid, analysed)
-                    collapse = Collapse(frozenset(path.nodes), tiles.tile_bytes())
+                    tile_bytes, macs = costs(gm, path, grid)
+                    collapse = Collapse(frozenset(path.nodes), tile_bytes)
                     found.append(Candidate(
                         "ffmt", (path,), grid[0] * grid[1], grid,
-                        estimate_peak(gm, collapse).objective, tiles.conv_macs() - whole, target,
+                        estimate_peak(gm, collapse).objective, macs - whole, target,
                     ))
             except MemtileError as error:
                 reasons.append(f"ffmt over {start.name}..{end.name}: {error}")
@@ -255,7 +293,8 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str]) -> lis
 
 
 def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
-                reasons: list[str], applied: Sequence[_Applied]) -> list[Candidate]:
+                reasons: list[str], applied: Sequence[_Applied], costs: _SpanCosts,
+                ) -> list[Candidate]:
     estimate = estimate_peak(gm)
     producers: list[str] = []
     for live in (estimate.live, estimate.live_without_input):
@@ -267,8 +306,8 @@ def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
             found += [c for path in fdt_paths_through(gm, target, reasons)
                       for c in _fdt_candidates(gm, [path], target)]
         if "ffmt" in methods:
-            found += _ffmt_candidates(gm, target, reasons)
-        found += _finer_candidates(gm, target, applied)
+            found += _ffmt_candidates(gm, target, reasons, costs)
+        found += _finer_candidates(gm, target, applied, costs)
     tied = _tied_fdt_paths(gm, estimate.at_peaks) if "fdt" in methods else []
     if len(tied) > 1:
         found += _fdt_candidates(gm, tied, tied[0].head)
@@ -277,8 +316,8 @@ def _candidates(gm: fx.GraphModule, methods: Sequence[str], mac_room: int,
     return sorted(better.values(), key=Candidate.key)
 
 
-def _finer_candidates(gm: fx.GraphModule, target: str,
-                      applied: Sequence[_Applied]) -> list[Candidate]:
+def _finer_candidates(gm: fx.GraphModule, target: str, applied: Sequence[_Applied],
+                      costs: _SpanCosts) -> list[Candidate]:
     """Finer splits of the accepted step that made `target`: more FDT partitions, or a grid
     with more FFMT tiles. Estimated on `gm` with the step's nodes collapsed to one step."""
     step = next((i for i, a in enumerate(applied) if any(target in m for m in a.made)), None)
@@ -298,19 +337,17 @@ def _finer_candidates(gm: fx.GraphModule, target: str,
                                  target=target, redo=step))
         return found
     region, path = regions[0], done.paths[0]
-    source, end = node_named(before, path.source), node_named(before, path.nodes[-1])
-    trunk = extract(before, path)
-    analysed = SpatialGraph(trunk, layouts=True)
-    now = FFMTTiles(trunk, shape(source), shape(end), done.grid, analysed).conv_macs()
+    end = shape(node_named(before, path.nodes[-1]))
+    now = costs(before, path, done.grid)[1]
     found = []
     for grid in GRIDS:
         if (grid[0] < done.grid[0] or grid[1] < done.grid[1] or grid == done.grid
-                or grid[0] > shape(end)[-2] or grid[1] > shape(end)[-1]):
+                or grid[0] > end[-2] or grid[1] > end[-1]):
             continue
-        tiles = FFMTTiles(trunk, shape(source), shape(end), grid, analysed)
-        estimate = estimate_peak(gm, Collapse(region, tiles.tile_bytes()))
+        tile_bytes, macs = costs(before, path, grid)
+        estimate = estimate_peak(gm, Collapse(region, tile_bytes))
         found.append(Candidate("ffmt", (path,), grid[0] * grid[1], grid, estimate.objective,
-                               tiles.conv_macs() - now, target, step))
+                               macs - now, target, step))
     return found
 
 
@@ -363,7 +400,7 @@ def tile(
         best = min(found, key=lambda f: (f.now.objective[:2], f.now.macs, len(f.steps)))
         if best.verify(setting):
             break
-    current, now = best.current, peaks.final(best.current, best.history[-1][2])
+    current, now = independent_copy(best.current), peaks.final(best.current, best.history[-1][2])
     steps = best.history[-1][2]  # the check of the model returned gave its error
     _, error, scale = setting.checks(current, steps) if steps else (True, *reference.compare(current))
     report = TileReport(
@@ -437,6 +474,7 @@ class _Setting:
     rejected: list[str]
     say: Callable[[str], None]
     deadline: float | None
+    span_costs: _SpanCosts = field(default_factory=_SpanCosts)
 
 
 class _Checks:
@@ -496,7 +534,7 @@ class _Search:
                and not _past(deadline)):
             current, now, applied = self.history[-1]
             candidates = _candidates(current, methods, setting.mac_limit - now.macs,
-                                     setting.rejected, applied)
+                                     setting.rejected, applied, setting.span_costs)
             for candidate in candidates[:TRIES]:
                 if _past(deadline):
                     return

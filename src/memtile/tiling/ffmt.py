@@ -85,16 +85,14 @@ def extract(gm: fx.GraphModule, path: FFMTPath) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def tile_regions(trunk: spatial.SpatialGraph, in_hw: tuple[int, int],
-                 grid: tuple[int, int]) -> list[tuple[spatial.Region, spatial.Region]]:
-    """(output region, input region) of every tile of a `grid` = (rows, cols) split."""
-    out_h, out_w = trunk.output_size(in_hw)
-    tiles = []
-    for rows in spatial.split(out_h, grid[0]):
-        for cols in spatial.split(out_w, grid[1]):
-            out = (rows, cols)
-            tiles.append((out, trunk.input_region(out, in_hw)))
-    return tiles
+def tile_needs(trunk: spatial.SpatialGraph, in_hw: tuple[int, int], grid: tuple[int, int]
+               ) -> list[tuple[spatial.Region, dict[fx.Node, spatial.Region]]]:
+    """(output region, region of every trunk node it needs) of every tile of a `grid` =
+    (rows, cols) split; the input's entry is the tile's input window."""
+    sizes = trunk.sizes(in_hw)
+    out_h, out_w = sizes[trunk.output]
+    return [((rows, cols), trunk.regions((rows, cols), in_hw, sizes))
+            for rows in spatial.split(out_h, grid[0]) for cols in spatial.split(out_w, grid[1])]
 
 
 class FFMTTiles(nn.Module):
@@ -109,14 +107,15 @@ class FFMTTiles(nn.Module):
         self.in_hw = tuple(in_shape[-2:])
         self.out_shape = tuple(out_shape)
         self.grid = grid
-        self.tiles = tile_regions(self.spatial, self.in_hw, grid)
+        needs = tile_needs(self.spatial, self.in_hw, grid)
+        self.tiles = [(out, need[self.spatial.input]) for out, need in needs]
         self.pixel_bytes = {n.name: _pixel_bytes(n, self.spatial.ops[n].dims)
                             for n in self.spatial.order}
         self.pixel_macs = {
             n.name: _pixel_bytes(n, op.dims) // _element_size(n) * op.module.weight[0].numel()
             for n, op in self.spatial.ops.items() if isinstance(op.module, nn.Conv2d)
         }
-        self.costs = self._costs()
+        self.costs = self._costs(needs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(self.out_shape)
@@ -130,8 +129,10 @@ class FFMTTiles(nn.Module):
         """An uninitialised tensor like `forward`'s result (shape propagation uses it)."""
         return x.new_empty(self.out_shape)
 
-    def _costs(self) -> tuple[int, int]:
-        """(largest working set of one tile in bytes, conv MACs of all tiles), from the regions.
+    def _costs(self, needs: list[tuple[spatial.Region, dict[fx.Node, spatial.Region]]]
+               ) -> tuple[int, int]:
+        """(largest working set of one tile in bytes, conv MACs of all tiles), from the regions
+        each tile needs (`tile_needs`).
 
         The working set counts the trunk values live while a tile runs (its input band is a view
         of the span's input; its result counts until copied); like the planner, an elementwise
@@ -140,16 +141,16 @@ class FFMTTiles(nn.Module):
         """
         sg = self.spatial
         last = {arg: node for node in sg.order for arg in sg.ops[node].inputs}
+        dies = {node: [a for a in dict.fromkeys(sg.ops[node].inputs)
+                       if last.get(a) is node and a is not sg.input] for node in sg.order}
         best, macs = 0, 0
-        for out, _ in self.tiles:
-            need = sg.regions(out, self.in_hw)
+        for _, need in needs:
             size = {n: self.pixel_bytes[n.name] * _area(r) for n, r in need.items()
                     if n is not sg.input}
             live = 0
             for node in (n for n in sg.order if n in need):  # unused ones do not run (dla34)
                 macs += self.pixel_macs.get(node.name, 0) * _area(need[node])
-                dying = [a for a in dict.fromkeys(sg.ops[node].inputs)
-                         if last.get(a) is node and a is not sg.input]
+                dying = dies[node]
                 if self._overwrites(node, dying, size):
                     continue
                 live += size[node]

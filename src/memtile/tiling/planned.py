@@ -23,7 +23,7 @@ from memtile.planner import plan_graph
 from memtile.planning import Plan, Problem, live_bytes, solve
 
 SCHEDULE_SECONDS = 2.0
-CANDIDATE_SCHEDULE_SECONDS = 0.25  # discovery's candidates; the model it returns gets the full limit
+CANDIDATE_SCHEDULE_SECONDS = 0.1  # discovery's candidates; the model it returns gets the full limit
 _ACCUMULATE = "aten.addmm.default"
 _WRITES_INTO = {"aten.slice_scatter.default", _ACCUMULATE}
 

@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from memtile import ops
 from memtile.errors import UnsupportedOpError
+from memtile.freeze import FrozenBatchNorm2d
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor],
@@ -31,7 +32,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor],
     in `before` under its name with the same op, target and arguments (by name), and whose
     inputs' metadata is unchanged, keeps its metadata from `before` and is not run: a rewrite
     runs only the nodes it made, their consumers, and any node whose inputs' shapes changed."""
-    prop = (ShapeProp(gm) if before is None  # made outside the mode: it keeps no fake copy of `gm`
+    prop = (_FakeShapeProp(gm) if before is None  # made outside the mode: no fake copy of `gm`
             else _Incremental(gm, before))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
@@ -49,7 +50,38 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple:
             fx.map_arg(node.kwargs, lambda n: n.name))
 
 
-class _Incremental(ShapeProp):
+class _FakeShapeProp(ShapeProp):
+    """ShapeProp on fake tensors that skips modules whose output shape is known without running
+    them: FFMT's tiles (`empty_output`: the shape they were made for; run tile by tile on fake
+    tensors they cost seconds) and batch norm in eval (the input's shape and layout; fake mode
+    runs its decomposition, about 10 ms a call, and discovery propagates hundreds)."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        empty = getattr(module, "empty_output", None)
+        if empty is not None:
+            return empty(*args, **kwargs)
+        if _is_eval_batch_norm(module) and len(args) == 1 and not kwargs:
+            return torch.empty_like(args[0], memory_format=_suggested_format(args[0]))
+        return super().call_module(target, args, kwargs)
+
+
+def _suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout batch norm gives its output: channels-last only for a channels-last input."""
+    channels_last = (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous())
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _is_eval_batch_norm(module: nn.Module) -> bool:
+    """A torch.nn (or frozen) batch norm normalizing with its running statistics."""
+    return (type(module).forward in (nn.modules.batchnorm._BatchNorm.forward,
+                                     FrozenBatchNorm2d.forward)
+            and (isinstance(module, FrozenBatchNorm2d)
+                 or (not module.training and module.track_running_stats)))
+
+
+class _Incremental(_FakeShapeProp):
     """ShapeProp that reuses the metadata of nodes a rewrite left alone (see propagate_shapes)."""
 
     def __init__(self, gm: fx.GraphModule, before: fx.GraphModule):
@@ -73,12 +105,6 @@ class _Incremental(ShapeProp):
         if old is None or n.meta.get("tensor_meta") != old[1]:
             self.changed.add(n.name)
         return result
-
-    def call_module(self, target, args, kwargs):
-        """A module with `empty_output` (FFMT's tiles: their output is the shape they were
-        made for) gives that without running (tile by tile, on fake tensors, costs seconds)."""
-        empty = getattr(self.fetch_attr(target), "empty_output", None)
-        return empty(*args, **kwargs) if empty is not None else super().call_module(target, args, kwargs)
 
 
 class _Unknown(Exception):
@@ -134,7 +160,19 @@ def fresh_name(gm: fx.GraphModule, stem: str) -> str:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """An independent copy (parameters included) so a rewrite never mutates the caller's model."""
+    """A copy of `gm` that a rewrite may edit without touching `gm`: its own graph (node metadata
+    copied) and module tree, sharing the modules the graph calls and the tensors it reads. No
+    rewrite edits a module in place (they make new ones), and discovery copies a model per
+    candidate: copying mobilenet_v2's parameters each time cost seconds per `tile`. The model
+    `tile` returns is copied deeply once (`independent_copy`)."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    copied.meta = dict(gm.meta)
+    return copied
+
+
+def independent_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy sharing nothing with `gm` (parameters included): the caller's model and the
+    model `tile` returns must not change each other."""
     return copy.deepcopy(gm)
 
 

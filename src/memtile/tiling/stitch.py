@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from memtile.capture import MemGraph, fast_capture
+from memtile.capture import MemGraph, core_aten_decompositions, fast_capture
 from memtile.spatial import SpatialGraph
 
 _SAME, _VIEW = "same", "view"  # how a piece's output aliases one of its inputs
@@ -221,7 +221,7 @@ def _trace_pieces(gm: fx.GraphModule, nodes: list[fx.Node],
         with torch.no_grad():
             traced, signature = aot_export_module(
                 fx.GraphModule(gm, graph), examples, trace_joint=False,
-                decompositions=torch.export.default_decompositions())
+                decompositions=core_aten_decompositions())
     except Exception as error:  # tracing raises many types; the whole trace says why
         raise _NotPiecewise(f"{nodes[0].name}..{nodes[-1].name} cannot be traced alone: "
                             f"{type(error).__name__}") from error
@@ -387,8 +387,9 @@ def _structure(module: nn.Module) -> tuple:
     tensors = tuple((k, _constant(t)) for k, t in
                     [*module._parameters.items(), *module._buffers.items()] if t is not None)
     children = tuple((k, _structure(c)) for k, c in module._modules.items() if c is not None)
-    code = module.code if isinstance(module, fx.GraphModule) else ""
-    return type(module), plain, tensors, children, code
+    if isinstance(module, fx.GraphModule):  # each instance has a class of its own; its code keys it
+        return fx.GraphModule, plain, tensors, children, module.code
+    return type(module), plain, tensors, children, ""
 
 
 def _constant(value) -> object:
