@@ -66,13 +66,16 @@ def test_eager_layout_outputs_equal_eager_bit_exact(name, shape):
 
 @pytest.mark.parametrize("name,shape", [*MODELS, ("vgg11", SMALL)])
 def test_channels_last_plans_convolutions_within_tolerance(name, shape):
-    """The default layout computes convolutions into the arena: none is left unplanned (except
-    ds_cnn_kws's first, a 1-channel input whose oneDNN kernel allocates 7x its output, refused
-    by measurement), and outputs are close to eager, call after call."""
+    """The default layout computes convolutions into the arena: none is left unplanned (except,
+    on some CPUs, ds_cnn_kws's first: a 1-channel input whose oneDNN kernel allocated 7x its
+    output on Intel, refused by measurement; on AMD EPYC it allocates nothing and is planned),
+    and outputs are close to eager, call after call."""
     model, inputs = zoo.get(name, input_shape=shape)
     module = PlannedModule(model, inputs)
     assert module.main.channels_last
-    assert len(unplanned_convolutions(module)) == (1 if name == "ds_cnn_kws" else 0)
+    unplanned = unplanned_convolutions(module)
+    assert len(unplanned) <= (1 if name == "ds_cnn_kws" else 0)
+    assert all("alloc" in why for why in unplanned), unplanned
     first = module(*inputs)
     assert close_to_eager(first, model, inputs)
     assert torch.equal(module(*inputs), first)  # the arena reused: the same values again
