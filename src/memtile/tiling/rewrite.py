@@ -93,36 +93,57 @@ class _Incremental(_FakeShapeProp):
     def run_node(self, n: fx.Node):
         old = self.old.get(n.name)
         if (old is not None and old[0] == _signature(self.module, n)
-                and self.changed.isdisjoint(a.name for a in n.all_input_nodes)):
-            try:
-                fake = _value_of(old[1])
-            except _Unknown:
-                pass
-            else:
-                n.meta["tensor_meta"] = old[1]
-                return fake
+                and self.changed.isdisjoint(a.name for a in n.all_input_nodes)
+                and _rebuildable(old[1])):
+            n.meta["tensor_meta"] = old[1]
+            return _Later(old[1])
         result = super().run_node(n)
         if old is None or n.meta.get("tensor_meta") != old[1]:
             self.changed.add(n.name)
         return result
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return fx.node.map_aggregate((args, kwargs), _made)
 
-class _Unknown(Exception):
-    """A value that metadata alone cannot rebuild (the node is run)."""
+
+class _Later:
+    """A reused node's value (an empty fake tensor), made only when a node that is run reads
+    it: most are never read (a rewrite runs a few nodes and their consumers), and making them
+    all cost a second per `tile` on mobilenet_v2."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        self._value = None
+
+    def value(self):
+        if self._value is None:
+            self._value = _value_of(self.meta)
+        return self._value
+
+
+def _made(value):
+    return value.value() if isinstance(value, _Later) else value
+
+
+def _rebuildable(meta) -> bool:
+    """Whether `_value_of` can make a value from `meta`."""
+    if isinstance(meta, TensorMetadata):
+        return not meta.is_quantized
+    if isinstance(meta, tuple | list):
+        return all(_rebuildable(m) for m in meta)
+    return meta is None or isinstance(meta, int | float | bool | str | torch.dtype)
 
 
 def _value_of(meta):
-    """An empty tensor (fake, inside the mode) for each TensorMetadata in `meta`."""
+    """An empty tensor (fake, inside the mode) for each TensorMetadata in `meta` (which must be
+    `_rebuildable`)."""
     if isinstance(meta, TensorMetadata):
-        if meta.is_quantized:
-            raise _Unknown
         return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype,
                                    requires_grad=meta.requires_grad)
     if isinstance(meta, tuple | list):
         return type(meta)(_value_of(m) for m in meta)
-    if meta is None or isinstance(meta, int | float | bool | str | torch.dtype):
-        return meta
-    raise _Unknown
+    return meta
 
 
 def shape(node: fx.Node) -> torch.Size | None:
