@@ -1,11 +1,25 @@
 import pytest
 import torch
+import torchvision
 
 from memtile import zoo
 from memtile.errors import InputShapeError, UnknownModelError
 
+HEAVY_PARAMETERS = 60_000_000  # building one (weights, calibrated norms) takes 3-37 s
 
-@pytest.mark.parametrize("name", zoo.torchvision_models())
+
+def _builds(name: str):
+    """A model to build; those over HEAVY_PARAMETERS (torchvision's metadata, nothing fetched)
+    only in the slow run, which keeps the default run under 15 minutes on 2 cores."""
+    try:
+        meta = next(iter(torchvision.models.get_model_weights(name))).meta
+    except ValueError:  # no weights registered: not known to be heavy
+        return name
+    heavy = meta.get("num_params", 0) > HEAVY_PARAMETERS
+    return pytest.param(name, marks=pytest.mark.slow) if heavy else name
+
+
+@pytest.mark.parametrize("name", [_builds(n) for n in zoo.torchvision_models()])
 def test_every_torchvision_model_builds(name):
     model = zoo.build(name)
     assert not model.training
