@@ -242,10 +242,12 @@ class _SpanCosts:
         self._spans: dict[tuple, tuple[fx.GraphModule, SpatialGraph] | MemtileError] = {}
         self._costs: dict[tuple, tuple[int, int]] = {}
 
-    def __call__(self, gm: fx.GraphModule, path: FFMTPath, grid: tuple[int, int]
-                 ) -> tuple[int, int]:
-        """Raises the MemtileError that makes `path` no span (every time it is asked)."""
-        name = _span_name(gm, path)
+    def __call__(self, gm: fx.GraphModule, path: FFMTPath
+                 ) -> Callable[[tuple[int, int]], tuple[int, int]]:
+        """The costs of `path` by grid; raises the MemtileError that makes `path` no span
+        (every time it is asked)."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        name = _span_name(gm, path, nodes)
         if name not in self._spans:
             try:
                 trunk = extract(gm, path)
@@ -255,19 +257,23 @@ class _SpanCosts:
         found = self._spans[name]
         if isinstance(found, MemtileError):
             raise found
-        if (name, grid) not in self._costs:
-            trunk, analysed = found
-            source, end = node_named(gm, path.source), node_named(gm, path.nodes[-1])
-            self._costs[name, grid] = FFMTTiles(trunk, shape(source), shape(end), grid,
-                                                analysed).costs
-        return self._costs[name, grid]
+        trunk, analysed = found
+        source, end = shape(nodes[path.source]), shape(nodes[path.nodes[-1]])
+
+        def split_by(grid: tuple[int, int]) -> tuple[int, int]:
+            if (name, grid) not in self._costs:
+                self._costs[name, grid] = FFMTTiles(trunk, source, end, grid, analysed).costs
+            return self._costs[name, grid]
+
+        return split_by
 
 
-def _span_name(gm: fx.GraphModule, path: FFMTPath) -> tuple:
-    nodes = [node_named(gm, name) for name in path.nodes]
-    return (tuple(shape(node_named(gm, path.source)) or ()), tuple(
+def _span_name(gm: fx.GraphModule, path: FFMTPath, nodes: dict[str, fx.Node]) -> tuple:
+    """What names a span in `_SpanCosts` (`nodes`: `gm`'s nodes by name)."""
+    return (tuple(shape(nodes[path.source]) or ()), tuple(
         (n.name, n.op, n.target, gm.get_submodule(n.target) if n.op == "call_module" else None,
-         repr(fx.map_arg((n.args, n.kwargs), lambda a: a.name))) for n in nodes))
+         repr(fx.map_arg((n.args, n.kwargs), lambda a: a.name)))
+        for n in (nodes[name] for name in path.nodes)))
 
 
 def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str],
@@ -279,9 +285,10 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str],
             path = span(gm, start.name, end.name)
             out = shape(end)
             try:
-                whole = costs(gm, path, (1, 1))[1]
+                split_by = costs(gm, path)
+                whole = split_by((1, 1))[1]
                 for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
-                    tile_bytes, macs = costs(gm, path, grid)
+                    tile_bytes, macs = split_by(grid)
                     collapse = Collapse(frozenset(path.nodes), tile_bytes)
                     found.append(Candidate(
                         "ffmt", (path,), grid[0] * grid[1], grid,
@@ -338,13 +345,14 @@ def _finer_candidates(gm: fx.GraphModule, target: str, applied: Sequence[_Applie
         return found
     region, path = regions[0], done.paths[0]
     end = shape(node_named(before, path.nodes[-1]))
-    now = costs(before, path, done.grid)[1]
+    split_by = costs(before, path)
+    now = split_by(done.grid)[1]
     found = []
     for grid in GRIDS:
         if (grid[0] < done.grid[0] or grid[1] < done.grid[1] or grid == done.grid
                 or grid[0] > end[-2] or grid[1] > end[-1]):
             continue
-        tile_bytes, macs = costs(before, path, grid)
+        tile_bytes, macs = split_by(grid)
         estimate = estimate_peak(gm, Collapse(region, tile_bytes))
         found.append(Candidate("ffmt", (path,), grid[0] * grid[1], grid, estimate.objective,
                                macs - now, target, step))
