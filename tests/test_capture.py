@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memtile import lifetimes, zoo
-from memtile.capture import OUTPUT, capture
+from memtile.capture import OUTPUT, capture, reusing_exports
 from memtile.errors import ExportError
 
 
@@ -96,6 +96,28 @@ def test_execution_order_changes_lifetimes():
     assert lifetimes.load(graph, order) == lifetimes.load(graph)
     with pytest.raises(ValueError, match="permutation"):
         lifetimes.load(graph, order[:-1])
+
+
+def test_reusing_exports_traces_a_model_once_and_hands_out_independent_copies(monkeypatch):
+    """`memtile report` captures one model in four sections: inside the scope it is exported
+    once per input shape; each caller may edit its graph (the executor does) alone."""
+    calls = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with reusing_exports():
+        first, second = capture(model, (x,)), capture(model, (x,))
+        capture(model, (torch.randn(2, 3, 16, 16),))
+    capture(model, (x,))
+    assert len(calls) == 3  # once per shape inside, then again outside
+    assert first.program.graph_module is not second.program.graph_module
+    assert first.program.state_dict["0.weight"] is model[0].weight
+    assert second.program.state_dict["0.weight"] is model[0].weight
+    relu = next(n for n in first.program.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
+    relu.target = torch.ops.aten.sigmoid.default
+    assert any("relu" in str(n.target) for n in second.program.graph.nodes)
+    torch.testing.assert_close(second.program.module()(x), model(x))
 
 
 def test_export_failure_names_the_construct():

@@ -183,12 +183,13 @@ def test_discovery_traces_only_the_nodes_a_rewrite_made(monkeypatch):
     assert original and len(original) == len(set(original))  # each traced once at most
 
 
-def test_discovery_exports_only_the_original_model(monkeypatch):
-    """Every candidate used to be exported again (about 2x fast_capture's CPU time each)."""
+def test_discovery_exports_nothing(monkeypatch):
+    """Every candidate used to be exported again (about 2x fast_capture's CPU time each), then
+    the original was; all are stitched from pieces now."""
     calls = []
     real = torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(64, 4, 1)).eval()
     _, report = tile(model, torch.randn(1, 4, 16, 16), methods=("fdt",))
-    assert report.steps and len(calls) == 1
+    assert report.steps and not calls

@@ -8,6 +8,8 @@ Inputs are live from step 0; graph outputs until the end.
 """
 
 import contextlib
+import contextvars
+import copy
 import functools
 import io
 import logging
@@ -181,7 +183,15 @@ def capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
 
 
 def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """torch.export + core ATen decompositions; a failure is an ExportError naming the cause."""
+    """torch.export + core ATen decompositions; a failure is an ExportError naming the cause.
+
+    Inside `reusing_exports`, a model exported before on inputs of the same shapes is not
+    traced again: the caller gets a copy of that program."""
+    reused = _REUSED.get()
+    key = (id(model), getattr(model, "training", None),
+           tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+    if reused is not None and key in reused:
+        return _own_copy(reused[key][1])
     if isinstance(model, torch.export.ExportedProgram):
         program = model
     else:
@@ -190,7 +200,32 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.E
                 program = torch.export.export(model, tuple(inputs), strict=False)
         except Exception as error:  # export raises many unrelated types
             raise ExportError(_export_failure(error)) from error
-    return program.run_decompositions()
+    program = program.run_decompositions()
+    if reused is not None:  # the model is kept so that its id names it while the scope lasts
+        reused[key] = (model, _own_copy(program))
+    return program
+
+
+_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reused", default=None)
+
+
+@contextlib.contextmanager
+def reusing_exports():
+    """A scope in which `export` (so `capture`, `PlannedModule`) traces each model once per
+    input shape. `memtile report` captures one model in four sections, at seconds each; the
+    model must not change structure or mode inside the scope (weights may: they are shared)."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
+def _own_copy(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A copy of `program` whose graph the caller may edit (the executor and export reorder
+    and annotate nodes), sharing its weights and constants with the model, as export does."""
+    shared = [*program.state_dict.values(), *program.constants.values()]
+    return copy.deepcopy(program, memo={id(value): value for value in shared})
 
 
 def fast_capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:

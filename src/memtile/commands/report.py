@@ -32,6 +32,8 @@ def sections() -> list[tuple[str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtile.capture import reusing_exports
+
     out = output_dir(args.out)
     model, inputs = load_model(args)
     header = (
@@ -44,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
     stage = Path(tempfile.mkdtemp(prefix=".memtile-report-", dir=out))
     try:
         parts = [header]
-        for name, module in sections():
-            started = time.perf_counter()
-            with console.status(f"report: {name} section"):
-                parts.append(module.report_section(args.model, model, inputs, stage))
-            console.print(f"[green]✓[/] {name} section ({time.perf_counter() - started:.1f} s)")
+        with reusing_exports():  # the sections capture one model: it is exported once
+            for name, module in sections():
+                started = time.perf_counter()
+                with console.status(f"report: {name} section"):
+                    parts.append(module.report_section(args.model, model, inputs, stage))
+                console.print(f"[green]✓[/] {name} section "
+                              f"({time.perf_counter() - started:.1f} s)")
         (stage / "index.md").write_text("\n".join(parts))
         for made in sorted(stage.iterdir()):
             with writing(out / made.name) as target:

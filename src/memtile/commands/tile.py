@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "batch": args.batch, "input_shape": list(inputs[0].shape[1:]),
                "method": args.method, **summary}
     if out is not None:
-        summary.update(_write_files(out, args.model, tiled, inputs, report))
+        summary.update(_write_memory_maps(out, args.model, report))
+        summary.update(_write_program(out, tiled, inputs))
     if args.json:
         print_json(summary)
     else:
@@ -96,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.budget_met else 1
 
 
-def _write_files(out: Path, name: str, tiled, inputs: tuple, report) -> dict:
-    """Memory maps of the plans before and after, and the tiled program for deployment."""
+def _write_memory_maps(out: Path, name: str, report) -> dict:
+    """Memory maps of the plans before and after."""
     files = {}
     try:
         from memtile.report.plots import memory_map
@@ -109,11 +110,15 @@ def _write_files(out: Path, name: str, tiled, inputs: tuple, report) -> dict:
             memory_map(planned.problem, planned.plan, path,
                        f"{name} {when} tiling: planned arena {format_bytes(planned.arena_bytes)}")
             files[f"memory_map_{when}_png"] = str(path)
+    return files
+
+
+def _write_program(out: Path, tiled, inputs: tuple) -> dict:
+    """The tiled program for deployment, `tiled.pt2` (exporting and saving it takes seconds)."""
     program = out / "tiled.pt2"
     with torch.no_grad():
         torch.export.save(torch.export.export(tiled, tuple(inputs)), program)
-    files["program_pt2"] = str(program)
-    return files
+    return {"program_pt2": str(program)}
 
 
 def _split(step: dict) -> str:
@@ -161,8 +166,12 @@ def table(summary: dict) -> Group:
 
 def report_section(name: str, model, inputs, out: Path) -> str:
     """Markdown for `memtile report`: discovery steps, peaks before/after, memory maps."""
-    summary, tiled, report = tile_summary(model, inputs)
-    files = _write_files(out, name, tiled, inputs, report)
+    summary, _, report = tile_summary(model, inputs)
+    return report_text(name, summary, _write_memory_maps(out, name, report))
+
+
+def report_text(name: str, summary: dict, files: dict) -> str:
+    """The tile section's markdown from `tile_summary`'s JSON and the pictures written."""
     rows = "\n".join(
         f"| {i} | {s['method']} | {_split(s)} "
         f"| `{s['ops'][0]}` .. `{s['ops'][-1]}` ({len(s['ops'])} ops) | "
@@ -193,5 +202,6 @@ and re-planned, and the outputs were checked against the original (max abs error
 | measured eager peak (allocator) | {format_bytes(summary['measured_peak_before_bytes'])} | {format_bytes(summary['measured_peak_after_bytes'])} |
 | conv/linear MACs | {summary['macs_before']:,} | {summary['macs_after']:,} ({summary['mac_overhead']:+.1%}) |
 
-{pictures}The tiled program is saved as `{Path(files['program_pt2']).name}` (`torch.export.save`).
+{pictures}To keep the tiled program: `memtile tile {name} --out DIR` saves it as `tiled.pt2`
+(`torch.export.save`), and `memtile export {name} --tile` writes it as an ExecuTorch program.
 """

@@ -431,11 +431,12 @@ class _PlannedPeaks:
     start from the same model and often try the same rewrites (mobilenet_v2: 5 of 30 re-plans
     repeated, each a capture and a schedule of seconds). A rewrite is named by its recipe, the
     accepted steps applied to the original in order: `_rebuild` makes the same graph from the
-    same recipe (a graph's code alone is not enough: an FFMT grid lives in its module). Only the
-    original goes through torch.export (which also checks that it exports) and the full schedule
-    limit; rewrites are captured by a `Stitcher`, which traces only the nodes a rewrite made
-    (the rest of its graph is spliced from pieces traced before), and scheduled with
-    CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the schedule's search spends all
+    same recipe (a graph's code alone is not enough: an FFMT grid lives in its module). Every
+    graph, the original included, is captured by one `Stitcher`, which traces only the nodes
+    not seen before (the rest of a graph is spliced from pieces traced before): the original's
+    pieces cost one trace of its nodes, a third of torch.export's two whole-model traces, and
+    are the pieces every rewrite reuses. Only the original gets the full schedule limit;
+    rewrites are scheduled with CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the schedule's search spends all
     its limit on the tiles' segment and keeps their exported order); `final` plans the chosen
     one with the full limit."""
 
@@ -447,10 +448,9 @@ class _PlannedPeaks:
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         recipe = _recipe(steps)
         if recipe not in self._found:
-            self._found[recipe] = (
-                planned_peak(gm, self.inputs, schedule_seconds=CANDIDATE_SCHEDULE_SECONDS,
-                             capture_with=self.stitch) if recipe
-                else planned_peak(gm, self.inputs, schedule_seconds=SCHEDULE_SECONDS))
+            seconds = CANDIDATE_SCHEDULE_SECONDS if recipe else SCHEDULE_SECONDS
+            self._found[recipe] = planned_peak(gm, self.inputs, schedule_seconds=seconds,
+                                               capture_with=self.stitch)
         return self._found[recipe]
 
     def final(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
