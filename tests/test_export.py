@@ -15,7 +15,7 @@ from memtile.errors import PlanVerificationError
 from memtile.export import ExecuTorchMissingError, export, require_executorch
 from memtile.export.check import fresh_inputs, planned_buffer_sizes
 from memtile.export.hook import MemtilePlanner, check_offsets
-from memtile.export.program import scheduled_program, to_edge_program
+from memtile.export.program import lower, scheduled_program, to_edge_program
 
 TOLERANCE = 1e-5
 
@@ -53,6 +53,42 @@ def assert_memtile_planned(result, path) -> None:
     assert result.load_bytes <= result.planned_arena_bytes
 
 
+def test_edge_program_skips_only_a_redundant_decomposition():
+    """memtile's programs are core ATen: `to_edge`'s re-decomposition is skipped, and the edge
+    program is op for op what `to_edge` makes (it would not be if ExecuTorch's edge passes
+    changed, or if a program still held ops its table decomposes)."""
+    from executorch.exir import to_edge
+
+    from memtile.export import program as programs
+
+    model, inputs = small_net()
+    program = scheduled_program(model, inputs)[0]
+    assert programs._decomposed(program)
+
+    def ops(edge):
+        return [(str(n.target), n.meta["val"].shape if hasattr(n.meta.get("val"), "shape")
+                 else None) for n in edge.exported_program().graph.nodes
+                if n.op == "call_function"]
+
+    assert ops(programs._edge(copy.deepcopy(program))) == ops(to_edge(copy.deepcopy(program)))
+    linear = torch.export.export(nn.Sequential(nn.Linear(3, 4), nn.Hardswish()).eval(),
+                                 (torch.randn(2, 3),))
+    assert not programs._decomposed(linear)  # aten.linear, hardswish: to_edge decomposes them
+    assert programs._decomposed(linear.run_decompositions())
+
+
+def test_greedy_arena_reported_is_what_executorch_default_planning_gives():
+    """The hook runs ExecuTorch's greedy on the specs it plans, instead of a second
+    `to_executorch`: the number must be the default lowering's arena, read from its program."""
+    model, inputs = small_net()
+    edge = to_edge_program(scheduled_program(model, inputs)[0])
+    planner = MemtilePlanner()
+    lower(edge, planner)
+    default = lower(edge).executorch_program.execution_plan[0].non_const_buffer_sizes
+    assert planner.record.greedy_bytes == sum(default)
+    assert planner.record.plan.arena_bytes < planner.record.greedy_bytes
+
+
 def test_small_net_arena_is_memtiles_and_below_greedy(tmp_path):
     """The hook is used: a model where memtile's plan (in-place pairs) beats ExecuTorch's
     greedy, so the file's arena differs from greedy's; it would equal it if bypassed."""
@@ -78,12 +114,30 @@ def test_small_net_tiled(tmp_path):
     assert run_through_runtime(tmp_path / "tiled.pte", model, inputs) <= TOLERANCE
 
 
+def _only_untraced(scheduled_program):
+    """`scheduled_program` for the caller's own model only (a GraphModule is tiling's)."""
+    def once(model, inputs):
+        assert not isinstance(model, torch.fx.GraphModule), "the tiled model was traced again"
+        return scheduled_program(model, inputs)
+    return once
+
+
 def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
-    """A "tiling" that changes nothing gives no smaller arena: the untiled program is written."""
+    """A "tiling" that changes nothing gives no smaller arena: the untiled program is written.
+    Its program is the stitched graph tiling planned (`tiled_program`), not traced again."""
     from memtile.export import pipeline
+    from memtile.tiling.planned import planned_peak
+    from memtile.tiling.rewrite import propagate_shapes
+    from memtile.tiling.stitch import Stitcher
+    from memtile.trace import trace
+
+    def unchanged(m, inputs, *_):
+        gm = propagate_shapes(trace(copy.deepcopy(m), inputs), inputs)
+        return gm, [{"step": 1}], planned_peak(gm, inputs, capture_with=Stitcher())
 
     model, inputs = small_net()
-    monkeypatch.setattr(pipeline, "_tiled", lambda m, *_: (copy.deepcopy(m), [{"step": 1}]))
+    monkeypatch.setattr(pipeline, "_tiled", unchanged)
+    monkeypatch.setattr(pipeline, "scheduled_program", _only_untraced(pipeline.scheduled_program))
     result = export(model, inputs, tmp_path / "n.pte", tile=True)
     assert not result.tiled and result.steps == [{"step": 1}]
     assert result.planned_arena_bytes == result.untiled_arena_bytes

@@ -6,7 +6,10 @@ an inclusive lifetime `[first, last]` in node indices of ExecuTorch's own graph.
 turns exactly those specs into a memtile `Problem` (half-open `[first, last + 1)`), pairs an
 elementwise out-variant op's output with an input that dies there (in-place sharing, as
 `memtile.inplace` does on the ATen graph), solves it with `memtile.planning.solve`, checks the
-result from the specs' side, and writes the offsets back. ExecuTorch's greedy is never called.
+result from the specs' side, and writes the offsets back. ExecuTorch's greedy never places
+anything: it is run on the same specs beside memtile's planner only to report its arena
+(`PlanningRecord.greedy_bytes`), which is what lowering the program again with ExecuTorch's
+default planning gives, without a second `to_executorch` (seconds).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from executorch.exir.memory_planning import MemoryAlgoResult, SpecAllocResult
+from executorch.exir.memory_planning import MemoryAlgoResult, SpecAllocResult, greedy
 from executorch.exir.tensor import TensorSpec
 
 from memtile.errors import PlanVerificationError, UnsupportedOpError
@@ -40,6 +43,7 @@ class PlanningRecord:
     specs: int
     inplace_pairs: int
     alignment: int
+    greedy_bytes: int  # ExecuTorch's default greedy on the same specs (not used for the .pte)
     groups: list[list[TensorSpec]] = field(repr=False, default_factory=list)
 
     @property
@@ -74,8 +78,10 @@ class MemtilePlanner:
                 result.spec_dict[spec] = SpecAllocResult(ARENA_ID, index, plan.offsets[index])
         _attach_views(specs, result)
         check_offsets(groups, plan.offsets)
+        greedy_bytes = sum(greedy(alignment, specs, graph_module, graph_signature,
+                                  extra_padding).bufsizes)
         self.record = PlanningRecord(problem, plan, len(roots), sum(len(g) - 1 for g in groups),
-                                     alignment, groups)
+                                     alignment, greedy_bytes, groups)
         return result
 
 

@@ -13,14 +13,13 @@ from memtile.errors import PlanVerificationError
 from memtile.export import ExportResult
 from memtile.export.check import compare, planned_buffer_sizes
 from memtile.export.hook import MemtilePlanner, PlanningRecord
-from memtile.export.program import lower, scheduled_program, to_edge_program
+from memtile.export.program import lower, scheduled_program, tiled_program, to_edge_program
 
 
 @dataclass
 class Lowered:
-    """One candidate program: its edge form, the memtile-planned lowering and the hook's record."""
+    """One candidate program: its memtile-planned lowering and the hook's record."""
 
-    edge: object
     program: object
     record: PlanningRecord
 
@@ -31,19 +30,23 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
     (the untiled program on a tie or when tiling did not lower it), then check the file."""
     began = time.perf_counter()
     model = model.eval()
-    plain = _lower(model, inputs, time_limit, say)
+    say("capturing and scheduling")
+    plain = _lower(scheduled_program(model, inputs)[0], time_limit, say)
     chosen, steps, tile_seconds = plain, [], 0.0
     if tile:
-        tiled, steps = _tiled(model, inputs, budget, max_mac_overhead, say)
-        tile_seconds = time.perf_counter() - began
-        candidate = _lower(tiled, inputs, time_limit, say)
+        started = time.perf_counter()
+        tiled, steps, planned = _tiled(model, inputs, budget, max_mac_overhead, say)
+        tile_seconds = time.perf_counter() - started
+        program = tiled_program(planned, inputs)
+        if program is None:
+            say("capturing and scheduling the tiled model")
+            program = scheduled_program(tiled, inputs)[0]
+        candidate = _lower(program, time_limit, say)
         if candidate.record.plan.arena_bytes < plain.record.plan.arena_bytes:
             chosen = candidate
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(chosen.program.buffer)
     record = chosen.record
-    say("planning the same program with ExecuTorch's greedy, for comparison")
-    greedy = sum(lower(chosen.edge).executorch_program.execution_plan[0].non_const_buffer_sizes)
     sizes = planned_buffer_sizes(out)
     if sizes != [0, record.plan.arena_bytes]:
         raise PlanVerificationError(
@@ -52,7 +55,7 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
     say("running the .pte with ExecuTorch's runtime")
     agreement = compare(out, model, inputs)
     return ExportResult(
-        str(out), out.stat().st_size, sum(sizes), record.plan.arena_bytes, greedy,
+        str(out), out.stat().st_size, sum(sizes), record.plan.arena_bytes, record.greedy_bytes,
         record.load_bytes, record.plan.optimal, record.plan.strategy, record.alignment,
         record.specs, record.inplace_pairs, agreement.vs_eager, chosen is not plain, steps, budget,
         round(time.perf_counter() - began, 2), round(tile_seconds, 2),
@@ -60,18 +63,18 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
         agreement.channels_last_vs_float64)
 
 
-def _lower(source: torch.nn.Module, inputs: tuple, time_limit: float, say) -> Lowered:
-    say("capturing and scheduling")
-    program, _ = scheduled_program(source, inputs)
+def _lower(program: torch.export.ExportedProgram, time_limit: float, say) -> Lowered:
+    """Edge dialect, then the .pte planned by memtile, of a program in memtile's op order."""
     say("lowering to the ExecuTorch edge dialect")
     edge = to_edge_program(program)
     say("planning ExecuTorch's tensor specs with memtile")
     planner = MemtilePlanner(time_limit=time_limit)
-    return Lowered(edge, lower(edge, planner), planner.record)
+    return Lowered(lower(edge, planner), planner.record)
 
 
 def _tiled(model, inputs, budget, max_mac_overhead, say):
-    """`memtile.tile`'s best model (also when a budget is not met: the arena check says so)."""
+    """`memtile.tile`'s best model (also when a budget is not met: the arena check says so),
+    its steps and its planned peak."""
     from memtile.tiling import BudgetNotMetError, tile
 
     say("tiling (FDT/FFMT path discovery)")
@@ -79,4 +82,4 @@ def _tiled(model, inputs, budget, max_mac_overhead, say):
         tiled, report = tile(model, inputs, budget, max_mac_overhead, progress=say)
     except BudgetNotMetError as error:
         tiled, report = error.model, error.report
-    return tiled, report.as_dict()["steps"]
+    return tiled, report.as_dict()["steps"], report.planned_after

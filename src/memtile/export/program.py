@@ -13,15 +13,20 @@ import copy
 import operator
 
 import torch
-from executorch.exir import EdgeProgramManager, ExecutorchBackendConfig, to_edge
+from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, to_edge
 from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+from executorch.exir.passes.remove_graph_asserts_pass import RemoveNonCoreAtenOpGraphAssertsPass
+from executorch.exir.program._program import _generate_edge_program  # pinned executorch 1.5.1
+from executorch.exir.tracer import _default_decomposition_table
+from executorch.exir.verification.verifier import EXIRATenDialectVerifier, EXIREdgeDialectVerifier
 
 from memtile.capture import MemGraph, capture
 from memtile.errors import ExportError, MemtileError, first_line
 from memtile.planner import PreparedGraph, prepare
-from memtile.tiling.planned import inplace_writes
+from memtile.tiling.planned import PlannedPeak, inplace_writes
+from memtile.tiling.stitch import StitchedGraph
 
 SCHEDULE_SECONDS = 5.0
 
@@ -33,6 +38,18 @@ def scheduled_program(model: torch.nn.Module, inputs: tuple, time_limit: float =
     ready = prepare(graph, time_limit=time_limit, extra_shared=inplace_writes(graph))
     apply_order(graph, ready.order)
     return graph.program, ready
+
+
+def tiled_program(planned: PlannedPeak, inputs: tuple) -> torch.export.ExportedProgram | None:
+    """The program of the graph `memtile.tile` planned last, in the order it planned it: its
+    stitched core ATen made an ExportedProgram, with no trace of the tiled model (torch.export
+    of a tiled mobilenet_v2 takes about 15 s). None when that graph was traced whole: capture
+    the tiled model then."""
+    if not isinstance(planned.graph, StitchedGraph):
+        return None
+    program = planned.graph.exported_program(inputs)
+    apply_order(MemGraph(program), planned.order)
+    return program
 
 
 def apply_order(graph: MemGraph, order: list[int]) -> None:
@@ -56,10 +73,32 @@ def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager
     """Edge dialect, with constants folded (weight transposes of linear layers are otherwise
     computed into planned memory at every call)."""
     try:
-        edge = to_edge(program)
+        edge = _edge(program) if _decomposed(program) else to_edge(program)
         return EdgeProgramManager(constant_prop_pass(edge.exported_program()))
     except Exception as error:
         raise ExportError(f"ExecuTorch cannot lower the program: {first_line(error)}") from error
+
+
+def _decomposed(program: torch.export.ExportedProgram) -> bool:
+    """Whether no op of the program is one ExecuTorch's decomposition table would rewrite: then
+    `to_edge`'s first step, `run_decompositions` with that table, re-traces the whole program
+    to the same ops (7 s of a tiled mobilenet_v2's 20 s in `to_edge`). memtile's programs are
+    core ATen already (`capture.export`, stitched tiling graphs)."""
+    table = _default_decomposition_table()
+    return not any(node.target in table for node in program.graph.nodes
+                   if node.op == "call_function")
+
+
+def _edge(program: torch.export.ExportedProgram) -> EdgeProgramManager:
+    """`to_edge` of a program `_decomposed` says is final: the same dialect checks before and
+    after ExecuTorch's edge passes, without the re-trace (tests/test_export.py compares the
+    two graphs op by op)."""
+    config = EdgeCompileConfig()
+    aten = RemoveNonCoreAtenOpGraphAssertsPass()(program.graph_module).graph_module
+    EXIRATenDialectVerifier(edge_compile_config=config, class_only=False)(aten)
+    edge = _generate_edge_program(config, program, preserve_ops=[])
+    EXIREdgeDialectVerifier(edge_compile_config=config, class_only=True)()(edge.graph_module)
+    return EdgeProgramManager({"forward": edge}, None, config)
 
 
 def lower(edge: EdgeProgramManager, algorithm=None):

@@ -13,7 +13,7 @@ from a view of the accumulator: that result shares the accumulator's buffer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -68,6 +68,8 @@ class PlannedPeak:
     problem: Problem
     plan: Plan
     crowding: int  # steps whose live bytes (without inputs) reach their maximum
+    graph: MemGraph = field(repr=False, compare=False)  # what was planned, in the op `order`
+    order: list[int] = field(repr=False, compare=False)
 
     @property
     def objective(self) -> tuple[int, int, int]:
@@ -92,7 +94,7 @@ def graph_peak(g: MemGraph, schedule_seconds: float = SCHEDULE_SECONDS) -> Plann
     rest = replace(problem, buffers=[b for b in problem.buffers if b.id not in inputs_only])
     without = solve(rest, "best").arena_bytes if rest.buffers else 0
     return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan,
-                       _crowding(rest))
+                       _crowding(rest), g, planned.prepared.order)
 
 
 def _crowding(problem: Problem) -> int:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from memtile.capture import MemGraph, core_aten_decompositions, fast_capture
 from memtile.spatial import SpatialGraph
 
@@ -58,6 +60,61 @@ class _Tensor:
 
     def __init__(self, node: fx.Node, storage: int, view: bool = False):
         self.node, self.storage, self.view = node, storage, view
+
+
+class StitchedGraph(MemGraph):
+    """A stitched MemGraph, which can be lowered as it is: its placeholders are `module`'s
+    parameters, then its buffers (each occurrence, as `_FlatRoot` names them), then the inputs."""
+
+    def __init__(self, module: fx.GraphModule, graph: fx.Graph, user_inputs: list[str]):
+        super().__init__(None, graph, user_inputs)
+        self.module, self.graph = module, graph
+
+    def exported_program(self, inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+        """The core-ATen ExportedProgram of `module` on `inputs`, made from (a copy of) this
+        graph with no further trace: the ops `capture.export` gives with two whole-model traces
+        (tens of seconds for a tiled model), under other node names."""
+        from torch.export import graph_signature as sig
+        from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+        from torch.utils import _pytree as pytree
+
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        root = _FlatRoot(self.module)
+        parameters = list(root.named_parameters(remove_duplicate=False))
+        buffers = list(root.named_buffers(remove_duplicate=False))
+        values = [*parameters, *buffers, *((None, x) for x in inputs)]
+        holders = [n for n in graph.nodes if n.op == "placeholder"]
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:  # one fake mode for every value, as a program from one trace has
+            for node in graph.nodes:
+                node.meta["val"] = pytree.tree_map_only(torch.Tensor, _refaked, node.meta.get("val"))
+        specs, state, constants = [], {}, {}
+        for index, (holder, (name, tensor)) in enumerate(zip(holders, values, strict=True)):
+            holder.meta["val"] = fake.from_tensor(tensor)
+            argument = sig.TensorArgument(holder.name)
+            if name is None:
+                specs.append(sig.InputSpec(sig.InputKind.USER_INPUT, argument, None))
+                continue
+            target = name.removeprefix("model.")
+            if index < len(parameters):
+                specs.append(sig.InputSpec(sig.InputKind.PARAMETER, argument, target))
+                state[target] = tensor
+                continue
+            owner, _, attribute = name.rpartition(".")
+            persistent = attribute not in root.get_submodule(owner)._non_persistent_buffers_set
+            specs.append(sig.InputSpec(sig.InputKind.BUFFER, argument, target, persistent))
+            (state if persistent else constants)[target] = tensor
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        results, out_spec = pytree.tree_flatten(output.args[0])
+        output.args = (tuple(results),)
+        outputs = [sig.OutputSpec(sig.OutputKind.USER_OUTPUT, sig.TensorArgument(n.name), None)
+                   for n in results]
+        call = ModuleCallSignature([], [], pytree.tree_flatten((tuple(inputs), {}))[1], out_spec)
+        return torch.export.ExportedProgram(
+            fx.GraphModule(torch.nn.Module(), graph), graph,
+            sig.ExportGraphSignature(specs, outputs), state, {},
+            [ModuleCallEntry("", call)], constants=constants)
 
 
 class _NotPiecewise(Exception):
@@ -127,7 +184,7 @@ class Stitcher:
         if mutated & viewed:
             raise _NotPiecewise("a storage is both mutated and viewed across nodes")
         out.eliminate_dead_code()
-        return MemGraph(None, out, [t.node.name for t in user])
+        return StitchedGraph(gm, out, [t.node.name for t in user])
 
     def _trace(self, gm: fx.GraphModule, nodes: list[fx.Node], keys: dict,
                dirty: list[frozenset[int]] | None = None) -> None:
@@ -170,6 +227,13 @@ def _splice(gm: fx.GraphModule, node: fx.Node, piece: _Piece, out: fx.Graph,
         else:
             made.append(_Tensor(new, args[alias[1]].storage, view=True))
     value[node] = tuple(made) if _returns_tuple(node) else made[0]
+
+
+def _refaked(value: torch.Tensor) -> torch.Tensor:
+    """A fake tensor of the current fake mode with `value`'s layout (stitched pieces come from
+    traces of their own, each with its own mode; a constant's value is a meta tensor)."""
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                               device="cpu" if value.device.type == "meta" else value.device)
 
 
 def _current(value):
