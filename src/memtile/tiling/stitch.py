@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memtile.capture import MemGraph, core_aten_decompositions, fast_capture
