@@ -114,17 +114,10 @@ def test_small_net_tiled(tmp_path):
     assert run_through_runtime(tmp_path / "tiled.pte", model, inputs) <= TOLERANCE
 
 
-def _only_untraced(scheduled_program):
-    """`scheduled_program` for the caller's own model only (a GraphModule is tiling's)."""
-    def once(model, inputs):
-        assert not isinstance(model, torch.fx.GraphModule), "the tiled model was traced again"
-        return scheduled_program(model, inputs)
-    return once
-
-
 def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
     """A "tiling" that changes nothing gives no smaller arena: the untiled program is written.
-    Its program is the stitched graph tiling planned (`tiled_program`), not traced again."""
+    Both programs are the stitched graphs tiling planned (`planned_program`): nothing is
+    captured again."""
     from memtile.export import pipeline
     from memtile.tiling.planned import planned_peak
     from memtile.tiling.rewrite import propagate_shapes
@@ -133,11 +126,12 @@ def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
 
     def unchanged(m, inputs, *_):
         gm = propagate_shapes(trace(copy.deepcopy(m), inputs), inputs)
-        return gm, [{"step": 1}], planned_peak(gm, inputs, capture_with=Stitcher())
+        planned = planned_peak(gm, inputs, capture_with=Stitcher())
+        return gm, [{"step": 1}], planned, planned
 
     model, inputs = small_net()
     monkeypatch.setattr(pipeline, "_tiled", unchanged)
-    monkeypatch.setattr(pipeline, "scheduled_program", _only_untraced(pipeline.scheduled_program))
+    monkeypatch.setattr(pipeline, "scheduled_program", lambda *_: pytest.fail("captured again"))
     result = export(model, inputs, tmp_path / "n.pte", tile=True)
     assert not result.tiled and result.steps == [{"step": 1}]
     assert result.planned_arena_bytes == result.untiled_arena_bytes

@@ -193,3 +193,36 @@ def test_discovery_exports_nothing(monkeypatch):
                                 torch.nn.Conv2d(64, 4, 1)).eval()
     _, report = tile(model, torch.randn(1, 4, 16, 16), methods=("fdt",))
     assert report.steps and not calls
+
+
+class TiedAndUnsaved(nn.Module):
+    """One convolution's weight used twice and a non-persistent buffer: the placeholders and
+    state of a program made from a stitched graph must still line up."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.again = nn.Conv2d(3, 3, 3, padding=1)
+        self.again.weight = self.conv.weight
+        self.register_buffer("shift", torch.linspace(-1, 1, 3).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (self.again(self.conv(x).relu()) + self.shift,)
+
+
+@pytest.mark.parametrize("model", [InPlace(), TiedAndUnsaved()], ids=["in_place", "tied"])
+def test_stitched_graph_becomes_the_exported_program_without_a_trace(model, monkeypatch):
+    """`StitchedGraph.exported_program` (what `memtile export --tile` lowers) computes what the
+    model computes and holds the ops `capture` exports, with nothing traced again."""
+    stitcher, stitched, gm, inputs = stitch_small(model)
+    assert isinstance(stitched, stitch.StitchedGraph) and not stitcher.fallbacks
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("traced again"))
+    program = stitched.exported_program(inputs)
+    monkeypatch.undo()
+    ops, tensors, buffers = memory_picture(MemGraph(program))
+    want_ops, want_tensors, want_buffers = memory_picture(capture(model, inputs))
+    assert (ops, buffers) == (want_ops, want_buffers)
+    assert ([t for t in tensors if t[3] != "parameter"]  # unused weights are left out
+            == [t for t in want_tensors if t[3] != "parameter"])
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*inputs), model(*inputs))

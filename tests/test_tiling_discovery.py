@@ -399,6 +399,27 @@ def test_batch_norm_shapes_are_propagated_without_running_it(monkeypatch):
     assert fake.graph.find_nodes(op="call_module", target="1")[0].meta["tensor_meta"].stride[1] == 1
 
 
+def test_fdt_partial_sums_are_propagated_without_their_gemm(tiled_mlp, monkeypatch):
+    """FDT's `PartialSum` writes into its accumulator: shape propagation takes the accumulator
+    as its result instead of running the out= GEMM on fake tensors; the metadata is a real
+    run's."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from memtile.tiling.fdt import PartialSum
+
+    _, x, tiled, _ = tiled_mlp
+    assert any(isinstance(m, PartialSum) for m in tiled.modules())
+    real = copy.deepcopy(tiled)
+    with torch.no_grad():
+        ShapeProp(real).propagate(x)
+    ran = []
+    monkeypatch.setattr(PartialSum, "forward", lambda self, total, x: ran.append(x) or total)
+    fake = propagate_shapes(copy.deepcopy(tiled), (x,))
+    assert not ran
+    metas = [(n.name, n.meta["tensor_meta"]) for n in fake.graph.nodes if n.op != "output"]
+    assert metas == [(n.name, n.meta["tensor_meta"]) for n in real.graph.nodes if n.op != "output"]
+
+
 def test_tile_command_saves_the_tiled_program_and_the_report_points_to_it(tiled_mlp, tmp_path):
     """`memtile tile --out` keeps the tiled program as `tiled.pt2`, which runs as the model does;
     the report's tile section does not export it again (seconds) but says how to get it."""
@@ -412,3 +433,21 @@ def test_tile_command_saves_the_tiled_program_and_the_report_points_to_it(tiled_
     assert "memtile tile mlp --out DIR" in tile_command.report_text(
         "mlp", report.as_dict() | {"measured_peak_before_bytes": 1, "measured_peak_after_bytes": 1,
                                    "max_abs_error": 0.0, "output_scale": 1.0}, {})
+
+
+def test_one_liveness_pass_weighs_every_grid_of_a_span_as_estimate_peak_does():
+    """FFMT candidates are weighed for nine grids from one pass (`collapsed_objectives`); each
+    objective must be what `estimate_peak` gives with that grid's working bytes."""
+    from memtile.tiling.estimate import Collapse, collapsed_objectives, estimate_peak
+    from memtile.tiling.ffmt import cuts, span
+    from memtile.trace import trace
+
+    model, inputs = zoo.get("mobilenet_v2_035_144", batch=1)
+    gm = propagate_shapes(trace(model, inputs), inputs)
+    ends = [n.name for n in cuts(gm)]
+    extras = [0, 1, 4096, 10**6, 10**8]
+    for first, last in [(0, 8), (3, 12), (8, 20)]:
+        nodes = frozenset(span(gm, ends[first], ends[last]).nodes)
+        expected = [estimate_peak(gm, Collapse(nodes, extra)).objective for extra in extras]
+        assert collapsed_objectives(gm, nodes, extras) == expected
+        assert len(set(expected)) > 2  # the extra bytes move the peak

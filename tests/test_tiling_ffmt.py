@@ -158,3 +158,30 @@ def test_ffmt_tiles_through_permuted_layer_norms(grid):
     nhwc = [n.name for n in tiles.spatial.order if tiles.spatial.ops[n].dims != (-2, -1)]
     assert nhwc and all(tiles.pixel_bytes[name] == 8 * 4 for name in nhwc)  # C floats
     assert tiles.tile_bytes() < nbytes(next(n for n in gm.graph.nodes if n.name == "_2_fc1"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(trunk=trunks(), size=st.integers(12, 24), data=st.data())
+def test_tile_regions_are_their_strips_rows_and_columns(trunk, size, data):
+    """`tile_needs` walks the regions of row strips and column strips only; every tile's
+    regions must be what a walk from that tile's own output region gives."""
+    from memtile.spatial import SpatialGraph, split
+    from memtile.tiling.ffmt import tile_needs
+
+    model, channels = trunk
+    x = torch.randn(1, channels, size, size)
+    try:
+        out_h, out_w = model(x).shape[-2:]
+    except RuntimeError:  # the random trunk shrank the map below a kernel
+        assume(False)
+    grid = (data.draw(st.integers(1, out_h)), data.draw(st.integers(1, out_w)))
+    graph = SpatialGraph(model)
+    walks = []
+    walk = graph.regions
+    graph.regions = lambda *a: walks.append(a) or walk(*a)
+    needs = tile_needs(graph, (size, size), grid)
+    del graph.regions
+    assert len(walks) == grid[0] + grid[1]
+    tiles = [(rows, cols) for rows in split(out_h, grid[0]) for cols in split(out_w, grid[1])]
+    assert [out for out, _ in needs] == tiles
+    assert all(need == graph.regions(out, (size, size)) for out, need in needs)

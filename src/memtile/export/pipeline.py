@@ -13,7 +13,8 @@ from memtile.errors import PlanVerificationError
 from memtile.export import ExportResult
 from memtile.export.check import compare, planned_buffer_sizes
 from memtile.export.hook import MemtilePlanner, PlanningRecord
-from memtile.export.program import lower, scheduled_program, tiled_program, to_edge_program
+from memtile.export.program import lower, planned_program, scheduled_program, to_edge_program
+from memtile.tiling.planned import PlannedPeak
 
 
 @dataclass
@@ -30,20 +31,16 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
     (the untiled program on a tie or when tiling did not lower it), then check the file."""
     began = time.perf_counter()
     model = model.eval()
-    say("capturing and scheduling")
-    plain = _lower(scheduled_program(model, inputs)[0], time_limit, say)
-    chosen, steps, tile_seconds = plain, [], 0.0
+    steps, tile_seconds = [], 0.0
     if tile:
         started = time.perf_counter()
-        tiled, steps, planned = _tiled(model, inputs, budget, max_mac_overhead, say)
+        tiled, steps, before, after = _tiled(model, inputs, budget, max_mac_overhead, say)
         tile_seconds = time.perf_counter() - started
-        program = tiled_program(planned, inputs)
-        if program is None:
-            say("capturing and scheduling the tiled model")
-            program = scheduled_program(tiled, inputs)[0]
-        candidate = _lower(program, time_limit, say)
-        if candidate.record.plan.arena_bytes < plain.record.plan.arena_bytes:
-            chosen = candidate
+        plain = _lower(_program(before, model, inputs, say), time_limit, say)
+        candidate = _lower(_program(after, tiled, inputs, say), time_limit, say)
+        chosen = candidate if candidate.record.plan.arena_bytes < plain.record.plan.arena_bytes else plain
+    else:
+        chosen = plain = _lower(_program(None, model, inputs, say), time_limit, say)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(chosen.program.buffer)
     record = chosen.record
@@ -63,6 +60,17 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
         agreement.channels_last_vs_float64)
 
 
+def _program(planned: PlannedPeak | None, model: torch.nn.Module, inputs: tuple, say
+             ) -> torch.export.ExportedProgram:
+    """The scheduled core-ATen program of `model`: the graph tiling planned for it when there is
+    one (`planned_program`: no trace), else captured and scheduled."""
+    program = planned_program(planned, inputs) if planned is not None else None
+    if program is None:
+        say("capturing and scheduling")
+        program = scheduled_program(model, inputs)[0]
+    return program
+
+
 def _lower(program: torch.export.ExportedProgram, time_limit: float, say) -> Lowered:
     """Edge dialect, then the .pte planned by memtile, of a program in memtile's op order."""
     say("lowering to the ExecuTorch edge dialect")
@@ -74,7 +82,7 @@ def _lower(program: torch.export.ExportedProgram, time_limit: float, say) -> Low
 
 def _tiled(model, inputs, budget, max_mac_overhead, say):
     """`memtile.tile`'s best model (also when a budget is not met: the arena check says so),
-    its steps and its planned peak."""
+    its steps, and the planned peaks of the model before and after tiling."""
     from memtile.tiling import BudgetNotMetError, tile
 
     say("tiling (FDT/FFMT path discovery)")
@@ -82,4 +90,4 @@ def _tiled(model, inputs, budget, max_mac_overhead, say):
         tiled, report = tile(model, inputs, budget, max_mac_overhead, progress=say)
     except BudgetNotMetError as error:
         tiled, report = error.model, error.report
-    return tiled, report.as_dict()["steps"], report.planned_after
+    return tiled, report.as_dict()["steps"], report.planned_before, report.planned_after

@@ -40,11 +40,11 @@ def scheduled_program(model: torch.nn.Module, inputs: tuple, time_limit: float =
     return graph.program, ready
 
 
-def tiled_program(planned: PlannedPeak, inputs: tuple) -> torch.export.ExportedProgram | None:
-    """The program of the graph `memtile.tile` planned last, in the order it planned it: its
-    stitched core ATen made an ExportedProgram, with no trace of the tiled model (torch.export
-    of a tiled mobilenet_v2 takes about 15 s). None when that graph was traced whole: capture
-    the tiled model then."""
+def planned_program(planned: PlannedPeak, inputs: tuple) -> torch.export.ExportedProgram | None:
+    """The program of a graph `memtile.tile` planned (the model before or after tiling), in the
+    order it planned it: its stitched core ATen made an ExportedProgram, with no trace
+    (torch.export of a tiled mobilenet_v2 takes about 15 s). None when that graph was traced
+    whole: capture the model then."""
     if not isinstance(planned.graph, StitchedGraph):
         return None
     program = planned.graph.exported_program(inputs)

@@ -40,7 +40,7 @@ from torch import fx, nn
 from memtile.errors import BudgetError, MemtileError
 from memtile.spatial import SpatialGraph
 from memtile.tiling.check import Reference
-from memtile.tiling.estimate import Collapse, estimate_peak, is_elementwise
+from memtile.tiling.estimate import Collapse, collapsed_objectives, estimate_peak, is_elementwise
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
 from memtile.tiling.planned import (
@@ -287,13 +287,14 @@ def _ffmt_candidates(gm: fx.GraphModule, target: str, reasons: list[str],
             try:
                 split_by = costs(gm, path)
                 whole = split_by((1, 1))[1]
-                for grid in (g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]):
-                    tile_bytes, macs = split_by(grid)
-                    collapse = Collapse(frozenset(path.nodes), tile_bytes)
-                    found.append(Candidate(
-                        "ffmt", (path,), grid[0] * grid[1], grid,
-                        estimate_peak(gm, collapse).objective, macs - whole, target,
-                    ))
+                grids = [g for g in GRIDS if g[0] <= out[-2] and g[1] <= out[-1]]
+                split = [split_by(grid) for grid in grids]
+                estimated = collapsed_objectives(gm, frozenset(path.nodes),
+                                                 [tile_bytes for tile_bytes, _ in split])
+                found += [Candidate("ffmt", (path,), grid[0] * grid[1], grid, objective,
+                                    macs - whole, target)
+                          for grid, (_, macs), objective in zip(grids, split, estimated,
+                                                                strict=True)]
             except MemtileError as error:
                 reasons.append(f"ffmt over {start.name}..{end.name}: {error}")
     return found

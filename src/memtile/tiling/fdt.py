@@ -67,6 +67,11 @@ class PartialSum(nn.Module):
             torch.addmm(out, x.reshape(-1, x.shape[-1]), self.weight.t(), out=out)
         return total
 
+    def empty_output(self, total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`forward`'s result without the GEMM: `total` itself (shape propagation runs FDT
+        rewrites hundreds of times; a fake out= GEMM costs milliseconds)."""
+        return total
+
 
 def multiplies_into(gm: fx.GraphModule, tail: fx.Node) -> bool:
     """A tail whose partial sums `PartialSum` can write straight into the accumulator: linear,

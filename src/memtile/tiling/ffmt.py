@@ -88,11 +88,18 @@ def extract(gm: fx.GraphModule, path: FFMTPath) -> fx.GraphModule:
 def tile_needs(trunk: spatial.SpatialGraph, in_hw: tuple[int, int], grid: tuple[int, int]
                ) -> list[tuple[spatial.Region, dict[fx.Node, spatial.Region]]]:
     """(output region, region of every trunk node it needs) of every tile of a `grid` =
-    (rows, cols) split; the input's entry is the tile's input window."""
+    (rows, cols) split; the input's entry is the tile's input window.
+
+    Windows, clipping and hulls act on H and W apart, so a tile's regions are its row strip's
+    rows and its column strip's columns: rows + cols region walks instead of rows x cols."""
     sizes = trunk.sizes(in_hw)
     out_h, out_w = sizes[trunk.output]
-    return [((rows, cols), trunk.regions((rows, cols), in_hw, sizes))
-            for rows in spatial.split(out_h, grid[0]) for cols in spatial.split(out_w, grid[1])]
+    strips = [(rows, trunk.regions((rows, (0, out_w)), in_hw, sizes))
+              for rows in spatial.split(out_h, grid[0])]
+    columns = [(cols, trunk.regions(((0, out_h), cols), in_hw, sizes))
+               for cols in spatial.split(out_w, grid[1])]
+    return [((rows, cols), {node: (across[node][0], down[node][1]) for node in across})
+            for rows, across in strips for cols, down in columns]
 
 
 class FFMTTiles(nn.Module):

@@ -52,8 +52,9 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple:
 
 class _FakeShapeProp(ShapeProp):
     """ShapeProp on fake tensors that skips modules whose output shape is known without running
-    them: FFMT's tiles (`empty_output`: the shape they were made for; run tile by tile on fake
-    tensors they cost seconds) and batch norm in eval (the input's shape and layout; fake mode
+    them: those with an `empty_output` (FFMT's tiles: the shape they were made for, where a run
+    tile by tile on fake tensors costs seconds; FDT's `PartialSum`: the accumulator it writes
+    into) and batch norm in eval (the input's shape and layout; fake mode
     runs its decomposition, about 10 ms a call, and discovery propagates hundreds)."""
 
     def call_module(self, target, args, kwargs):

@@ -95,6 +95,9 @@ class StitchedGraph(MemGraph):
             if name is None:
                 specs.append(sig.InputSpec(sig.InputKind.USER_INPUT, argument, None))
                 continue
+            if not holder.users:  # a tied weight's second name (the graph reads the first)
+                graph.erase_node(holder)
+                continue
             target = name.removeprefix("model.")
             if index < len(parameters):
                 specs.append(sig.InputSpec(sig.InputKind.PARAMETER, argument, target))
