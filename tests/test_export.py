@@ -116,7 +116,7 @@ def test_small_net_tiled(tmp_path):
 
 def test_tiling_kept_only_when_it_lowers_the_arena(tmp_path, monkeypatch):
     """A "tiling" that changes nothing gives no smaller arena: the untiled program is written.
-    Both programs are the stitched graphs tiling planned (`planned_program`): nothing is
+    Both programs are the stitched graphs tiling planned (`PlannedPeak.program`): nothing is
     captured again."""
     from memtile.export import pipeline
     from memtile.tiling.planned import planned_peak

@@ -214,7 +214,7 @@ class TiedAndUnsaved(nn.Module):
 def test_stitched_graph_becomes_the_exported_program_without_a_trace(model, monkeypatch):
     """`StitchedGraph.exported_program` (what `memtile export --tile` lowers) computes what the
     model computes and holds the ops `capture` exports, with nothing traced again."""
-    stitcher, stitched, gm, inputs = stitch_small(model)
+    stitcher, stitched, _, inputs = stitch_small(model)
     assert isinstance(stitched, stitch.StitchedGraph) and not stitcher.fallbacks
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("traced again"))
     program = stitched.exported_program(inputs)

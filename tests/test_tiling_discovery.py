@@ -420,13 +420,17 @@ def test_fdt_partial_sums_are_propagated_without_their_gemm(tiled_mlp, monkeypat
     assert metas == [(n.name, n.meta["tensor_meta"]) for n in real.graph.nodes if n.op != "output"]
 
 
-def test_tile_command_saves_the_tiled_program_and_the_report_points_to_it(tiled_mlp, tmp_path):
-    """`memtile tile --out` keeps the tiled program as `tiled.pt2`, which runs as the model does;
-    the report's tile section does not export it again (seconds) but says how to get it."""
+def test_tile_command_saves_the_tiled_program_and_the_report_points_to_it(tiled_mlp, tmp_path,
+                                                                          monkeypatch):
+    """`memtile tile --out` keeps the tiled program as `tiled.pt2` (tiling's own graph, not
+    exported again), which runs as the model does; the report's tile section does not save it
+    but says how to get it."""
     from memtile.commands import tile as tile_command
 
     model, x, tiled, report = tiled_mlp
-    files = tile_command._write_program(tmp_path, tiled, (x,))
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: pytest.fail("exported again"))
+    files = tile_command._write_program(tmp_path, tiled, (x,), report)
+    monkeypatch.undo()
     loaded = torch.export.load(files["program_pt2"]).module()
     with torch.no_grad():  # an inference program: FDT accumulates with out= kernels
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)

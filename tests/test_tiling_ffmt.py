@@ -62,17 +62,23 @@ def tile_whole(model: nn.Module, x: torch.Tensor, grid: tuple[int, int]):
     return gm, apply_ffmt(gm, span(gm, nodes[0].name, nodes[-1].name), grid)
 
 
+def random_case(trunk, size: int, data):
+    """(model, input, its output's (H, W), a grid of at most H x W tiles) of a drawn trunk."""
+    model, channels = trunk
+    x = torch.randn(1, channels, size, size)
+    try:
+        out_hw = tuple(model(x).shape[-2:])
+    except RuntimeError:  # the random trunk shrank the map below a kernel
+        assume(False)
+    return model, x, out_hw, (data.draw(st.integers(1, out_hw[0])),
+                              data.draw(st.integers(1, out_hw[1])))
+
+
 @settings(max_examples=30, deadline=None)
 @given(trunk=trunks(), size=st.integers(12, 24), data=st.data())
 def test_ffmt_random_spans_are_equivalent(trunk, size, data):
     torch.manual_seed(0)
-    model, channels = trunk
-    x = torch.randn(1, channels, size, size)
-    try:
-        out_h, out_w = model(x).shape[-2:]
-    except RuntimeError:  # the random trunk shrank the map below a kernel
-        assume(False)
-    grid = (data.draw(st.integers(1, out_h)), data.draw(st.integers(1, out_w)))
+    model, x, _, grid = random_case(trunk, size, data)
     _, tiled = tile_whole(model, x, grid)
     error, scale = compare(model, tiled, [x])
     assert equivalent(error, scale), (error, scale, grid)
@@ -168,13 +174,7 @@ def test_tile_regions_are_their_strips_rows_and_columns(trunk, size, data):
     from memtile.spatial import SpatialGraph, split
     from memtile.tiling.ffmt import tile_needs
 
-    model, channels = trunk
-    x = torch.randn(1, channels, size, size)
-    try:
-        out_h, out_w = model(x).shape[-2:]
-    except RuntimeError:  # the random trunk shrank the map below a kernel
-        assume(False)
-    grid = (data.draw(st.integers(1, out_h)), data.draw(st.integers(1, out_w)))
+    model, _, (out_h, out_w), grid = random_case(trunk, size, data)
     graph = SpatialGraph(model)
     walks = []
     walk = graph.regions

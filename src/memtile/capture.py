@@ -228,6 +228,24 @@ def _own_copy(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
     return copy.deepcopy(program, memo={id(value): value for value in shared})
 
 
+def apply_order(graph: MemGraph, order: list[int]) -> None:
+    """Move the op nodes of `graph`'s program into `order` (each getitem right after its op),
+    so that what lowers the program (ExecuTorch's specs, a saved .pt2) sees memtile's schedule;
+    fx's lint checks that every node still follows its inputs."""
+    fx_graph = graph.program.graph_module.graph
+    cursor = next(n for n in reversed(fx_graph.nodes) if n.op == "placeholder")
+    for index in order:
+        node = graph.ops[index].node
+        cursor.append(node)
+        cursor = node
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                cursor.append(user)
+                cursor = user
+    fx_graph.lint()
+    graph.program.graph_module.recompile()
+
+
 def fast_capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
     """The MemGraph `capture` gives, from one `aot_export_module` trace to core ATen instead of
     torch.export's two (export, then `run_decompositions`): about half the CPU time. Tiling

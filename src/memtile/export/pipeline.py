@@ -13,7 +13,7 @@ from memtile.errors import PlanVerificationError
 from memtile.export import ExportResult
 from memtile.export.check import compare, planned_buffer_sizes
 from memtile.export.hook import MemtilePlanner, PlanningRecord
-from memtile.export.program import lower, planned_program, scheduled_program, to_edge_program
+from memtile.export.program import lower, scheduled_program, to_edge_program
 from memtile.tiling.planned import PlannedPeak
 
 
@@ -63,8 +63,8 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
 def _program(planned: PlannedPeak | None, model: torch.nn.Module, inputs: tuple, say
              ) -> torch.export.ExportedProgram:
     """The scheduled core-ATen program of `model`: the graph tiling planned for it when there is
-    one (`planned_program`: no trace), else captured and scheduled."""
-    program = planned_program(planned, inputs) if planned is not None else None
+    one (`PlannedPeak.program`: no trace), else captured and scheduled."""
+    program = planned.program(inputs) if planned is not None else None
     if program is None:
         say("capturing and scheduling")
         program = scheduled_program(model, inputs)[0]

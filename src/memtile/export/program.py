@@ -10,7 +10,6 @@ ExecuTorch's default greedy) on a copy, so one edge program can be lowered both 
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, to_edge
@@ -22,11 +21,10 @@ from executorch.exir.program._program import _generate_edge_program  # pinned ex
 from executorch.exir.tracer import _default_decomposition_table
 from executorch.exir.verification.verifier import EXIRATenDialectVerifier, EXIREdgeDialectVerifier
 
-from memtile.capture import MemGraph, capture
+from memtile.capture import apply_order, capture
 from memtile.errors import ExportError, MemtileError, first_line
 from memtile.planner import PreparedGraph, prepare
-from memtile.tiling.planned import PlannedPeak, inplace_writes
-from memtile.tiling.stitch import StitchedGraph
+from memtile.tiling.planned import inplace_writes
 
 SCHEDULE_SECONDS = 5.0
 
@@ -38,35 +36,6 @@ def scheduled_program(model: torch.nn.Module, inputs: tuple, time_limit: float =
     ready = prepare(graph, time_limit=time_limit, extra_shared=inplace_writes(graph))
     apply_order(graph, ready.order)
     return graph.program, ready
-
-
-def planned_program(planned: PlannedPeak, inputs: tuple) -> torch.export.ExportedProgram | None:
-    """The program of a graph `memtile.tile` planned (the model before or after tiling), in the
-    order it planned it: its stitched core ATen made an ExportedProgram, with no trace
-    (torch.export of a tiled mobilenet_v2 takes about 15 s). None when that graph was traced
-    whole: capture the model then."""
-    if not isinstance(planned.graph, StitchedGraph):
-        return None
-    program = planned.graph.exported_program(inputs)
-    apply_order(MemGraph(program), planned.order)
-    return program
-
-
-def apply_order(graph: MemGraph, order: list[int]) -> None:
-    """Move the program's op nodes into `order` (each getitem right after its op); fx's lint
-    checks that every node still follows its inputs."""
-    fx_graph = graph.program.graph_module.graph
-    cursor = next(n for n in reversed(fx_graph.nodes) if n.op == "placeholder")
-    for index in order:
-        node = graph.ops[index].node
-        cursor.append(node)
-        cursor = node
-        for user in list(node.users):
-            if user.op == "call_function" and user.target is operator.getitem:
-                cursor.append(user)
-                cursor = user
-    fx_graph.lint()
-    graph.program.graph_module.recompile()
 
 
 def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager:
