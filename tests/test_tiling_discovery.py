@@ -15,7 +15,7 @@ from memtile.errors import ExportError, MemtileError, UnsupportedOpError
 from memtile.measure import measure
 from memtile.runtime import PlannedModule
 from memtile.tiling import BudgetNotMetError, tile
-from memtile.tiling.check import compare, equivalent
+from memtile.tiling.check import compare, equivalent, equivalent_models
 from memtile.tiling.fdt import apply_fdt, fdt_path
 from memtile.tiling.macs import count_macs
 from memtile.tiling.planned import planned_peak
@@ -159,11 +159,14 @@ def test_models_that_cannot_be_exported_or_traced_raise_memtile_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v1_025_vww", "mobilenet_v2_035_144"])
 def test_zoo_models_tile_equivalently_and_lower_the_peak(name):
+    """Equivalent by memtile's rule (float32 within 1e-5 relative, else float64 within
+    1e-10): on an AMD EPYC, mobilenet_v1_025_vww's tiled float32 output is 1.9e-5 relative
+    from eager's, which is float32 rounding (float64 agrees), not a wrong tiling."""
     model, inputs = zoo.get(name, batch=1)
     tiled, report = tile(model, inputs)
     assert report.peak_after_bytes < report.peak_before_bytes
     assert report.mac_overhead <= 0.1
-    assert equivalent(*compare(model, tiled, inputs))
+    assert equivalent_models(model, tiled, inputs)
 
 
 @pytest.mark.slow
