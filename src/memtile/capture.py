@@ -188,8 +188,10 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.E
     Inside `reusing_exports`, a model exported before on inputs of the same shapes is not
     traced again: the caller gets a copy of that program."""
     reused = _REUSED.get()
-    key = (id(model), getattr(model, "training", None),
-           tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs))
+    key = None if reused is None else (
+        id(model), getattr(model, "training", None),
+        tuple((t.shape, t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor) else repr(t)
+              for t in inputs))
     if reused is not None and key in reused:
         return _own_copy(reused[key][1])
     if isinstance(model, torch.export.ExportedProgram):
