@@ -38,7 +38,8 @@ def run(model: torch.nn.Module, inputs: tuple, out: Path, tile: bool, budget: in
         tile_seconds = time.perf_counter() - started
         plain = _lower(_program(before, model, inputs, say), time_limit, say)
         candidate = _lower(_program(after, tiled, inputs, say), time_limit, say)
-        chosen = candidate if candidate.record.plan.arena_bytes < plain.record.plan.arena_bytes else plain
+        smaller = candidate.record.plan.arena_bytes < plain.record.plan.arena_bytes
+        chosen = candidate if smaller else plain
     else:
         chosen = plain = _lower(_program(None, model, inputs, say), time_limit, say)
     out.parent.mkdir(parents=True, exist_ok=True)

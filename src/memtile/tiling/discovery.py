@@ -348,16 +348,16 @@ def _finer_candidates(gm: fx.GraphModule, target: str, applied: Sequence[_Applie
     end = shape(node_named(before, path.nodes[-1]))
     split_by = costs(before, path)
     now = split_by(done.grid)[1]
-    found = []
-    for grid in GRIDS:
-        if (grid[0] < done.grid[0] or grid[1] < done.grid[1] or grid == done.grid
-                or grid[0] > end[-2] or grid[1] > end[-1]):
-            continue
-        tile_bytes, macs = split_by(grid)
-        estimate = estimate_peak(gm, Collapse(region, tile_bytes))
-        found.append(Candidate("ffmt", (path,), grid[0] * grid[1], grid, estimate.objective,
-                               macs - now, target, step))
-    return found
+    grids = [grid for grid in GRIDS
+             if done.grid[0] <= grid[0] <= end[-2] and done.grid[1] <= grid[1] <= end[-1]
+             and grid != done.grid]
+    if not grids:
+        return []
+    split = [split_by(grid) for grid in grids]
+    estimated = collapsed_objectives(gm, region, [tile_bytes for tile_bytes, _ in split])
+    return [Candidate("ffmt", (path,), grid[0] * grid[1], grid, objective, macs - now, target,
+                      step)
+            for grid, (_, macs), objective in zip(grids, split, estimated, strict=True)]
 
 
 def tile(
@@ -437,9 +437,9 @@ class _PlannedPeaks:
     not seen before (the rest of a graph is spliced from pieces traced before): the original's
     pieces cost one trace of its nodes, a third of torch.export's two whole-model traces, and
     are the pieces every rewrite reuses. Only the original gets the full schedule limit;
-    rewrites are scheduled with CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the schedule's search spends all
-    its limit on the tiles' segment and keeps their exported order); `final` plans the chosen
-    one with the full limit."""
+    rewrites are scheduled with CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the
+    schedule's search spends all its limit on the tiles' segment and keeps their exported
+    order); `final` plans the chosen one with the full limit."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs

@@ -87,7 +87,9 @@ class StitchedGraph(MemGraph):
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         with fake:  # one fake mode for every value, as a program from one trace has
             for node in graph.nodes:
-                node.meta["val"] = pytree.tree_map_only(torch.Tensor, _refaked, node.meta.get("val"))
+                if node.op != "placeholder":  # those get their tensor's, below
+                    node.meta["val"] = pytree.tree_map_only(torch.Tensor, _refaked,
+                                                            node.meta.get("val"))
         specs, state, constants = [], {}, {}
         for index, (holder, (name, tensor)) in enumerate(zip(holders, values, strict=True)):
             holder.meta["val"] = fake.from_tensor(tensor)
@@ -233,9 +235,9 @@ def _splice(gm: fx.GraphModule, node: fx.Node, piece: _Piece, out: fx.Graph,
 
 def _refaked(value: torch.Tensor) -> torch.Tensor:
     """A fake tensor of the current fake mode with `value`'s layout (stitched pieces come from
-    traces of their own, each with its own mode; a constant's value is a meta tensor)."""
+    traces of their own, each with its own mode)."""
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                               device="cpu" if value.device.type == "meta" else value.device)
+                               device=value.device)
 
 
 def _current(value):
