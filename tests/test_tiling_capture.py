@@ -119,6 +119,28 @@ def test_stitched_capture_follows_in_place_ops_aliases_and_strides():
     assert "aten.clone.default" in [op.target for op in stitched.ops]
 
 
+class Ghost(nn.Module):
+    """timm's GhostModule: two convolutions' outputs concatenated, then cut back to the block's
+    width with a tensor slice (`getitem` on a tensor, not on a tuple of outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        y = self.primary(x)
+        out = torch.cat([y, self.cheap(y)], dim=1)
+        return out[:, :6, :, :] * 2
+
+
+def test_a_slice_of_a_tensor_is_a_piece_of_its_own():
+    stitcher, stitched, gm, inputs = stitch_small(Ghost())
+    assert not stitcher.fallbacks
+    assert memory_picture(stitched) == memory_picture(fast_capture(gm, inputs))
+    program = stitched.exported_program(inputs)
+    torch.testing.assert_close(program.module()(*inputs), gm(*inputs))
+
+
 class Awkward(nn.Module):
     """A chunk of a tensor that ReLU6 overwrote in place: functionalizing the whole graph
     re-derives the chunk where each part is read, which pieces do not see."""

@@ -144,7 +144,7 @@ class Stitcher:
 
     def _stitch(self, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
         steps = [n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")
-                 and not _is_getitem(n)]
+                 and not _is_tuple_pick(n)]
         keys = {n: _key(gm, n) for n in steps}
         missing = {keys[n]: n for n in reversed(steps) if keys[n] not in self._pieces}
         self._trace(gm, sorted(missing.values(), key=steps.index), keys)
@@ -168,7 +168,7 @@ class Stitcher:
         for node in gm.graph.nodes:
             if node.op == "output":
                 out.output(fx.map_arg(node.args[0], lambda n: _current(value[n])))
-            elif _is_getitem(node):
+            elif _is_tuple_pick(node):
                 parent, index = node.args
                 value[node] = value[parent][index]
             elif node in keys:
@@ -399,6 +399,13 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _is_getitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
+
+
+def _is_tuple_pick(node: fx.Node) -> bool:
+    """A getitem that picks one output of a node returning several; a tensor's own `x[...]`
+    (ghostnet's `out[:, :self.out_chs]`) is a piece like any other op."""
+    return (_is_getitem(node) and isinstance(node.args[0], fx.Node)
+            and _returns_tuple(node.args[0]))
 
 
 def _returns_tuple(node: fx.Node) -> bool:
