@@ -59,3 +59,48 @@ def test_kinds_of_known_ops():
     gm = trace(nn.Sequential(nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval())
     kinds = [ops.kind(gm, n) for n in gm.graph.nodes if n.op == "call_module"]
     assert kinds == [ops.PER_CHANNEL, ops.GLOBAL_POOL, ops.VIEW]
+
+
+class Upsampling(nn.Module):
+    """The three spellings of one nearest x2 upsampling, and a bilinear module."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2)
+        self.bilinear = nn.UpsamplingBilinear2d(scale_factor=2)
+
+    def forward(self, x):
+        a = self.up(x)
+        b = torch.nn.functional.interpolate(x, scale_factor=2)
+        c = torch.nn.functional.interpolate(x, None, 2, "nearest")
+        return a + b + c, self.bilinear(x)
+
+
+def test_upsampling_is_one_kind_with_one_reading_of_its_arguments():
+    gm = trace(Upsampling())
+    up = [n for n in gm.graph.nodes if ops.kind(gm, n) == ops.UPSAMPLE]
+    assert [n.op for n in up] == ["call_module", "call_function", "call_function",
+                                  "call_module"]
+    arguments = [ops.upsample_arguments(gm, n) for n in up]
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for bound in arguments:
+        assert bound["input"] is x and bound["size"] is None and not bound["antialias"]
+        assert float(bound["scale_factor"]) == 2.0
+    assert [b["mode"] for b in arguments] == ["nearest", "nearest", "nearest", "bilinear"]
+    assert arguments[3]["align_corners"] is True  # UpsamplingBilinear2d's own setting
+
+
+def test_bands_fdt_and_whole_network_bands_take_upsampling_from_the_table():
+    """Every user of the table reads upsampling the same way, module or function."""
+    from memtile.rows.locality import Locality
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2),
+                          nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    gm = propagate_shapes(trace(model, [x]), [x])
+    assert [graph_op.kind for graph_op in SpatialGraph(model).ops.values()][1:] == [
+        "local", "local", "local"]
+    conv, up, last = [n.name for n in gm.graph.nodes if n.op == "call_module"]
+    assert fdt_path(gm, conv).tail == last  # the upsampling is channel-local
+    steps = {node.name: step.kind for node, step in Locality(model).steps.items()}
+    assert steps[up] == "resample"

@@ -16,6 +16,8 @@ Kinds:
 - SPLIT: a tuple of views of its input (torch.split, chunk), picked by getitem.
 - WINDOW: a sliding window over H and W (Conv2d, MaxPool2d, AvgPool2d).
 - GLOBAL_POOL: one value per channel (adaptive pooling).
+- UPSAMPLE: resamples H and W of each channel by a factor or to a size (nn.Upsample,
+  F.interpolate); which modes bands and tiles take is theirs to say (`upsample_arguments`).
 - LAST_DIMS: mixes only its trailing dims (`F.layer_norm` over `normalized_shape`), pointwise
   in all others: timm's LayerNorm2d normalizes channels after permuting them last.
 
@@ -42,6 +44,7 @@ VIEW = "view"
 SPLIT = "split"
 WINDOW = "window"
 GLOBAL_POOL = "global_pool"
+UPSAMPLE = "upsample"
 LAST_DIMS = "last_dims"
 
 ELEMENTWISE_KINDS = frozenset({IDENTITY, POINTWISE, PER_CHANNEL, BINARY})
@@ -53,6 +56,7 @@ _MODULES: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((_BatchNorm, nn.PReLU), PER_CHANNEL),
     ((nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d), WINDOW),
     ((nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), GLOBAL_POOL),
+    ((nn.Upsample,), UPSAMPLE),
     ((nn.Flatten, nn.Unflatten), VIEW),
 )
 _FUNCTIONS: dict[object, str] = {
@@ -68,6 +72,7 @@ _FUNCTIONS: dict[object, str] = {
                      torch.permute, torch.transpose, torch.narrow, operator.getitem), VIEW),
     **dict.fromkeys((F.max_pool2d, F.avg_pool2d), WINDOW),
     **dict.fromkeys((F.adaptive_avg_pool2d, F.adaptive_max_pool2d), GLOBAL_POOL),
+    **dict.fromkeys((F.interpolate, F.upsample), UPSAMPLE),
     F.layer_norm: LAST_DIMS,
 }
 _METHODS: dict[str, str] = {
@@ -128,6 +133,25 @@ def is_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(submodule(gm, node.target), _BatchNorm)
     return node.op == "call_function" and node.target is F.batch_norm
+
+
+_INTERPOLATE_PARAMETERS = ("input", "size", "scale_factor", "mode", "align_corners",
+                           "recompute_scale_factor", "antialias")
+
+
+def upsample_arguments(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
+    """`F.interpolate`'s arguments by name, defaults filled in, of an UPSAMPLE node: a function
+    call's own, or those an nn.Upsample module passes (`UpsamplingBilinear2d` sets
+    align_corners)."""
+    if node.op == "call_module":
+        module = submodule(gm, node.target)
+        bound = {name: getattr(module, name) for name in _INTERPOLATE_PARAMETERS[1:-1]}
+        return {**bound, "input": node.args[0] if node.args else node.kwargs["input"],
+                "antialias": False}
+    defaults = {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+                "recompute_scale_factor": None, "antialias": False}
+    return {**defaults, **dict(zip(_INTERPOLATE_PARAMETERS, node.args, strict=False)),
+            **node.kwargs}
 
 
 _BN_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training",

@@ -376,11 +376,11 @@ def classify(gm: fx.GraphModule, node: fx.Node, known: Mapping[fx.Node, Any],
 def _classify_nchw(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], kind: str | None,
                    frozen_bn: bool) -> _Op:
     """`classify` for an op whose inputs are NCHW (or that does not care where H and W are)."""
+    if kind == ops.UPSAMPLE:
+        return _Op("local", inputs, _nearest_windows(ops.describe(gm, node), node,
+                                                     ops.upsample_arguments(gm, node)))
     if node.op == "call_module":
         return _classify_module(gm, node, inputs, frozen_bn)
-    if node.op == "call_function" and node.target is F.interpolate:
-        return _Op("local", inputs, _nearest_windows(f"{node.name} (interpolate)", node,
-                                                     interpolate_arguments(node)))
     if kind == ops.CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if dim not in (1, -3):
@@ -460,11 +460,6 @@ def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
         return _Op("local", inputs, _conv_windows(mod), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
-    if isinstance(mod, nn.Upsample):
-        arguments = {"mode": mod.mode, "size": mod.size, "scale_factor": mod.scale_factor,
-                     "align_corners": mod.align_corners, "recompute_scale_factor": None,
-                     "antialias": False}
-        return _Op("local", inputs, _nearest_windows(where, node, arguments))
     if isinstance(mod, FrozenBatchNormAct2d):
         for part in (mod.drop, mod.act):
             _check_elementwise_part(where, part)
@@ -567,15 +562,6 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
             raise UnsupportedOpError(f"{where}: count_include_pad=False with padding")
     return tuple(Window(di * (ki - 1) + 1, si, pi, pi, mod.ceil_mode)
                  for ki, si, pi, di in zip(k, s, p, d, strict=True))
-
-
-def interpolate_arguments(node: fx.Node) -> dict[str, Any]:
-    """`F.interpolate`'s arguments by name, defaults filled in."""
-    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
-             "antialias")
-    return {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
-            "recompute_scale_factor": None, "antialias": False,
-            **dict(zip(names, node.args, strict=False)), **node.kwargs}
 
 
 def _nearest_windows(where: str, node: fx.Node, arguments: Mapping[str, Any]

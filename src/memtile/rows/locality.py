@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch.nn.functional as F
 from torch import fx, nn
 
+from memtile import ops
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.rows.trunk import kind_of_stop, op_name
-from memtile.spatial import IDENTITY, Interval, Size, Window, classify, interpolate_arguments
+from memtile.spatial import IDENTITY, Interval, Size, Window, classify
 from memtile.trace import trace
 
 _EMPTY = (0, 0)
@@ -137,36 +137,30 @@ class Locality:
                 and node.args[0] in self.shapes):
             self.shapes[node] = self.shapes[node.args[0]]
             return None
-        if node.op == "call_function" and node.target is F.interpolate:
-            return self._interpolate(node)
+        if ops.kind(self.gm, node) == ops.UPSAMPLE:
+            return self._upsample(node, ops.upsample_arguments(self.gm, node))
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
             if isinstance(mod, nn.ConvTranspose2d):
                 return self._transposed(node, mod)
-            if isinstance(mod, nn.Upsample):
-                return self._upsample(node, mod.mode, mod.align_corners, mod.size,
-                                      mod.scale_factor, False)
         op = classify(self.gm, node, self.steps, frozen_bn=False)
         if op.kind == "constant":  # computed from parameters: no rows of its own
             return None
         kind = "window" if op.kind == "local" else "pointwise"
         return _Step(kind, tuple(op.inputs), op.windows)
 
-    def _interpolate(self, node: fx.Node) -> _Step:
-        bound = interpolate_arguments(node)
-        return self._upsample(node, bound["mode"], bound["align_corners"], bound["size"],
-                              bound["scale_factor"], bound["antialias"])
-
-    def _upsample(self, node: fx.Node, mode: str, align_corners: bool | None, size,
-                  scale, antialias: bool) -> _Step:
-        where = f"{node.name} (upsampling, mode={mode!r})"
-        if mode not in ("nearest", "nearest-exact", "bilinear") or antialias:
+    def _upsample(self, node: fx.Node, arguments: dict) -> _Step:
+        """An UPSAMPLE node (`ops.upsample_arguments`) as a resampling step."""
+        mode, align_corners = arguments["mode"], arguments["align_corners"]
+        size, scale = arguments["size"], arguments["scale_factor"]
+        where = f"{ops.describe(self.gm, node)}, mode={mode!r}"
+        if mode not in ("nearest", "nearest-exact", "bilinear") or arguments["antialias"]:
             raise UnsupportedOpError(f"{where}: only nearest and bilinear upsampling have a "
                                      "known reach")
         if mode == "bilinear" and align_corners:
             raise UnsupportedOpError(f"{where}: align_corners=True samples at positions that "
                                      "depend on the whole image's size")
-        inputs = (node.args[0],) if node.args else (node.kwargs["input"],)
+        inputs = (arguments["input"],)
         if inputs[0] not in self.steps:
             raise UnsupportedOpError(f"{where}: its input is not an image tensor")
         bilinear = mode == "bilinear"

@@ -34,7 +34,6 @@ from memtile.tiling.rewrite import (
 )
 
 _FLATTEN = {torch.flatten, "flatten"}
-_UPSAMPLE = {nn.functional.interpolate, nn.functional.upsample}  # every mode, one channel at a time
 
 
 ACCUMULATE = "accumulate"
@@ -151,9 +150,7 @@ def _channel_step(gm: fx.GraphModule, node: fx.Node, cdim: int) -> tuple[str, in
     ) or (isinstance(module, nn.PReLU) and module.num_parameters == 1):
         return "shared", cdim
     pooling = kind in (ops.WINDOW, ops.GLOBAL_POOL) and not isinstance(module, _ConvNd)
-    if pooling and cdim == 1:
-        return "shared", 1
-    if cdim == 1 and (isinstance(module, nn.Upsample) or node.target in _UPSAMPLE):
+    if (pooling or kind == ops.UPSAMPLE) and cdim == 1:  # upsampling: every mode
         return "shared", 1
     flatten = isinstance(module, nn.Flatten) or node.target in _FLATTEN
     if flatten and cdim == 1 and ndim == 2 and _flattens_unit_map(node):
