@@ -169,6 +169,19 @@ def test_a_viewed_storage_overwritten_in_place_is_traced_whole():
     assert targets.count("aten.split_with_sizes.default") == 2  # what pieces would miss
 
 
+def test_a_stitching_bug_costs_a_whole_trace_not_a_crash(monkeypatch):
+    """Pieces only save time: an unexpected failure while splicing (a stitcher bug, as the
+    tensor getitem was) falls back to the whole trace, and says why."""
+    def broken(*args):
+        raise TypeError("'_Tensor' object is not subscriptable")
+
+    monkeypatch.setattr(stitch, "_splice", broken)
+    stitcher, stitched, gm, inputs = stitch_small(Ghost())
+    assert stitcher.fallbacks == ["stitching failed (TypeError: '_Tensor' object is not "
+                                  "subscriptable)"]
+    assert memory_picture(stitched) == memory_picture(fast_capture(gm, inputs))
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_fdt_partial_sums_stitch_to_the_exported_graph(kernel):
     """A 1x1 tail multiplies each partition into the accumulator (`PartialSum`, `addmm` with
