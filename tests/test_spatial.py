@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.spatial import NCHW, SpatialGraph, Window, band_region, split
@@ -305,3 +307,61 @@ def test_upsampling_to_a_traced_size_reads_the_factor_from_the_shapes():
     graph = SpatialGraph(propagate_shapes(trace(model, (x,)), (x,)))
     with torch.no_grad():
         torch.testing.assert_close(stitched(graph, x, (3, 2)), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _Dispatched(TorchDispatchMode):
+    """The ATen calls of a run, each with its non-tensor arguments and, per tensor argument,
+    where it came from (the band, an earlier call's output by position, or a constant) and its
+    shape and strides."""
+
+    def __init__(self, band: torch.Tensor) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.made = {id(band): "band"}
+        self.keep = [band]  # ids stay unique while the run lasts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+
+        def seen(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            return self.made.get(id(value), "constant"), tuple(value.shape), value.stride()
+
+        self.calls.append((str(func), tree_map(seen, (args, kwargs))))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.made[id(tensor)] = len(self.calls)
+                self.keep.append(tensor)
+        return out
+
+
+def dispatched(graph: SpatialGraph, x: torch.Tensor, out, in_size) -> list[tuple]:
+    (a, b), (c, d) = region = graph.input_region(out, in_size)
+    band = x[..., a:b, c:d]
+    with torch.no_grad(), _Dispatched(band) as mode:
+        graph.run_band(out, band, region, in_size)
+    return mode.calls
+
+
+@SETTINGS
+@given(st.sampled_from([conv_stack, residual_net, upsampling_stack]), st.data(),
+       st.integers(9, 40), st.integers(9, 24))
+def test_tiles_with_one_band_signature_run_the_same_calls(stack, data, h, w):
+    """FFMT traces one tile per signature (tiling/stitch.py): tiles that share a signature must
+    dispatch the same ATen calls with the same arguments, offsets into their bands included."""
+    model = data.draw(stack()).eval()
+    x = torch.randn(1, 2, h, w)
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError:  # the random graph shrank the image below a window
+        return
+    graph, in_size = SpatialGraph(model), (h, w)
+    size = graph.output_size(in_size)
+    parts = (data.draw(st.integers(1, size[0])), data.draw(st.integers(1, size[1])))
+    calls: dict[tuple, list] = {}
+    for out in itertools.product(split(size[0], parts[0]), split(size[1], parts[1])):
+        signature = graph.band_signature(out, graph.input_region(out, in_size), in_size)
+        ran = dispatched(graph, x, out, in_size)
+        assert calls.setdefault(signature, ran) == ran

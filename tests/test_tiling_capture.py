@@ -81,6 +81,45 @@ def test_one_span_tiled_twice_is_traced_once(mobilenet):
     assert memory_picture(again) == memory_picture(first)
 
 
+def piece_ops(piece) -> list[tuple]:
+    """A piece's ops with their arguments, nodes as positions (constants by name)."""
+    holders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+    names = {h: f"const {name}" for h, name in zip(holders, piece.constants, strict=False)}
+    where = {n: names.get(n, i) for i, n in enumerate(piece.graph.nodes)}
+    return [(n.op, str(n.target), repr(torch.fx.map_arg((n.args, n.kwargs), lambda a: where[a])))
+            for n in piece.graph.nodes if n.op != "placeholder"]
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 3), (2, 1)])
+def test_ffmt_tiles_traced_once_per_kind_give_the_whole_trace(mobilenet, grid):
+    """Tiles with equal band signatures run the same ops at other offsets: tracing one of each
+    kind and splicing gives exactly the ops and arguments of tracing every tile."""
+    gm, inputs = mobilenet
+    ends = [n.name for n in cuts(gm)]
+    model = propagate_shapes(apply_ffmt(gm, span(gm, ends[0], ends[8]), grid), inputs)
+    node = next(n for n in model.graph.nodes if n.op == "call_module" and "ffmt" in n.target)
+    tiles = model.get_submodule(node.target)
+    kinds = tiles.tile_kinds()
+    assert len(set(kinds)) == {(4, 4): 9, (3, 3): 9, (2, 1): 2}[grid]
+    (whole,) = stitch._trace_pieces(model, [node], [frozenset()])
+    apart = stitch._trace_tiles(model, node, tiles)
+    assert piece_ops(apart) == piece_ops(whole)
+    assert sorted(apart.constants) == sorted(whole.constants)
+    assert (apart.mutated, apart.aliases, apart.views) == (whole.mutated, whole.aliases,
+                                                           whole.views)
+
+
+def test_stitched_tiles_run_as_the_tiled_model(mobilenet):
+    gm, inputs = mobilenet
+    ends = [n.name for n in cuts(gm)]
+    model = propagate_shapes(apply_ffmt(gm, span(gm, ends[0], ends[8]), (4, 4)), inputs)
+    stitcher = stitch.Stitcher()
+    program = stitcher(model, inputs).exported_program(inputs)
+    assert not stitcher.fallbacks
+    x = torch.randn_like(inputs[0])
+    torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
 class InPlace(nn.Module):
     """ReLU6(inplace) on a BN output, an identity (eval Dropout) whose result is overwritten
     in place, a read of the overwritten tensor under its older name, a dead node, and a reshape

@@ -260,6 +260,35 @@ class SpatialGraph:
         """Region of the input image that output region `out` depends on."""
         return self.regions(out, in_size)[self.input]
 
+    def band_signature(self, out: Region, x_region: Region, in_size: Size) -> tuple:
+        """What `run_band(out, x, x_region, in_size)` runs, wherever its band lies: equal
+        signatures run the same ops with the same arguments (crops, paddings, narrows at the
+        same offsets into each band) on bands of the same shape, so one trace serves both
+        (FFMT's interior tiles). `compute` reads regions only through what this keeps: per node,
+        its region's length, and per input and axis where its read window starts and ends
+        relative to that input's band, how far the window reaches past either edge of the
+        tensor, the band's length, and for nearest upsampling the region's start within a
+        source position."""
+        sizes = self.sizes(in_size)
+        need = self.regions(out, in_size, sizes)
+        signature: list[tuple | None] = [tuple(hi - lo for lo, hi in x_region)]
+        for node in self.order:
+            if node not in need:
+                signature.append(None)
+                continue
+            op, region = self.ops[node], need[node]
+            reads = self.needs(node, region)
+            entry: list[tuple] = [tuple(hi - lo for lo, hi in region), tuple(
+                lo % w.factor if isinstance(w, Nearest) else 0
+                for w, (lo, _) in zip(op.windows, region, strict=True))]
+            for arg in op.inputs:
+                have = x_region if arg is self.input else need[arg]
+                entry.append(tuple((rlo - hlo, rhi - hlo, max(0, -rlo), max(0, rhi - n), hhi - hlo)
+                                   for (rlo, rhi), (hlo, hhi), n
+                                   in zip(reads, have, sizes[arg], strict=True)))
+            signature.append(tuple(entry))
+        return tuple(signature)
+
     # ---- execution ------------------------------------------------------------------------
 
     def compute(self, node: fx.Node, out: Region, inputs: list[Band],

@@ -12,6 +12,7 @@ preallocated output buffer (slice assignment, no concat).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,12 +126,28 @@ class FFMTTiles(nn.Module):
         self.costs = self._costs(needs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.assemble(x, self.run_tile)
+
+    def assemble(self, x: torch.Tensor,
+                 run: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The output, with tile k's place written by `run(k, its band of x)` (`forward` runs
+        the tile; the stitcher's trace of the frame alone hands back stand-ins)."""
         out = x.new_empty(self.out_shape)
-        for (rows, cols), ((r0, r1), (c0, c1)) in self.tiles:
-            band = x[..., r0:r1, c0:c1]
-            value = self.spatial.run_band((rows, cols), band, ((r0, r1), (c0, c1)), self.in_hw)
-            out[..., rows[0]:rows[1], cols[0]:cols[1]] = value
+        for k, ((rows, cols), ((r0, r1), (c0, c1))) in enumerate(self.tiles):
+            out[..., rows[0]:rows[1], cols[0]:cols[1]] = run(k, x[..., r0:r1, c0:c1])
         return out
+
+    def run_tile(self, k: int, band: torch.Tensor) -> torch.Tensor:
+        """Tile k's output from its band of the span's input."""
+        out, region = self.tiles[k]
+        return self.spatial.run_band(out, band, region, self.in_hw)
+
+    def tile_kinds(self) -> list[int]:
+        """Per tile, the first tile that runs the same ops on its band (equal
+        `SpatialGraph.band_signature`): a 4x4 grid's 16 tiles are 9 kinds at most."""
+        first: dict[tuple, int] = {}
+        return [first.setdefault(self.spatial.band_signature(out, region, self.in_hw), k)
+                for k, (out, region) in enumerate(self.tiles)]
 
     def empty_output(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor like `forward`'s result (shape propagation uses it)."""

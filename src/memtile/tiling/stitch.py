@@ -20,6 +20,9 @@ whole graph gives them. Functionalization also re-derives views of a storage tha
 cannot see; so a graph where one storage is both mutated and viewed across nodes, a mutated
 model input or constant, a value that is not a tensor between nodes, or a node that cannot be
 traced alone is traced whole by `fast_capture`, and the reason is kept in `fallbacks`.
+
+An FFMT span's tiles are traced one of each kind: tiles whose bands run the same ops at other
+offsets (`SpatialGraph.band_signature`) share one trace, spliced in at each tile's place.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memtile.capture import MemGraph, core_aten_decompositions, fast_capture, tracing
 from memtile.spatial import SpatialGraph
+from memtile.tiling.ffmt import FFMTTiles
 
 _SAME, _VIEW = "same", "view"  # how a piece's output aliases one of its inputs
 
@@ -197,12 +201,24 @@ class Stitcher:
     def _trace(self, gm: fx.GraphModule, nodes: list[fx.Node], keys: dict,
                dirty: list[frozenset[int]] | None = None) -> None:
         """Trace `nodes`, each on inputs of its own, in one `aot_export_module` call (a trace
-        has a fixed cost of tens of milliseconds), and keep each one's piece."""
-        if nodes:
-            pieces = _trace_pieces(gm, nodes, dirty or [frozenset()] * len(nodes))
-            for node, piece in zip(nodes, pieces, strict=True):
+        has a fixed cost of tens of milliseconds), and keep each one's piece; FFMT tiles are
+        traced one of each kind (`_trace_tiles`)."""
+        whole = []
+        for node in nodes:
+            tiles = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(tiles, FFMTTiles) and dirty is None:
+                try:
+                    self._pieces[keys[node]] = _trace_tiles(gm, node, tiles)
+                    self.traced += 1
+                    continue
+                except _NotPiecewise:  # traced as one node below
+                    pass
+            whole.append(node)
+        if whole:
+            pieces = _trace_pieces(gm, whole, dirty or [frozenset()] * len(whole))
+            for node, piece in zip(whole, pieces, strict=True):
                 self._pieces[keys[node]] = piece
-            self.traced += len(nodes)
+            self.traced += len(whole)
 
 
 def _splice(gm: fx.GraphModule, node: fx.Node, piece: _Piece, out: fx.Graph,
@@ -301,6 +317,120 @@ def _trace_pieces(gm: fx.GraphModule, nodes: list[fx.Node],
         raise _NotPiecewise("a node mutates a buffer of the model")
     modules = [f"{n.target}." if n.op == "call_module" else None for n in nodes]
     return _split(traced.graph, signature, counts, arity, modules, marked)
+
+
+def _trace_tiles(gm: fx.GraphModule, node: fx.Node, tiles: FFMTTiles) -> _Piece:
+    """The piece of an FFMTTiles node, tracing one tile of each kind (`tile_kinds`) instead
+    of every tile: a trace costs per op traced, and the interior tiles of a grid run the same
+    ops (mobilenet_v2's stem in 4x4 tiles: 16 tiles, 9 kinds). One trace holds the frame
+    (`assemble` with stand-ins for the tiles' results: the output buffer, each band's slice, a
+    marker where each tile runs, each write) and, beside it, one tile of each kind on a band of
+    its own; each tile's ops then replace its marker, reading its band's slice, as a trace of
+    the whole node has them (tests/test_tiling_capture.py compares the two op by op)."""
+    if "." in node.target:
+        raise _NotPiecewise(f"{node.name}: tiles of a nested module")
+    kinds = tiles.tile_kinds()
+    distinct = list(dict.fromkeys(kinds))
+    meta = _meta(_tensor_inputs(node)[0])
+    x = torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype)
+    values = [x.new_empty((*tiles.out_shape[:-2], rows[1] - rows[0], cols[1] - cols[0]))
+              for (rows, cols), _ in tiles.tiles]
+    bands = [torch.empty_strided((*x.shape[:-2], r1 - r0, c1 - c0), x.stride(), dtype=x.dtype)
+             for _, ((r0, r1), (c0, c1)) in (tiles.tiles[k] for k in distinct)]
+    from torch._functorch.aot_autograd import aot_export_module
+
+    try:
+        with torch.no_grad(), tracing():
+            traced, signature = aot_export_module(
+                _TilesApart(node.target, tiles, distinct), [x, *values, *bands],
+                trace_joint=False, decompositions=core_aten_decompositions())
+    except Exception as error:  # tracing raises many types; the node's own trace says why
+        raise _NotPiecewise(f"{node.name}: tiles cannot be traced apart") from error
+    if signature.buffers_to_mutate:
+        raise _NotPiecewise("a tile mutates a buffer of the model")
+    inputs = [1 + len(values), *[1] * len(distinct)]  # as many outputs: out and the bands
+    frame, *kind_pieces = _split(traced.graph, signature, inputs, inputs,
+                                 [f"{node.target}."] * len(inputs), [])
+    return _compose(frame, dict(zip(distinct, kind_pieces, strict=True)), kinds)
+
+
+class _TilesApart(nn.Module):
+    """An FFMTTiles module's frame, with its tiles' results as inputs, beside one tile of each
+    kind on a band of its own (`_trace_tiles`); the module keeps its name in the model, so its
+    constants are named as in the model."""
+
+    def __init__(self, name: str, tiles: FFMTTiles, kinds: list[int]):
+        super().__init__()
+        self.add_module(name, tiles)
+        self.name, self.kinds = name, kinds
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tiles: FFMTTiles = getattr(self, self.name)
+        values, bands = rest[:len(tiles.tiles)], rest[len(tiles.tiles):]
+        cut: list[torch.Tensor] = []
+
+        def stand_in(k: int, band: torch.Tensor) -> torch.Tensor:
+            cut.append(band)
+            return values[k].clone()  # marks where the tile runs (`_compose` puts it there)
+
+        out = tiles.assemble(x, stand_in)
+        return out, *cut, *(tiles.run_tile(k, band) for k, band in zip(self.kinds, bands,
+                                                                       strict=True))
+
+
+def _compose(frame: _Piece, kinds: dict[int, _Piece], tile_kinds: list[int]) -> _Piece:
+    """One piece from the frame's and each kind of tile's (see `_trace_tiles`)."""
+    if frame.mutated or any(p.mutated for p in kinds.values()):
+        raise _NotPiecewise("a tile writes its band")
+    graph = fx.Graph()
+    holders = {id(p): [n for n in p.graph.nodes if n.op == "placeholder"]
+               for p in (frame, *kinds.values())}
+    constant: dict[str, fx.Node] = {}
+    for piece in (frame, *(kinds[k] for k in tile_kinds)):  # in first use, as one trace has them
+        for name, held in zip(piece.constants, holders[id(piece)], strict=False):
+            if name not in constant:
+                constant[name] = graph.placeholder(f"c{len(constant)}")
+                constant[name].meta["val"] = held.meta["val"]
+    own = holders[id(frame)][len(frame.constants):]
+    env = {held: constant[name] for name, held in zip(frame.constants, holders[id(frame)],
+                                                        strict=False)}
+    env[own[0]] = graph.placeholder("x0")
+    env[own[0]].meta["val"] = own[0].meta["val"]
+    stand_ins = {held: k for k, held in enumerate(own[1:])}
+    (returned,) = [n.args[0] for n in frame.graph.nodes if n.op == "output"]
+    for node in frame.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        ran = [stand_ins[a] for a in node.all_input_nodes if a in stand_ins]
+        if not ran:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        if node.target is not torch.ops.aten.clone.default or returned[1 + ran[0]] not in env:
+            raise _NotPiecewise("a tile's result is read before its marker, or its band after")
+        k = ran[0]
+        env[node] = _inline(graph, kinds[tile_kinds[k]], env[returned[1 + k]],
+                            holders[id(kinds[tile_kinds[k]])], constant)
+    graph.output((env[returned[0]],))
+    viewed = 0 in frame.views or any(p.views for p in kinds.values())
+    return _Piece(graph, tuple(constant), (), frame.aliases[:1], frozenset({0} if viewed else ()))
+
+
+def _inline(graph: fx.Graph, piece: _Piece, band: fx.Node, holders: list[fx.Node],
+            constant: dict[str, fx.Node]) -> fx.Node:
+    """Copy a tile's piece into `graph`, reading `band`; its result."""
+    count = len(piece.constants)
+    (held,) = holders[count:]
+    if _layout(held.meta["val"]) != _layout(band.meta["val"]):
+        raise _NotPiecewise("a tile's band is laid out unlike the frame's slice")
+    env = {h: constant[name] for h, name in zip(holders[:count], piece.constants, strict=True)}
+    env[held] = band
+    result = None
+    for node in piece.graph.nodes:
+        if node.op == "output":
+            (result,) = node.args[0]
+        elif node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return env[result]
 
 
 def _split(graph: fx.Graph, signature, counts: list[int], arity: list[int],
