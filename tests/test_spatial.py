@@ -359,7 +359,8 @@ def test_tiles_with_one_band_signature_run_the_same_calls(stack, data, h, w):
         return
     graph, in_size = SpatialGraph(model), (h, w)
     size = graph.output_size(in_size)
-    parts = (data.draw(st.integers(1, size[0])), data.draw(st.integers(1, size[1])))
+    # up to 5x5 tiles: one tile per output position made this test take 500 s
+    parts = tuple(data.draw(st.integers(1, min(n, 5))) for n in size)
     calls: dict[tuple, list] = {}
     for out in itertools.product(split(size[0], parts[0]), split(size[1], parts[1])):
         signature = graph.band_signature(out, graph.input_region(out, in_size), in_size)

@@ -216,8 +216,8 @@ def test_a_stitching_bug_costs_a_whole_trace_not_a_crash(monkeypatch):
 
     monkeypatch.setattr(stitch, "_splice", broken)
     stitcher, stitched, gm, inputs = stitch_small(Ghost())
-    assert stitcher.fallbacks == ["stitching failed (TypeError: '_Tensor' object is not "
-                                  "subscriptable)"]
+    failure = "stitching failed (TypeError: '_Tensor' object is not subscriptable)"
+    assert stitcher.fallbacks == [failure]
     assert memory_picture(stitched) == memory_picture(fast_capture(gm, inputs))
 
 
