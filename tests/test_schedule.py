@@ -1,4 +1,5 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,6 +81,28 @@ def test_a_segment_too_large_to_finish_leaves_time_for_the_others():
     assert not result.exact and is_topological(graph, result.order)
     exported, found = result.segment_peaks[-1]  # the two branches
     assert found < exported
+
+
+def test_a_work_bound_finds_the_same_order_on_a_slow_machine(monkeypatch):
+    """Bounded by op visits, not seconds, the search returns the same order however slow the
+    clock runs (tiling compares candidates by their planned peaks: a loaded machine must not
+    change the steps it picks); bounded by seconds, a slow machine gets the exported order."""
+    import memtile.schedule
+
+    model = nn.Sequential(ManyBranches(), nn.Conv2d(64, 4, 1, bias=False), TwoBranches()).eval()
+    graph = capture(model, (torch.ones(1, 4, 8, 8),))
+    idle = schedule(graph, time_limit=None, work=100_000, width=10**6)
+    exported, found = idle.segment_peaks[-1]  # the two branches; the 16 cannot finish
+    assert not idle.exact and found < exported
+
+    now = itertools.count()  # a second passes at every look at the clock
+    monkeypatch.setattr(memtile.schedule, "time", SimpleNamespace(perf_counter=lambda: next(now)))
+    loaded = schedule(graph, time_limit=None, work=100_000, width=10**6)
+    assert (loaded.order, loaded.load, loaded.segment_peaks) == (
+        idle.order, idle.load, idle.segment_peaks)
+    timed = schedule(graph, time_limit=0.5, width=10**6)
+    assert timed.order == list(range(graph.num_steps)) and timed.segment_peaks[-1] == (
+        exported, exported)
 
 
 # ---- random graphs, checked against every topological order -------------------------------

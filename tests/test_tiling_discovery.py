@@ -241,7 +241,7 @@ def test_fdt_discovery_refines_earlier_splits():
 def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
     """auto runs three greedy searches from the same model; a rewrite that two of them try
     (the same accepted steps, in order) is captured and planned once; the model returned is
-    planned once more, with the full schedule limit."""
+    planned once more, with the full schedule work."""
     from memtile.tiling import discovery
 
     requested, planned = [], []
@@ -256,7 +256,7 @@ def test_auto_plans_each_rewrite_once_across_its_searches(monkeypatch):
                         lambda gm, inputs, **kw: planned.append(kw) or real_plan(gm, inputs, **kw))
     model, inputs = zoo.get("resnet8_cifar", batch=1)
     _, report = tile(model, inputs, max_mac_overhead=0.1)
-    searched = [kw for kw in planned if "schedule_seconds" in kw]
+    searched = [kw for kw in planned if "schedule_work" in kw]
     assert report.steps and len(searched) == len(set(requested)) < len(requested)
     assert len(planned) == len(searched) + 1
 

@@ -53,13 +53,14 @@ def prepare(
     graph: MemGraph,
     reorder: bool = True,
     inplace: bool = True,
-    time_limit: float = 5.0,
+    time_limit: float | None = 5.0,
     alignment: int = ALIGNMENT,
     capacity: int | None = None,
     extra_shared: dict[str, str] | None = None,
     order: list[int] | None = None,
     keep_pair: Callable[[str, str], bool] | None = None,
     storages: Collection[str] | None = None,
+    work: int | None = None,
 ) -> PreparedGraph:
     """The planning problem of a graph after the best op order (when `reorder`) and in-place
     pairs (when `inplace`). A caller that plans only part of the graph narrows it:
@@ -70,10 +71,13 @@ def prepare(
     - `extra_shared`: storage pairs written in place beyond those (tiling's slice writes, the
       executor's fused chains writing into one slot); they override in-place pairs;
     - `storages`: the buffers to plan, by name (the executor's arena storages); default all.
+
+    The schedule's search stops after `time_limit` seconds and `work` op visits (see
+    `schedule`; None: no such bound).
     """
     found = None
     if order is None:
-        order, found = op_order(graph, reorder, inplace, time_limit)
+        order, found = op_order(graph, reorder, inplace, time_limit, work)
     pairs = inplace_pairs(graph, order) if inplace else {}
     if keep_pair is not None:
         pairs = {out: source for out, source in pairs.items() if keep_pair(out, source)}
@@ -86,10 +90,11 @@ def prepare(
 
 
 def op_order(graph: MemGraph, reorder: bool = True, inplace: bool = True,
-             time_limit: float = 5.0) -> tuple[list[int], Schedule | None]:
+             time_limit: float | None = 5.0, work: int | None = None
+             ) -> tuple[list[int], Schedule | None]:
     """The op order `prepare` plans in (the best schedule's when `reorder`, else the exported
     one) and the schedule that found it."""
-    found = schedule(graph, time_limit=time_limit, inplace=inplace) if reorder else None
+    found = schedule(graph, time_limit, inplace, work=work) if reorder else None
     return (found.order if found else list(range(graph.num_steps))), found
 
 

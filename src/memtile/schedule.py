@@ -15,6 +15,9 @@ its end before another branch starts. The search:
   dies there) is run as soon as it is ready; an exchange argument shows this loses nothing.
 - *Never worse*: each segment keeps the exported order when that is not beaten, and the whole
   order is checked against the exported one with `lifetimes.load`.
+- *Bounded*: by seconds, or by work (op visits: each state expanded and each op run from it
+  visits the segment's ops once). A work bound gives the same order on any machine under any
+  load, which tiling needs: it compares candidates by their planned peaks.
 
 Ops that read only parameters (a weight's permute) belong to no segment: they run right
 before their first reader.
@@ -31,7 +34,7 @@ from memtile.lifetimes import load
 @dataclass
 class Schedule:
     """An execution order, its LOAD and the exported order's (same in-place rule), whether
-    the order is proven best (every segment solved exactly within the time limit), and per
+    the order is proven best (every segment solved exactly within the bounds), and per
     segment of several ops its peak in the exported order and in this one: where the global
     peak lies elsewhere (a network's stem), lowering a block's peak does not lower LOAD."""
 
@@ -99,6 +102,22 @@ class _Effects:
         return self.alloc[op] - reused, self.alloc[op] - freed
 
 
+class _Budget:
+    """What a search may still spend: seconds (`time_limit`) and/or op visits (`work`)."""
+
+    def __init__(self, time_limit: float | None, work: int | None):
+        self.deadline = None if time_limit is None else time.perf_counter() + time_limit
+        self.work = work
+
+    def spend(self, visits: int) -> bool:
+        """Count `visits` op visits; False once a bound is passed."""
+        if self.work is not None:
+            self.work -= visits
+            if self.work < 0:
+                return False
+        return self.deadline is None or time.perf_counter() <= self.deadline
+
+
 @dataclass
 class _State:
     peak: int
@@ -126,18 +145,16 @@ def _run(effects: _Effects, done: int, state: _State, op: int, ops: list[int]) -
 
 
 def _search(
-    effects: _Effects, ops: list[int], done: int, live: int, width: int, deadline: float
+    effects: _Effects, ops: list[int], done: int, live: int, width: int, budget: _Budget
 ) -> tuple[list[int], int, bool] | None:
     """Lowest-peak order of `ops` from the executed set `done`: (order, peak, exact), or None
-    when the deadline passes."""
+    when the budget runs out."""
     goal = done
     for v in ops:
         goal |= 1 << v
     buckets: dict[int, dict[int, _State]] = {0: {done: _State(0, live, None)}}
     exact = True
     while buckets:
-        if time.perf_counter() > deadline:
-            return None
         count = min(buckets)
         states = buckets.pop(count)
         if len(states) > width:
@@ -147,9 +164,10 @@ def _search(
         for now, state in states.items():
             if now == goal:
                 return _unwind(state.path), state.peak, exact
-            if time.perf_counter() > deadline:  # a bucket can take seconds: stop inside it
+            ready = _ready(effects, now, ops)
+            if not budget.spend(len(ops) * (1 + len(ready))):  # a bucket can take seconds
                 return None
-            for op in _ready(effects, now, ops):
+            for op in ready:
                 after, new = _run(effects, now, state, op, ops)
                 bucket = buckets.setdefault((after & ~done).bit_count(), {})
                 old = bucket.get(after)
@@ -239,12 +257,14 @@ def _with_constants(graph: MemGraph, order: list[int], constant: set[int]) -> li
 
 
 def schedule(
-    graph: MemGraph, time_limit: float = 5.0, inplace: bool = False, width: int = 1000
+    graph: MemGraph, time_limit: float | None = 5.0, inplace: bool = False, width: int = 1000,
+    work: int | None = None,
 ) -> Schedule:
-    """The lowest-LOAD order found within `time_limit` seconds; LOAD counts in-place sharing
-    (`inplace_pairs`) when `inplace` is set. Never worse than the exported order."""
+    """The lowest-LOAD order found within `time_limit` seconds and `work` op visits (None: no
+    such bound); LOAD counts in-place sharing (`inplace_pairs`) when `inplace` is set. Never
+    worse than the exported order."""
     began = time.perf_counter()
-    deadline = began + time_limit
+    budget = _Budget(time_limit, work)
     constant = _constant_ops(graph)
     effects = _Effects(graph, constant, inplace)
     ops = [op.index for op in graph.ops if op.index not in constant]
@@ -260,7 +280,7 @@ def schedule(
         # smallest first: one segment too large to finish in time (FFMT tiles) then costs
         # only itself its search, not every segment after it
         if len(segments[index]) > 1:
-            found[index] = _search(effects, segments[index], *starts[index], width, deadline)
+            found[index] = _search(effects, segments[index], *starts[index], width, budget)
     order, peaks = [], []
     for index, segment in enumerate(segments):
         best, exported_peak = found.get(index), exported_peaks[index]

@@ -44,8 +44,8 @@ from memtile.tiling.estimate import Collapse, collapsed_objectives, estimate_pea
 from memtile.tiling.fdt import FDTPath, apply_fdt, fdt_paths_through, multiplies_into
 from memtile.tiling.ffmt import FFMTPath, FFMTTiles, apply_ffmt, cuts, extract, span
 from memtile.tiling.planned import (
-    CANDIDATE_SCHEDULE_SECONDS,
-    SCHEDULE_SECONDS,
+    CANDIDATE_SCHEDULE_WORK,
+    SCHEDULE_WORK,
     PlannedPeak,
     planned_peak,
 )
@@ -436,10 +436,10 @@ class _PlannedPeaks:
     graph, the original included, is captured by one `Stitcher`, which traces only the nodes
     not seen before (the rest of a graph is spliced from pieces traced before): the original's
     pieces cost one trace of its nodes, a third of torch.export's two whole-model traces, and
-    are the pieces every rewrite reuses. Only the original gets the full schedule limit;
-    rewrites are scheduled with CANDIDATE_SCHEDULE_SECONDS (once a graph holds FFMT tiles, the
-    schedule's search spends all its limit on the tiles' segment and keeps their exported
-    order); `final` plans the chosen one with the full limit."""
+    are the pieces every rewrite reuses. Only the original gets the full schedule work;
+    rewrites are scheduled with CANDIDATE_SCHEDULE_WORK (once a graph holds FFMT tiles, the
+    schedule's search spends all its work on the tiles' segment and keeps their exported
+    order); `final` plans the chosen one with the full work."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         self.inputs = inputs
@@ -449,14 +449,14 @@ class _PlannedPeaks:
     def __call__(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
         recipe = _recipe(steps)
         if recipe not in self._found:
-            seconds = CANDIDATE_SCHEDULE_SECONDS if recipe else SCHEDULE_SECONDS
-            self._found[recipe] = planned_peak(gm, self.inputs, schedule_seconds=seconds,
+            work = CANDIDATE_SCHEDULE_WORK if recipe else SCHEDULE_WORK
+            self._found[recipe] = planned_peak(gm, self.inputs, schedule_work=work,
                                                capture_with=self.stitch)
         return self._found[recipe]
 
     def final(self, gm: fx.GraphModule, steps: Sequence[_Applied]) -> PlannedPeak:
-        """The planned peak of the model `tile` returns, scheduled with the full time limit (as
-        `planned_peak` and `memtile plan` do) where candidates had the short one."""
+        """The planned peak of the model `tile` returns, scheduled with the full work (as
+        `planned_peak` does) where candidates had the short one."""
         return planned_peak(gm, self.inputs, capture_with=self.stitch) if steps else self(gm, steps)
 
 

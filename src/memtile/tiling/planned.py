@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from memtile.capture import INPUT, PARAMETER, MemGraph, apply_order, capture
-from memtile.planner import plan_graph
+from memtile.planner import prepare
 from memtile.planning import Plan, Problem, live_bytes, solve
 from memtile.tiling.stitch import StitchedGraph
 
-SCHEDULE_SECONDS = 2.0
-CANDIDATE_SCHEDULE_SECONDS = 0.1  # discovery's candidates; the model it returns gets the full limit
+# The schedule's search is bounded by work, not seconds, so a planned peak (and the steps that
+# discovery picks by it) is the same on any machine under any load; on an idle core these are
+# about 2 s and 0.1 s of search.
+SCHEDULE_WORK = 4_000_000
+CANDIDATE_SCHEDULE_WORK = 200_000  # discovery's candidates; the model it returns gets the full work
 _ACCUMULATE = "aten.addmm.default"
 _WRITES_INTO = {"aten.slice_scatter.default", _ACCUMULATE}
 
@@ -90,22 +93,22 @@ class PlannedPeak:
 
 
 def planned_peak(model: nn.Module, inputs: Sequence[torch.Tensor],
-                 schedule_seconds: float = SCHEDULE_SECONDS,
+                 schedule_work: int = SCHEDULE_WORK,
                  capture_with: Callable[[nn.Module, tuple], MemGraph] = capture) -> PlannedPeak:
     """The planned peak of `model`; `capture_with` makes its graph (discovery's rewrites of a
     model that `capture` has already exported once use a faster capture of the same graph)."""
-    return graph_peak(capture_with(model, tuple(inputs)), schedule_seconds)
+    return graph_peak(capture_with(model, tuple(inputs)), schedule_work)
 
 
-def graph_peak(g: MemGraph, schedule_seconds: float = SCHEDULE_SECONDS) -> PlannedPeak:
+def graph_peak(g: MemGraph, schedule_work: int = SCHEDULE_WORK) -> PlannedPeak:
     """The planned peak of a captured graph (see `planned_peak`)."""
-    planned = plan_graph(g, "best", schedule_seconds, extra_shared=inplace_writes(g))
-    problem, plan = planned.problem, planned.plan
+    prepared = prepare(g, time_limit=None, work=schedule_work, extra_shared=inplace_writes(g))
+    problem, plan = prepared.problem, solve(prepared.problem, "best")
     inputs_only = {t.name for t in g.tensors.values() if t.category == INPUT and not t.is_view}
     rest = replace(problem, buffers=[b for b in problem.buffers if b.id not in inputs_only])
     without = solve(rest, "best").arena_bytes if rest.buffers else 0
     return PlannedPeak(plan.arena_bytes, without, g.input_bytes, g.macs(), problem, plan,
-                       _crowding(rest), g, planned.prepared.order)
+                       _crowding(rest), g, prepared.order)
 
 
 def _crowding(problem: Problem) -> int:
