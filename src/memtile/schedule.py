@@ -72,6 +72,7 @@ class _Effects:
                 if name in storage_of:
                     self.readers[storage_of[name]] |= 1 << op.index
         self.preds = [0] * graph.num_steps
+        self.succs = [0] * graph.num_steps
         self.alloc = [0] * graph.num_steps
         self.touched: list[list[str]] = [[] for _ in graph.ops]
         self.reuse: list[list[str]] = [[] for _ in graph.ops]
@@ -80,6 +81,7 @@ class _Effects:
                 producer = self.made_by.get(name)
                 if producer is not None and producer not in constant:
                     self.preds[op.index] |= 1 << producer
+                    self.succs[producer] |= 1 << op.index
             made = [o for o in op.outputs if storage_of.get(o) == o]
             self.alloc[op.index] = sum(self.size[o] for o in made)
             read = [storage_of[name] for name in op.inputs if name in storage_of]
@@ -123,25 +125,41 @@ class _State:
     peak: int
     live: int
     path: tuple | None  # (op, previous path): the ops run since the segment began
+    ready: int  # the segment's ops not run whose predecessors have all run (a bitmask)
 
 
-def _ready(effects: _Effects, done: int, ops: list[int]) -> list[int]:
-    return [v for v in ops if not done >> v & 1 and not effects.preds[v] & ~done]
+def _ready(effects: _Effects, done: int, members: int) -> int:
+    """The ops of `members` (a bitmask) not in `done` whose predecessors all are."""
+    return sum(1 << v for v in _bits(members & ~done) if not effects.preds[v] & ~done)
 
 
-def _run(effects: _Effects, done: int, state: _State, op: int, ops: list[int]) -> tuple[int, _State]:
-    """Run `op`, then every ready op that adds no bytes (see the module docstring)."""
+def _ready_after(effects: _Effects, ready: int, done: int, op: int, members: int) -> int:
+    """`ready` once `op` (now in `done`) has run: only its successors can become ready, so
+    this costs its out-degree where `_ready` costs the segment's size."""
+    ready &= ~(1 << op)
+    for v in _bits(effects.succs[op] & members):
+        if not effects.preds[v] & ~done:
+            ready |= 1 << v
+    return ready
+
+
+def _run(effects: _Effects, done: int, state: _State, op: int, members: int
+         ) -> tuple[int, _State]:
+    """Run `op`, then every ready op that adds no bytes (see the module docstring), in passes
+    over the ops ready when each pass begins."""
     extra, delta = effects.step(done, op)
     peak, live, path = max(state.peak, state.live + extra), state.live + delta, (op, state.path)
     done |= 1 << op
+    ready = _ready_after(effects, state.ready, done, op, members)
     progress = True
     while progress:
         progress = False
-        for v in _ready(effects, done, ops):
+        for v in _bits(ready):
             extra, delta = effects.step(done, v)
             if extra == 0:
                 live, path, done, progress = live + delta, (v, path), done | 1 << v, True
-    return done, _State(peak, live, path)
+                ready = _ready_after(effects, ready, done, v, members)
+    return done, _State(peak, live, path, ready)
 
 
 def _search(
@@ -149,10 +167,10 @@ def _search(
 ) -> tuple[list[int], int, bool] | None:
     """Lowest-peak order of `ops` from the executed set `done`: (order, peak, exact), or None
     when the budget runs out."""
-    goal = done
-    for v in ops:
-        goal |= 1 << v
-    buckets: dict[int, dict[int, _State]] = {0: {done: _State(0, live, None)}}
+    members = sum(1 << v for v in ops)
+    goal = done | members
+    start = _State(0, live, None, _ready(effects, done, members))
+    buckets: dict[int, dict[int, _State]] = {0: {done: start}}
     exact = True
     while buckets:
         count = min(buckets)
@@ -164,11 +182,11 @@ def _search(
         for now, state in states.items():
             if now == goal:
                 return _unwind(state.path), state.peak, exact
-            ready = _ready(effects, now, ops)
+            ready = _bits(state.ready)
             if not budget.spend(len(ops) * (1 + len(ready))):  # a bucket can take seconds
                 return None
             for op in ready:
-                after, new = _run(effects, now, state, op, ops)
+                after, new = _run(effects, now, state, op, members)
                 bucket = buckets.setdefault((after & ~done).bit_count(), {})
                 old = bucket.get(after)
                 if old is None or new.peak < old.peak:
