@@ -92,6 +92,13 @@ class _Effects:
             size for s, size in self.size.items()
             if graph.tensors[s].category == INPUT and self.readers[s]
         )
+        # ops that can add no bytes (`step`'s first value 0): nothing allocated, or an input
+        # of the allocation's size to overwrite; `_run` tries only these as free ops
+        self.maybe_free = sum(
+            1 << op.index for op in graph.ops
+            if any(self.size[t] == self.alloc[op.index] for t in self.reuse[op.index])
+            or not self.alloc[op.index]
+        )
 
     def step(self, done: int, op: int) -> tuple[int, int]:
         """(bytes the op adds while it runs, change of the live bytes once it has run)."""
@@ -154,7 +161,7 @@ def _run(effects: _Effects, done: int, state: _State, op: int, members: int
     progress = True
     while progress:
         progress = False
-        for v in _bits(ready):
+        for v in _bits(ready & effects.maybe_free):
             extra, delta = effects.step(done, v)
             if extra == 0:
                 live, path, done, progress = live + delta, (v, path), done | 1 << v, True
