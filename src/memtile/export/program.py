@@ -10,6 +10,8 @@ ExecuTorch's default greedy) on a copy, so one edge program can be lowered both 
 from __future__ import annotations
 
 import copy
+import itertools
+import operator
 
 import torch
 from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, to_edge
@@ -40,12 +42,51 @@ def scheduled_program(model: torch.nn.Module, inputs: tuple, time_limit: float =
 
 def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager:
     """Edge dialect, with constants folded (weight transposes of linear layers are otherwise
-    computed into planned memory at every call)."""
+    computed into planned memory at every call) and split pieces taken as slices
+    (`pieces_as_slices`; both edit `program`)."""
+    pieces_as_slices(program)
     try:
         edge = _edge(program) if _decomposed(program) else to_edge(program)
         return EdgeProgramManager(constant_prop_pass(edge.exported_program()))
     except Exception as error:
         raise ExportError(f"ExecuTorch cannot lower the program: {first_line(error)}") from error
+
+
+def pieces_as_slices(program: torch.export.ExportedProgram) -> int:
+    """Each piece read from a `split_with_sizes` becomes a `slice` of the split's input, made
+    right before the piece's first reader; returns how many splits went. A view in ATen either
+    way, but the edge dialect copies: `split_with_sizes_copy` every piece at once where
+    `slice_copy` copies the one read, when it is read. timm's Res2Net reads each split once per
+    piece (8 splits of one tensor per block, each read for one piece): its program copied every
+    block's input 8 times, all 8 pieces live at the split."""
+    graph = program.graph_module.graph
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    replaced = 0
+    for split in [n for n in graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]:
+        pieces = list(split.users)
+        if not pieces or any(p.target is not operator.getitem for p in pieces) or any(
+                user.op == "output" for p in pieces for user in p.users):
+            continue  # an output keeps its name: the program's signature refers to it
+        source, sizes = split.args[0], split.args[1]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        starts = list(itertools.accumulate(sizes, initial=0))
+        for piece in pieces:
+            k = piece.args[1]
+            if not piece.users:
+                graph.erase_node(piece)
+                continue
+            first = min(piece.users, key=position.__getitem__)
+            with graph.inserting_before(first):
+                sliced = graph.call_function(torch.ops.aten.slice.Tensor,
+                                             (source, dim, starts[k], starts[k + 1]))
+            sliced.meta = dict(piece.meta)
+            piece.replace_all_uses_with(sliced)
+            graph.erase_node(piece)
+        graph.erase_node(split)
+        replaced += 1
+    if replaced:
+        program.graph_module.recompile()
+    return replaced
 
 
 def _decomposed(program: torch.export.ExportedProgram) -> bool:
