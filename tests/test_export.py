@@ -320,3 +320,48 @@ def test_split_pieces_become_slices_and_lower_the_arena(tmp_path, monkeypatch):
     monkeypatch.setattr(lowering, "pieces_as_slices", lambda program: 0)
     copied = export(model, inputs, tmp_path / "c.pte")
     assert result.memtile_arena_bytes < copied.memtile_arena_bytes
+
+
+class LateSlice(nn.Module):
+    """Two overlapping bands of the input read only at the end, as FFMT's tiles read theirs:
+    memtile's schedule makes views as soon as they are ready, and the edge dialect makes these
+    copies, held across the large intermediate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Conv2d(4, 32, 3, padding=1), nn.Conv2d(32, 4, 3, padding=1)
+
+    def forward(self, x):
+        top, bottom = x[:, :, :10], x[:, :, 6:]
+        y = self.down(self.up(x))
+        return torch.cat([y[:, :, :6] + top[:, :, :6], y[:, :, 6:] + bottom], dim=2)
+
+
+def test_views_are_made_right_before_their_readers(tmp_path, monkeypatch):
+    from memtile.export import program as lowering
+
+    torch.manual_seed(0)
+    model, inputs = LateSlice().eval(), (torch.randn(1, 4, 16, 16),)
+    program, _ = scheduled_program(model, inputs)
+    assert lowering.views_before_readers(program) >= 2
+    for band in [n for n in program.graph.nodes if getattr(n.target, "is_view", False)]:
+        assert all(getattr(n.target, "is_view", False) for n in _between(band, min_user(band)))
+    result = export(model, inputs, tmp_path / "v.pte")
+    assert_memtile_planned(result, tmp_path / "v.pte")
+    assert run_through_runtime(tmp_path / "v.pte", model, inputs) <= TOLERANCE
+    monkeypatch.setattr(lowering, "views_before_readers", lambda program: 0)
+    early = export(model, inputs, tmp_path / "e.pte")
+    assert result.memtile_arena_bytes < early.memtile_arena_bytes
+
+
+def min_user(node):
+    """The first reader of `node` in graph order."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(node.users, key=order.__getitem__)
+
+
+def _between(node, last):
+    between = node.next
+    while between is not last:
+        yield between
+        between = between.next

@@ -43,8 +43,10 @@ def scheduled_program(model: torch.nn.Module, inputs: tuple, time_limit: float =
 def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager:
     """Edge dialect, with constants folded (weight transposes of linear layers are otherwise
     computed into planned memory at every call) and split pieces taken as slices
-    (`pieces_as_slices`; both edit `program`)."""
+    (`pieces_as_slices`) made right before their first readers like every view
+    (`views_before_readers`; all three edit `program`)."""
     pieces_as_slices(program)
+    views_before_readers(program)
     try:
         edge = _edge(program) if _decomposed(program) else to_edge(program)
         return EdgeProgramManager(constant_prop_pass(edge.exported_program()))
@@ -53,14 +55,12 @@ def to_edge_program(program: torch.export.ExportedProgram) -> EdgeProgramManager
 
 
 def pieces_as_slices(program: torch.export.ExportedProgram) -> int:
-    """Each piece read from a `split_with_sizes` becomes a `slice` of the split's input, made
-    right before the piece's first reader; returns how many splits went. A view in ATen either
-    way, but the edge dialect copies: `split_with_sizes_copy` every piece at once where
-    `slice_copy` copies the one read, when it is read. timm's Res2Net reads each split once per
-    piece (8 splits of one tensor per block, each read for one piece): its program copied every
-    block's input 8 times, all 8 pieces live at the split."""
+    """Each piece read from a `split_with_sizes` becomes a `slice` of the split's input; returns
+    how many splits went. A view in ATen either way, but the edge dialect copies:
+    `split_with_sizes_copy` every piece at once where `slice_copy` copies the one read. timm's
+    Res2Net reads each split once per piece (8 splits of one tensor per block, each read for
+    one piece): its program copied every block's input 8 times, all 8 pieces live at once."""
     graph = program.graph_module.graph
-    position = {node: index for index, node in enumerate(graph.nodes)}
     replaced = 0
     for split in [n for n in graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]:
         pieces = list(split.users)
@@ -75,8 +75,7 @@ def pieces_as_slices(program: torch.export.ExportedProgram) -> int:
             if not piece.users:
                 graph.erase_node(piece)
                 continue
-            first = min(piece.users, key=position.__getitem__)
-            with graph.inserting_before(first):
+            with graph.inserting_before(piece):
                 sliced = graph.call_function(torch.ops.aten.slice.Tensor,
                                              (source, dim, starts[k], starts[k + 1]))
             sliced.meta = dict(piece.meta)
@@ -87,6 +86,43 @@ def pieces_as_slices(program: torch.export.ExportedProgram) -> int:
     if replaced:
         program.graph_module.recompile()
     return replaced
+
+
+def views_before_readers(program: torch.export.ExportedProgram) -> int:
+    """Move view ops (their schema's output aliases their input) to right before their first
+    readers; returns how many moved. memtile's schedule runs views as soon as they are ready
+    (they hold no bytes in ATen), but the edge dialect makes them copies (`slice_copy`,
+    `permute_copy`, ...), each held from where it is made: FFMT's band slices, all made before
+    the first tile ran, were 2.9 of the 3.7 MB at tiled timm:dla34's .pte peak. Moving a view
+    can keep its input alive longer, so a tensor's views move when it is read that late anyway,
+    or when its views' copies together are at least its size (bands: all of them at once cost
+    more than the input does)."""
+    graph = program.graph_module.graph
+    moved = 0
+    for node in reversed(list(graph.nodes)):
+        source = node.args[0] if node.args else None
+        if not (_is_view(node) and node.users and isinstance(source, torch.fx.Node)):
+            continue
+        nodes = list(graph.nodes)
+        position = {other: index for index, other in enumerate(nodes)}
+        first = min(position[user] for user in node.users)
+        kept_until = max((position[r] for r in source.users if r is not node), default=-1)
+        copies = sum(_bytes(view) for view in source.users if _is_view(view))
+        if first > position[node] + 1 and (kept_until >= first or copies >= _bytes(source)):
+            nodes[first].prepend(node)
+            moved += 1
+    if moved:
+        program.graph_module.recompile()
+    return moved
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "is_view", False)
+
+
+def _bytes(node: torch.fx.Node) -> int:
+    value = node.meta.get("val")
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _decomposed(program: torch.export.ExportedProgram) -> bool:
