@@ -314,12 +314,19 @@ def test_split_pieces_become_slices_and_lower_the_arena(tmp_path, monkeypatch):
     program, _ = scheduled_program(model, inputs)
     assert lowering.pieces_as_slices(program) == 8
     assert not any(n.target is torch.ops.aten.split_with_sizes.default for n in program.graph.nodes)
-    result = export(model, inputs, tmp_path / "s.pte")
-    assert_memtile_planned(result, tmp_path / "s.pte")
-    assert run_through_runtime(tmp_path / "s.pte", model, inputs) <= TOLERANCE
-    monkeypatch.setattr(lowering, "pieces_as_slices", lambda program: 0)
-    copied = export(model, inputs, tmp_path / "c.pte")
-    assert result.memtile_arena_bytes < copied.memtile_arena_bytes
+    with_pass, without = arenas_with_and_without(lowering, "pieces_as_slices", model, inputs,
+                                                 tmp_path, monkeypatch)
+    assert with_pass < without
+
+
+def arenas_with_and_without(lowering, name: str, model, inputs, tmp_path, monkeypatch):
+    """The .pte arena with the lowering pass `name` (its file checked and run through the
+    runtime), then without it."""
+    result = export(model, inputs, tmp_path / "with.pte")
+    assert_memtile_planned(result, tmp_path / "with.pte")
+    assert run_through_runtime(tmp_path / "with.pte", model, inputs) <= TOLERANCE
+    monkeypatch.setattr(lowering, name, lambda program: 0)
+    return result.memtile_arena_bytes, export(model, inputs, tmp_path / "without.pte").memtile_arena_bytes
 
 
 class LateSlice(nn.Module):
@@ -346,12 +353,9 @@ def test_views_are_made_right_before_their_readers(tmp_path, monkeypatch):
     assert lowering.views_before_readers(program) >= 2
     for band in [n for n in program.graph.nodes if getattr(n.target, "is_view", False)]:
         assert all(getattr(n.target, "is_view", False) for n in _between(band, min_user(band)))
-    result = export(model, inputs, tmp_path / "v.pte")
-    assert_memtile_planned(result, tmp_path / "v.pte")
-    assert run_through_runtime(tmp_path / "v.pte", model, inputs) <= TOLERANCE
-    monkeypatch.setattr(lowering, "views_before_readers", lambda program: 0)
-    early = export(model, inputs, tmp_path / "e.pte")
-    assert result.memtile_arena_bytes < early.memtile_arena_bytes
+    with_pass, without = arenas_with_and_without(lowering, "views_before_readers", model, inputs,
+                                                 tmp_path, monkeypatch)
+    assert with_pass < without
 
 
 def min_user(node):
