@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests_models import TinyUnet, tiny_unet
+from tests_models import TinyUnet, nearest_unet, tiny_unet
 from torch import nn
 
 from memtile.cli import main
-from memtile.errors import GradientMismatchError, MemtileError
+from memtile.errors import GradientMismatchError, MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
+from memtile.measure import measure
+from memtile.rows import engine as engine_module
 from memtile.rows import whole, wrap
 from memtile.rows.locality import BandCrop, NotLocal
 from memtile.zoo import calibrate_norms
@@ -28,8 +30,8 @@ def target_for(loss: str, out_shape: torch.Size) -> torch.Tensor:
     return torch.rand(out_shape, generator=gen)
 
 
-def banded_errors(model: nn.Module, x: torch.Tensor, loss: str, rows: int,
-                  banded_loss=None) -> tuple[float, float, whole.WholeBands]:
+def banded_errors(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None,
+                  banded_loss=None, **kwargs) -> tuple[float, float, whole.WholeBands]:
     """(loss, max parameter-gradient) relative errors of `wrap(model, loss=...)` against the
     ordinary mean loss of a frozen copy of `model`."""
     base = copy.deepcopy(model)
@@ -38,7 +40,7 @@ def banded_errors(model: nn.Module, x: torch.Tensor, loss: str, rows: int,
     target = target_for(loss, out.shape)
     want = MEANS[loss](out, target)
     want.backward()
-    wrapped = wrap(model.train(), loss=banded_loss or loss, rows=rows)
+    wrapped = wrap(model.train(), loss=banded_loss or loss, rows=rows, **kwargs)
     got = wrapped(x, target)
     got.backward()
     grad_error = max(((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
@@ -58,6 +60,71 @@ def test_encoder_decoder_trains_exact_with_crops_inside_the_image(loss):
     assert any(0 < b.crop[0] and b.crop[1] < 64 for b in plan), plan
     assert all(b.crop[0] % 4 == 0 for b in plan)  # on the net's grid (total stride 4)
     assert wrapped.checks[(64, 24)].max_rel_error <= TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float64, 1e-10)])
+def test_two_phase_is_the_default_where_spatial_graph_takes_the_model(dtype, tol):
+    model, (x,) = nearest_unet()
+    loss_error, grad_error, wrapped = banded_errors(model.to(dtype), x.to(dtype), "ce", rows=8)
+    assert wrapped.chosen_strategy(x, torch.zeros(2, 128, 32)) == "2ps"
+    assert loss_error <= tol and grad_error <= tol, (loss_error, grad_error)
+    assert wrapped.checks[(128, 32)].max_rel_error <= TOL
+    assert not wrapped._plans  # OverL never ran
+
+
+def test_two_phase_bands_split_the_output_rows_and_hold_less():
+    """Output bands give every band its share of the decoder. Input bands leave the decoder's
+    lag behind the encoder (the reach of the deepest path) to the last band, at full
+    resolution: a higher measured peak."""
+    model, _ = nearest_unet()
+    x = torch.randn(1, 3, 512, 64)
+    target = torch.randint(0, 3, (1, 512, 64), generator=torch.Generator().manual_seed(0))
+    wrapped = wrap(model.train(), loss="ce", rows=32)
+    engine = wrapped.engine(x, target)
+    out = engine.graph.output
+    assert [b.new[out] for b in engine.backward_plan.bands] == [(i, i + 16)
+                                                               for i in range(0, 512, 16)]
+    head = engine.graph.ops[out].inputs[0]
+    input_split = engine_module.two_phase_plan(engine.graph, engine.sizes,
+                                               engine_module._split(512, 32))
+    assert input_split.bands[-1].new[head][0] < 512 - 2 * 16  # the lag, all in the last band
+
+    def step() -> None:
+        wrapped(x, target).backward()
+
+    output_split = measure(step).peak_bytes
+    wrapped.zero_grad(set_to_none=True)
+    wrapped._engines.clear()
+    original = engine_module.splits_output
+    engine_module.splits_output = lambda graph, size: False
+    try:
+        by_input = measure(step).peak_bytes
+    finally:
+        engine_module.splits_output = original
+    assert output_split < 0.8 * by_input, (output_split, by_input)
+
+
+def test_overl_is_taken_where_2ps_refuses_an_op_and_says_why():
+    model, (x,) = tiny_unet()
+    target = torch.zeros(2, 64, 24, dtype=torch.long)
+    wrapped = wrap(model, loss="ce")
+    assert wrapped.chosen_strategy(x, target) == "overl"
+    assert "ConvTranspose2d" in wrapped.strategy_note
+    with pytest.raises(UnsupportedOpError, match="ConvTranspose2d"):
+        wrap(copy.deepcopy(model), loss="ce", strategy="2ps")(x, target)
+
+
+def test_a_wrong_two_phase_gradient_is_caught_by_the_wrap_time_check(monkeypatch):
+    model, (x,) = nearest_unet()
+    backward = engine_module.Engine.backward
+
+    def off_by_a_percent(self, *args):
+        grad_x, grads = backward(self, *args)
+        return grad_x, [None if g is None else g * 1.01 for g in grads]
+
+    monkeypatch.setattr(engine_module.Engine, "backward", off_by_a_percent)
+    with pytest.raises(GradientMismatchError, match="off by 1.0e-02"):
+        wrap(model, loss="ce", rows=4)(x, torch.zeros(2, 128, 32, dtype=torch.long))
 
 
 def test_callable_loss_is_a_sum_divided_by_the_target_size():
@@ -159,8 +226,10 @@ def test_a_halo_too_small_is_caught_by_the_wrap_time_check(monkeypatch):
 def test_bad_arguments_are_refused():
     with pytest.raises(MemtileError, match="choose one of ce, bce, mse"):
         wrap(TinyUnet(), loss="dice")
-    with pytest.raises(MemtileError, match="strategy do not apply"):
-        wrap(TinyUnet(), loss="ce", strategy="2ps")
+    with pytest.raises(MemtileError, match="checkpoint do not apply"):
+        wrap(TinyUnet(), loss="ce", checkpoint=True)
+    with pytest.raises(MemtileError, match="choose one of 2ps, overl"):
+        wrap(TinyUnet(), loss="ce", strategy="rows")
     model, (x,) = tiny_unet()
     with pytest.raises(MemtileError, match="target of shape"):
         wrap(model, loss="ce")(x, torch.zeros(2, 32, 24, dtype=torch.long))
@@ -176,10 +245,22 @@ def test_train_command_loss_json(capsys):
     assert banded["halo_rows"]["top"] > 0 and banded["peak_ratio"] > 0
     assert result["grad_max_rel_error"] <= TOL and result["grad_max_rel_error_f64_row"] <= TOL
     assert len(result["loss_row"]) == 2 and result["verify"]["max_rel_error"] <= TOL
+    assert result["strategy"] == "overl" and "ConvTranspose2d" in result["strategy_note"]
+
+
+def test_train_command_loss_two_phase_json(capsys):
+    assert main(["train", "tests_models:nearest_unet", "--batch", "2", "--input-shape",
+                 "3,128,32", "--loss", "ce", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["strategy"] == "2ps" and result["strategy_note"] is None
+    assert result["banded"]["bands"] == [{"rows": [0, 64]}, {"rows": [64, 128]}]
+    assert result["banded"]["halo_rows"] is None
+    assert result["grad_max_rel_error"] <= TOL and result["verify"]["max_rel_error"] <= TOL
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--loss", "ce", "--strategy", "2ps"], "--strategy do not apply"),
+    (["--loss", "ce", "--budget", "1GB"], "--budget do not apply"),
+    (["--loss", "ce", "--strategy", "2ps"], "ConvTranspose2d"),
     (["--loss", "ce", "--rows", "auto"], "positive number of bands"),
     (["--loss", "ce", "--bn", "error"], "has BatchNorm layers"),
 ])

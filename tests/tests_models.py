@@ -53,6 +53,39 @@ class TinyUnet(nn.Module):
         return self.head(torch.cat([self.up2(d2), e1], 1))
 
 
+class NearestUnet(nn.Module):
+    """A U-net of the ops 2PS takes (strided convs, BatchNorm, nearest upsampling, skip `cat`),
+    four levels deep: its decoder lags its encoder by more rows than a band of 8 holds."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True))
+        self.down = nn.ModuleList([block(3, 8), block(8, 12, 2), block(12, 16, 2),
+                                   block(16, 16, 2), block(16, 16, 2)])
+        self.up = nn.ModuleList([block(32, 16), block(32, 12), block(24, 8), block(16, 8)])
+        self.head = nn.Conv2d(8, classes, 3, 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        for layer, skip in zip(self.up, reversed(skips[:-1]), strict=True):
+            x = layer(torch.cat([nn.functional.interpolate(x, scale_factor=2), skip], 1))
+        return self.head(x)
+
+
+def nearest_unet():
+    """`NearestUnet` with calibrated BatchNorm statistics, and a 2 x 3 x 128 x 32 input."""
+    from memtile.zoo import calibrate_norms
+
+    torch.manual_seed(0)
+    return (calibrate_norms(NearestUnet(), (3, 128, 32), passes=2, batch=2),
+            (torch.randn(2, 3, 128, 32),))
+
+
 def tiny_unet():
     """`TinyUnet` with calibrated BatchNorm statistics, and a 2 x 3 x 64 x 24 input."""
     from memtile.zoo import calibrate_norms

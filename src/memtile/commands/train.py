@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=byte_size, default=None, metavar="BYTES",
                         help="bytes one trunk training step may allocate (with --rows auto)")
     parser.add_argument("--strategy", choices=("overl", "2ps"), default=None,
-                        help="default: overl, or with --rows auto the one budget mode picks")
+                        help="default: overl, or with --rows auto the one budget mode picks; "
+                             "with --loss 2ps where it takes the model, else overl")
     parser.add_argument("--checkpoint", action="store_true",
                         help="also checkpoint segments inside each band (with --rows auto, "
                              "budget mode adds it when it needs to)")
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("ce", "bce", "mse"), default=None,
                         help="band the whole model to its per-pixel output (a spatially local "
                              "encoder-decoder) and train it with this per-band loss against a "
-                             "seeded random target; --rows N sets the bands (default 4)")
+                             "seeded random target; --rows N sets the bands (default: one per "
+                             "64 output rows with 2PS, 4 with OverL)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -410,10 +412,9 @@ def _print_table(r: dict) -> None:
                       f"{r['grad_max_rel_error_f64_baseline']:.2e}, row-centric "
                       f"{r['grad_max_rel_error_f64_row']:.2e}")
     if r["rows_requested"] != [r["forward_rows"], r["backward_rows"]]:
-        unit = "input" if r["strategy"] == "2ps" else "trunk output"
         console.print(f"asked for {' / '.join(map(str, r['rows_requested']))} (forward / "
-                      f"backward) bands; {r['strategy']} splits the {r['max_rows']} {unit} rows "
-                      "at most, so fewer are used")
+                      f"backward) bands; {r['strategy']} splits {r['max_rows']} rows here (one "
+                      "band each at most), so fewer are used")
     if r["stopped_at"]:
         stop = r["stopped_at"]
         console.print(f"bands stop at {stop['node']} ({stop['op']}): {stop['reason']}")

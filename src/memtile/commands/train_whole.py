@@ -23,9 +23,7 @@ from memtile.errors import MemtileError
 from memtile.rows.whole import WholeBands, loss_function
 from memtile.units import format_bytes
 
-DEFAULT_BANDS = 4
-_NOT_WITH_LOSS = ("budget", "strategy", "checkpoint", "forward_rows", "backward_rows",
-                  "stop_before")
+_NOT_WITH_LOSS = ("budget", "checkpoint", "forward_rows", "backward_rows", "stop_before")
 
 
 def run_whole(args: argparse.Namespace) -> int:
@@ -34,13 +32,13 @@ def run_whole(args: argparse.Namespace) -> int:
 
     given = [f"--{name.replace('_', '-')}" for name in _NOT_WITH_LOSS if getattr(args, name)]
     if given:
-        raise MemtileError(f"--loss bands the whole model with OverL crops; {', '.join(given)} "
-                           "do not apply (give --rows N for the bands)")
-    rows = DEFAULT_BANDS if args.rows is None else _bands(args.rows)
+        raise MemtileError(f"--loss bands the whole model; {', '.join(given)} do not apply "
+                           "(give --rows N for the bands, --strategy 2ps|overl for the scheme)")
+    rows = None if args.rows is None else _bands(args.rows)
     model, inputs = zoo.get(args.model, batch=args.batch, input_shape=input_shape(args))
     norms = batch_norms(args, model)
     result = compare_whole(model, inputs[0], args.loss, rows, args.steps,
-                           f64_check=not args.no_f64_check)
+                           f64_check=not args.no_f64_check, strategy=args.strategy)
     result["model"] = args.model
     result["bn"] = "frozen" if norms else "none"
     if args.json:
@@ -75,8 +73,8 @@ def target_for(loss: str, out: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(out.shape, generator=gen, dtype=out.dtype)
 
 
-def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps: int = 1,
-                  f64_check: bool = True) -> dict:
+def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None,
+                  steps: int = 1, f64_check: bool = True, strategy: str | None = None) -> dict:
     """Ordinary training (mean `loss` over the whole output) against `WholeBands`, copies of
     `model` with frozen norms, same data and targets; gradients compared on the first step."""
     base = copy.deepcopy(model).train()
@@ -89,8 +87,8 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps
     row_copy = copy.deepcopy(model).train()
     freeze_norms(row_copy)
     row_params = list(row_copy.parameters())
-    banded = WholeBands(row_copy, loss, rows=rows)
-    plan = banded.plan(x, targets[0])  # plans and checks before anything is timed
+    banded = WholeBands(row_copy, loss, rows=rows, strategy=strategy)
+    chosen = banded.chosen_strategy(x, targets[0])  # plans and checks before anything is timed
     base_side = Side(base, list(base.parameters()),
                      lambda m, x, seed: fn(m(x), targets[seed]) / total)
     row_side = Side(banded, row_params, lambda m, x, seed: m(x, targets[seed]))
@@ -100,24 +98,23 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps
         row_side.timed_step(x, seed=k)
         if k == 0:
             checks = judge(model, x, lambda m, x: fn(m(x), _wide(targets[0])) / total,
-                           lambda: banded_f64_grads(model, x, loss, rows, targets[0]),
+                           lambda: banded_f64_grads(model, x, loss, rows, targets[0], chosen),
                            base_side, row_side, f64_check)
     base_m = base_side.measured_step(x, seed=steps)
     row_m = row_side.measured_step(x, seed=steps)
     check = banded.checks[tuple(x.shape[-2:])]
     base_s, row_s = statistics.median(base_side.seconds), statistics.median(row_side.seconds)
-    ratio = banded.locality.ratios[banded.locality.output][0]
     return {
         "model": type(model).__name__,
         "batch": x.shape[0],
         "input_shape": list(x.shape[1:]),
         "loss": loss,
+        "strategy": chosen,
+        "strategy_note": banded.strategy_note,
         "banded": {
             "nodes": [n.name for n in banded.locality.order],
             "stopped_at": None,
-            "bands": [{"rows": list(b.rows), "crop": list(b.crop)} for b in plan],
-            "halo_rows": {"top": math.ceil(max(b.rows[0] / ratio - b.crop[0] for b in plan)),
-                          "bottom": math.ceil(max(b.crop[1] - b.rows[1] / ratio for b in plan))},
+            **_band_report(banded, x, targets[0], chosen),
             "alignment": list(banded.locality.alignment),
             "peak_ratio": row_m.peak_bytes / base_m.peak_bytes,
             "time_ratio": row_s / base_s,
@@ -138,14 +135,30 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int, steps
     }
 
 
-def banded_f64_grads(model: nn.Module, x: torch.Tensor, loss: str, rows: int,
-                     target: torch.Tensor) -> list:
-    """First-step gradients of `model` banded whole in float64 (`rows` bands, `loss`), with no
-    wrap-time check: what `judge` compares with ordinary float64 when float32 rounding leaves
-    the two float32 runs apart."""
+def _band_report(banded: WholeBands, x: torch.Tensor, target: torch.Tensor,
+                 strategy: str) -> dict:
+    """`bands` (output rows, and OverL's input crop) and OverL's `halo_rows` (input rows)."""
+    if strategy == "2ps":
+        engine = banded.engine(x, target)
+        output = engine.graph.output
+        return {"bands": [{"rows": list(b.new[output])} for b in engine.backward_plan.bands],
+                "halo_rows": None}
+    plan = banded.plan(x, target)
+    ratio = banded.locality.ratios[banded.locality.output][0]
+    return {"bands": [{"rows": list(b.rows), "crop": list(b.crop)} for b in plan],
+            "halo_rows": {"top": math.ceil(max(b.rows[0] / ratio - b.crop[0] for b in plan)),
+                          "bottom": math.ceil(max(b.crop[1] - b.rows[1] / ratio for b in plan))}}
+
+
+def banded_f64_grads(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None,
+                     target: torch.Tensor, strategy: str | None = None) -> list:
+    """First-step gradients of `model` banded whole in float64 (`rows` bands, `loss`,
+    `strategy`), with no wrap-time check: what `judge` compares with ordinary float64 when
+    float32 rounding leaves the two float32 runs apart."""
     wide = copy.deepcopy(model).double().train()
     freeze_norms(wide)
-    WholeBands(wide, loss, rows=rows, verify=False)(x.double(), _wide(target)).backward()
+    WholeBands(wide, loss, rows=rows, strategy=strategy, verify=False)(
+        x.double(), _wide(target)).backward()
     return [p.grad for p in wide.parameters()]
 
 
@@ -155,11 +168,14 @@ def _wide(target: torch.Tensor) -> torch.Tensor:
 
 def _print(r: dict) -> None:
     b = r["banded"]
+    scheme = ("2PS: every row once, rows later bands read kept" if r["strategy"] == "2ps" else
+              f"OverL crops on a {b['alignment'][0]}-row grid, halo up to "
+              f"{b['halo_rows']['top']:g} rows above and {b['halo_rows']['bottom']:g} below")
     console.print(f"memtile train {r['model']} --loss {r['loss']}: batch {r['batch']}, input "
                   f"{'x'.join(map(str, r['input_shape']))}; the whole model in "
-                  f"{len(b['bands'])} row bands ({len(b['nodes'])} nodes), crops on a "
-                  f"{b['alignment'][0]}-row grid, halo up to {b['halo_rows']['top']:g} rows "
-                  f"above and {b['halo_rows']['bottom']:g} below")
+                  f"{len(b['bands'])} row bands ({len(b['nodes'])} nodes), {scheme}")
+    if r["strategy_note"]:
+        console.print(r["strategy_note"])
     console.print(f"measured peak: ordinary {format_bytes(r['baseline_peak_bytes'])}, banded "
                   f"{format_bytes(r['row_peak_bytes'])} ({b['peak_ratio']:.2f}x); step time "
                   f"{r['baseline_step_s']:.3f} s vs {r['row_step_s']:.3f} s "

@@ -89,12 +89,11 @@ def two_phase_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[
     """Split every node's rows so that band i only reads rows produced by bands <= i.
 
     `bands` split the *input* rows; every node then computes, in band i, all the rows that the
-    input rows of bands <= i determine. This balances the large early layers, where activation
-    memory is; splitting the output evenly instead would put most of every early layer into the
-    first band (its receptive field).
+    input rows of bands <= i determine. This balances the large early layers of a trunk, where
+    activation memory is; splitting the output evenly instead would put most of every early
+    layer into the first band (its receptive field).
     """
     count = len(bands)
-    nodes = [graph.input, *graph.order]
     ends: dict[fx.Node, list[int]] = {graph.input: [hi for _, hi in bands]}
     for c in graph.order:
         avail = [min(ends[u][i] for u in graph.ops[c].inputs) for i in range(count)]
@@ -109,6 +108,39 @@ def two_phase_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[
                     hi = mid - 1
             e.append(lo)
         ends[c] = e
+    return _plan_from_ends(graph, sizes, ends)
+
+
+def demand_plan(graph: SpatialGraph, sizes: dict[fx.Node, Size], bands: list[Rows]) -> Plan:
+    """2PS with `bands` over the *output* rows: in band i every node computes the rows that the
+    output rows of bands <= i need, and no more.
+
+    For an encoder-decoder whose output has the input's rows (a segmentation net), the decoder
+    lags the encoder by the network's receptive field. Input bands would leave all that lag
+    for the last band, at full resolution (smp Unet(resnet18) at 1024²: 570 decoder rows of
+    the 1024, whatever the band count); output bands give every band its share of the
+    decoder, and the first band the encoder's lag instead, at its lower resolutions.
+    """
+    ends: dict[fx.Node, list[int]] = {v: [] for v in [graph.input, *graph.order]}
+    for _, hi in bands:
+        need = {graph.output: hi}
+        for c in reversed(graph.order):
+            rows = _reads(graph, sizes, c, (0, min(need.get(c, 0), sizes[c][0])))[1]
+            for u in graph.ops[c].inputs:
+                need[u] = max(need.get(u, 0), rows)
+        for v, e in ends.items():
+            e.append(max(min(need.get(v, 0), sizes[v][0]), e[-1] if e else 0))
+    for v, e in ends.items():  # the last band completes every node
+        e[-1] = sizes[v][0]
+    return _plan_from_ends(graph, sizes, ends)
+
+
+def _plan_from_ends(graph: SpatialGraph, sizes: dict[fx.Node, Size],
+                    ends: dict[fx.Node, list[int]]) -> Plan:
+    """The 2PS plan in which band i computes rows [ends[v][i-1], ends[v][i]) of each node v,
+    with the boundaries each band keeps for the next."""
+    nodes = [graph.input, *graph.order]
+    count = len(ends[graph.input])
     new = {v: [(ends[v][i - 1] if i else 0, ends[v][i]) for i in range(count)] for v in nodes}
     # reads[c][i]: rows of c's inputs that band i reads (clipped to >= 0; hi within ends)
     reads = {c: [_reads(graph, sizes, c, new[c][i]) for i in range(count)] for c in graph.order}
@@ -344,9 +376,12 @@ class Engine:
         self.graph, self.strategy, self.checkpoint = graph, strategy, checkpoint
         self.taper = taper if strategy == "2ps" else 0.0
         self.sizes = graph.sizes(in_size)
-        # OverL splits the output rows, 2PS the input rows (see the plans); counts are capped
+        # OverL and whole-network 2PS split the output rows, trunk 2PS the input rows (see the
+        # plans); counts are capped
         self.max_bands = cap = max_bands(graph, in_size, strategy)
-        make = two_phase_plan if strategy == "2ps" else overl_plan
+        make = {"overl": overl_plan, "2ps": two_phase_plan}[strategy]
+        if strategy == "2ps" and splits_output(graph, in_size):
+            make = demand_plan
         self.forward_plan = make(graph, self.sizes, _split(cap, forward_bands))
         self.backward_plan = make(graph, self.sizes, _split(cap, backward_bands, self.taper))
         self.bands = (len(self.forward_plan.bands), len(self.backward_plan.bands))  # as run
@@ -545,8 +580,21 @@ def keeps_result(graph: SpatialGraph, node: fx.Node) -> bool:
 
 
 def max_bands(graph: SpatialGraph, in_size: Size, strategy: str) -> int:
-    """Most bands a strategy can use: output rows (OverL) or input rows (2PS)."""
-    return in_size[0] if strategy == "2ps" else graph.output_size(in_size)[0]
+    """Most bands a strategy can use: output rows (OverL, whole-network 2PS) or input rows
+    (trunk 2PS)."""
+    if strategy == "2ps" and not splits_output(graph, in_size):
+        return in_size[0]
+    return graph.output_size(in_size)[0]
+
+
+def splits_output(graph: SpatialGraph, in_size: Size) -> bool:
+    """Whether 2PS bands split the output rows (`demand_plan`): for an encoder-decoder, whose
+    rows go down and come back to the input's (a segmentation net's per-pixel output), as its
+    decoder lags its encoder. A trunk's few output rows would put most of every early layer in
+    its first band; a stack that keeps the input's rows throughout has no lag to place."""
+    sizes = graph.sizes(in_size)
+    return (sizes[graph.output][0] >= in_size[0]
+            and min(size[0] for size in sizes.values()) < in_size[0])
 
 
 def _split(n: int, parts: int, taper: float = 0.0) -> list[Rows]:

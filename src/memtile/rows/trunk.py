@@ -169,17 +169,18 @@ def wrap(model: nn.Module, stop_before: str | None = None, loss=None, **kwargs):
 
     With `loss` ("ce", "bce", "mse" or a per-pixel callable returning a sum), the whole model is
     banded up to its per-pixel output and trained with a per-band loss instead:
-    `memtile.rows.whole.WholeBands(model, loss, rows=..., bn=..., verify=...)`, called as
-    `wrapped(x, target)`; `NotLocal` (with `stopped_at`) where the model is not local throughout.
+    `memtile.rows.whole.WholeBands(model, loss, rows=..., strategy=..., bn=..., verify=...)`,
+    called as `wrapped(x, target)`; `NotLocal` (with `stopped_at`) where the model is not local
+    throughout.
     """
     if loss is not None:
         from memtile.rows.whole import WholeBands
 
-        extra = sorted(set(kwargs) - {"rows", "bn", "verify"} | ({"stop_before"} if stop_before
-                                                                  else set()))
+        extra = sorted(set(kwargs) - {"rows", "bn", "verify", "strategy"}
+                       | ({"stop_before"} if stop_before else set()))
         if extra:
-            raise MemtileError(f"wrap(loss=...) bands the whole model with OverL crops; "
-                               f"{', '.join(extra)} do not apply")
+            raise MemtileError(f"wrap(loss=...) bands the whole model; {', '.join(extra)} do "
+                               "not apply")
         return WholeBands(model, loss, **kwargs)
     if kwargs.get("bn") == "frozen":
         freeze(model)  # before tracing, so that no trace keeps a norm in training mode

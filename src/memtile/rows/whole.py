@@ -9,6 +9,13 @@ activations are alive at a time, every skip included. Parameter gradients add up
 the mean loss is the sum over bands divided by the target's element count, as the ordinary
 mean is. Crops start on the net's grid (its total stride) and reach as far as the exact-rows
 analysis says, so an inner band edge never sees zero padding where the image has data.
+
+OverL recomputes each band's halo: smp Unet(resnet18) reaches about 290 input rows each way, so
+its crops are most of the image below 1000 rows. 2PS (the default where `SpatialGraph` takes the
+model: convolutions, pools, frozen norms, elementwise ops, skips, `cat`, nearest upsampling)
+computes every row of every node once, in output bands (`memtile.rows.engine.demand_plan`),
+keeping the rows that later bands read: the per-pixel output is whole, the loss is the ordinary
+mean over it, and backward runs the bands bottom-up (`RowFunction`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtile.errors import InputShapeError, MemtileError
+from memtile.errors import InputShapeError, MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
-from memtile.rows.engine import swapped
+from memtile.rows.engine import Engine, RowFunction, swapped
 from memtile.rows.locality import BandCrop, Locality, plan_bands
 from memtile.rows.verify import Check, run_check, worst_error
+from memtile.spatial import SpatialGraph
+from memtile.tiling.rewrite import propagate_shapes
+from memtile.trace import trace
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES: dict[str, LossFn] = {
@@ -32,6 +42,10 @@ LOSSES: dict[str, LossFn] = {
     "bce": functools.partial(F.binary_cross_entropy_with_logits, reduction="sum"),
     "mse": functools.partial(F.mse_loss, reduction="sum"),
 }
+STRATEGIES = ("2ps", "overl")
+OVERL_BANDS = 4  # OverL's default band count
+TWO_PHASE_BAND_ROWS = 64  # 2PS's default output rows per band: smp Unet(resnet18) at 1024²,
+# 8/12/16/24/32 bands measured 371/333/321/323/345 MiB (BENCHMARKS.md)
 
 
 def loss_function(loss: str | LossFn) -> LossFn:
@@ -45,37 +59,81 @@ def loss_function(loss: str | LossFn) -> LossFn:
 
 
 class WholeBands(nn.Module):
-    """`WholeBands(model, loss="ce", rows=4)(x, target)` is the mean per-pixel loss of
-    `model(x)` against `target`, computed and backpropagated in `rows` output bands.
+    """`WholeBands(model, loss="ce")(x, target)` is the mean per-pixel loss of `model(x)`
+    against `target`, computed and backpropagated in row bands.
 
     `loss`: "ce" (target: class indices N x H x W), "bce" (logits and targets of the output's
     shape), "mse", or a callable(output_rows, target_rows) returning the SUM over them; the
-    result is that sum over all bands divided by `target.numel()`. Gradients are computed band
-    by band during this call (one band's activations alive at a time) and handed to autograd,
-    so `.backward()` on the result, DDP and any optimizer see ordinary gradients.
-    BatchNorm layers are frozen (`memtile.freeze`, `frozen_layers`); the model must be spatially
-    local to its output, else `NotLocal` (an UnsupportedOpError) gives `stopped_at`. With
-    `verify` (the default) every new input size is checked once against ordinary autograd on
-    a few columns with the same bands (`check_bands`); `checks` holds the
-    outcomes.
+    result is that sum over the output divided by `target.numel()`. `strategy`: "2ps" or
+    "overl" (module doc); None picks 2PS where `SpatialGraph` takes the model, else OverL, and
+    `strategy_note` says why. `rows`: the band count (default: OVERL_BANDS, or for 2PS one
+    band per TWO_PHASE_BAND_ROWS output rows). Gradients reach `.backward()` as ordinary ones
+    (OverL computes them band by band inside this call), so DDP and any optimizer see ordinary
+    gradients. BatchNorm layers are frozen (`memtile.freeze`, `frozen_layers`); the model
+    must be spatially local to its output, else `NotLocal` (an UnsupportedOpError) gives
+    `stopped_at`. With `verify` (the default) every new input size is checked once against
+    ordinary autograd on a few columns with the same bands (`check_bands`, `check_engine`);
+    `checks` holds the outcomes.
     """
 
-    def __init__(self, model: nn.Module, loss: str | LossFn, rows: int = 4, bn: str = "frozen",
-                 verify: bool = True) -> None:
+    def __init__(self, model: nn.Module, loss: str | LossFn, rows: int | None = None,
+                 bn: str = "frozen", verify: bool = True, strategy: str | None = None) -> None:
         super().__init__()
-        if not isinstance(rows, int) or rows < 1:
+        if rows is not None and (not isinstance(rows, int) or rows < 1):
             raise MemtileError(f"rows={rows!r}: give a positive number of bands")
         if bn not in ("frozen", "error"):
             raise MemtileError(f"bn={bn!r}: choose 'error' or 'frozen'")
+        if strategy is not None and strategy not in STRATEGIES:
+            raise MemtileError(f"strategy={strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.loss = loss_function(loss)
         self.frozen_layers = freeze(model) if bn == "frozen" else []
         self.model, self.rows, self.verify = model, rows, verify
         self.locality = Locality(model)
+        self.strategy, self.strategy_note = strategy, None
         self.checks: dict[tuple[int, int], Check] = {}
         self._plans: dict[tuple[int, int], list[BandCrop]] = {}
+        self._engines: dict[tuple[int, int], Engine] = {}
 
     def plan(self, x: torch.Tensor, target: torch.Tensor) -> list[BandCrop]:
-        """The bands for `x`'s size (planned and, with `verify`, checked on first use)."""
+        """The OverL bands for `x`'s size (planned and, with `verify`, checked on first use)."""
+        size = self._size(x, target)
+        if size not in self._plans:
+            plan = plan_bands(self.locality, size, self.rows or OVERL_BANDS)
+            if self.verify:
+                self.checks[size] = check_bands(self, plan, x, target)
+            self._plans[size] = plan
+        return self._plans[size]
+
+    def engine(self, x: torch.Tensor, target: torch.Tensor) -> Engine:
+        """The 2PS engine for `x`'s size (built and, with `verify`, checked on first use)."""
+        size = self._size(x, target)
+        if size not in self._engines:
+            gm = propagate_shapes(trace(self.model, (x,)), (x,))
+            graph = SpatialGraph(gm, frozen_bn=bool(self.frozen_layers))
+            out_rows = graph.output_size(size)[0]
+            bands = self.rows or max(2, out_rows // TWO_PHASE_BAND_ROWS)
+            engine = Engine(graph, size, "2ps", bands, bands, checkpoint=False)
+            if self.verify:
+                self.checks[size] = check_engine(self, engine, x, target)
+            self._engines[size] = engine
+        return self._engines[size]
+
+    def chosen_strategy(self, x: torch.Tensor, target: torch.Tensor) -> str:
+        """`strategy`, or with None the one picked for `x`'s size (`strategy_note`: why)."""
+        if self.strategy is not None:
+            return self.strategy
+        size = self._size(x, target)
+        if size in self._plans:
+            return "overl"
+        try:
+            self.engine(x, target)
+        except UnsupportedOpError as why:
+            self.strategy_note = f"OverL: 2PS does not take this model ({why})"
+            self.plan(x, target)
+            return "overl"
+        return "2ps"
+
+    def _size(self, x: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
         if x.dim() != 4:
             raise InputShapeError(f"whole-network bands take NCHW images, got {tuple(x.shape)}")
         if x.requires_grad:
@@ -86,17 +144,19 @@ class WholeBands(nn.Module):
         if tuple(target.shape[-2:]) != out or target.shape[0] != x.shape[0]:
             raise InputShapeError(f"target of shape {tuple(target.shape)} for an output of "
                                   f"{x.shape[0]} images of {out[0]}x{out[1]} pixels")
-        if size not in self._plans:
-            plan = plan_bands(self.locality, size, self.rows)
-            if self.verify:
-                self.checks[size] = check_bands(self, plan, x, target)
-            self._plans[size] = plan
-        return self._plans[size]
+        return size
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        plan = self.plan(x, target)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if not torch.is_grad_enabled() or not params:
+        grad = torch.is_grad_enabled() and bool(params)
+        if self.chosen_strategy(x, target) == "2ps":
+            engine = self.engine(x, target)
+            if not grad:
+                with torch.no_grad():
+                    return self.loss(engine.forward(x)[0], target) / target.numel()
+            return self.loss(RowFunction.apply(engine, x, *params), target) / target.numel()
+        plan = self.plan(x, target)
+        if not grad:
             with torch.no_grad():
                 return run_bands(self, plan, x, target, [])
         return BandLoss.apply(self, plan, x, target, *params)
@@ -146,9 +206,29 @@ class BandLoss(torch.autograd.Function):
 
 def check_bands(module: WholeBands, plan: list[BandCrop], x: torch.Tensor,
                 target: torch.Tensor) -> Check:
-    """The wrap-time check (`memtile.rows.verify`) of `plan`: banded loss and parameter
-    gradients against ordinary autograd of the mean loss, on all rows (the same bands and
-    crops), the first image (see `memtile.rows.verify`) and one grid step of columns plus what
+    """The wrap-time check (`memtile.rows.verify`) of the OverL `plan`: banded loss and
+    parameter gradients against ordinary autograd of the mean loss, on all rows (the same bands
+    and crops) and a crop of columns (`_check_crop`)."""
+    return _check(module, x, target,
+                  lambda xs, ts, params: BandLoss.apply(module, plan, xs, ts, *params))
+
+
+def check_engine(module: WholeBands, engine: Engine, x: torch.Tensor,
+                 target: torch.Tensor) -> Check:
+    """The wrap-time check of a 2PS `engine`: as `check_bands`, the engine narrowed to the
+    crop's columns (its bands and plans depend on rows only)."""
+    def banded(xs: torch.Tensor, ts: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        small = engine.narrowed(xs.shape[-1])
+        return module.loss(RowFunction.apply(small, xs, *params), ts) / ts.numel()
+
+    return _check(module, x, target, banded)
+
+
+def _check(module: WholeBands, x: torch.Tensor, target: torch.Tensor,
+           banded: Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], torch.Tensor],
+           ) -> Check:
+    """`banded(crop, crop_target, params)` (the mean loss) against ordinary autograd on all
+    rows, the first image (see `memtile.rows.verify`) and one grid step of columns plus what
     the width has past its last whole step, so that every layer ends at the right image edge as
     at full width (a width on the net's grid: one step)."""
     locality, width = module.locality, x.shape[-1]
@@ -166,7 +246,7 @@ def check_bands(module: WholeBands, plan: list[BandCrop], x: torch.Tensor,
         with torch.enable_grad():
             want = module.loss(module.model(xs), ts) / ts.numel()
             want_grads = torch.autograd.grad(want, params, allow_unused=True)
-            got = BandLoss.apply(module, plan, xs, ts, *params)
+            got = banded(xs, ts, params)
             got_grads = torch.autograd.grad(got, params, allow_unused=True)
         return worst_error(named, (got, want), got_grads, want_grads)
 
