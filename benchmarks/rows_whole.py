@@ -5,6 +5,7 @@ check (tests/test_rows_whole.py covers exactness).
 
     PYTHONPATH=src python benchmarks/rows_whole.py --model smp:Unet:resnet18 --resolution 1024 --rounds 3
     PYTHONPATH=src python benchmarks/rows_whole.py --model smp:Unet:resnet18 --resolution 1024 --strategy overl --rows 8
+    PYTHONPATH=src python benchmarks/rows_whole.py --model smp:Unet:resnet34 --resolution 1600 --rounds 0 --sides ordinary
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", choices=STRATEGIES, default=None)
     parser.add_argument("--loss", default="bce", choices=("ce", "bce", "mse"))
     parser.add_argument("--rounds", type=int, default=1, help="timed steps per side")
+    parser.add_argument("--sides", default="ordinary,banded",
+                        help="which sides to run (one alone, e.g. to find the largest "
+                             "resolution that fits a budget)")
     args = parser.parse_args(argv)
     shape = (3, args.resolution, args.resolution)
     model, _ = zoo.get(args.model, batch=args.batch, input_shape=shape)
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         bands = [[*b.rows, *b.crop] for b in banded.plan(x, target)]
     sides = {"ordinary": (model, lambda: (fn(model(x), target) / target.numel()).backward()),
              "banded": (banded, lambda: banded(x, target).backward())}
+    sides = {name: sides[name] for name in args.sides.split(",")}
     result = {"model": args.model, "batch": args.batch, "resolution": args.resolution,
               "strategy": strategy, "bands": bands, "loss": args.loss}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
@@ -64,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, step) in sides.items():
         module.zero_grad(set_to_none=True)
         result[f"{name}_peak_bytes"] = measure(step).peak_bytes
-        result[f"{name}_step_s"] = statistics.median(seconds[name])
-    result["peak_ratio"] = result["banded_peak_bytes"] / result["ordinary_peak_bytes"]
-    result["time_ratio"] = result["banded_step_s"] / result["ordinary_step_s"]
+        result[f"{name}_step_s"] = statistics.median(seconds[name]) if seconds[name] else None
+    if len(sides) == 2:
+        result["peak_ratio"] = result["banded_peak_bytes"] / result["ordinary_peak_bytes"]
+        result["time_ratio"] = result["banded_step_s"] / result["ordinary_step_s"]
     print(json.dumps(result))
     return 0
 
