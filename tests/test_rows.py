@@ -409,7 +409,7 @@ def band_peak_ratio(layers: int, bands: int) -> float:
     ordinary = trunk_step_peak(trunk, x)
     row = RowCentric(trunk, rows=bands, strategy="2ps")
     engine = Engine(row.graph, (256, 64), "2ps", bands, bands, False)
-    sizes = row_bytes(row, x)
+    sizes = row_bytes(row.graph, x)
     fixed = (engine.kept.bytes(sizes.real) + 2 * sizes.real[row.graph.output] * 256
              + sum(p.numel() * p.element_size() for p in params))
     from memtile.measure import measure

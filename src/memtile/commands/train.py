@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=("ce", "bce", "mse"), default=None,
                         help="band the whole model to its per-pixel output (a spatially local "
                              "encoder-decoder) and train it with this per-band loss against a "
-                             "seeded random target; --rows N sets the bands (default: one per "
-                             "64 output rows with 2PS, 4 with OverL)")
+                             "seeded random target; --rows N sets the bands (default: 2PS "
+                             "the count of least estimated peak, OverL 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from memtile.errors import InputShapeError, MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
+from memtile.rows.budget import least_bytes_bands
 from memtile.rows.engine import Engine, RowFunction, swapped
 from memtile.rows.locality import BandCrop, Locality, plan_bands
 from memtile.rows.verify import Check, run_check, worst_error
@@ -44,8 +45,6 @@ LOSSES: dict[str, LossFn] = {
 }
 STRATEGIES = ("2ps", "overl")
 OVERL_BANDS = 4  # OverL's default band count
-TWO_PHASE_BAND_ROWS = 64  # 2PS's default output rows per band: smp Unet(resnet18) at 1024²,
-# 8/12/16/24/32 bands measured 371/333/321/323/345 MiB (BENCHMARKS.md)
 
 
 def loss_function(loss: str | LossFn) -> LossFn:
@@ -66,12 +65,12 @@ class WholeBands(nn.Module):
     shape), "mse", or a callable(output_rows, target_rows) returning the SUM over them; the
     result is that sum over the output divided by `target.numel()`. `strategy`: "2ps" or
     "overl" (module doc); None picks 2PS where `SpatialGraph` takes the model, else OverL, and
-    `strategy_note` says why. `rows`: the band count (default: OVERL_BANDS, or for 2PS one
-    band per TWO_PHASE_BAND_ROWS output rows). Gradients reach `.backward()` as ordinary ones
-    (OverL computes them band by band inside this call), so DDP and any optimizer see ordinary
-    gradients. BatchNorm layers are frozen (`memtile.freeze`, `frozen_layers`); the model
-    must be spatially local to its output, else `NotLocal` (an UnsupportedOpError) gives
-    `stopped_at`. With `verify` (the default) every new input size is checked once against
+    `strategy_note` says why. `rows`: the band count (default: OVERL_BANDS, or for 2PS the
+    count of least estimated step peak, `memtile.rows.budget.least_bytes_bands`). Gradients
+    reach `.backward()` as ordinary ones (OverL computes them band by band inside this call),
+    so DDP and any optimizer see ordinary gradients. BatchNorm layers are frozen
+    (`memtile.freeze`, `frozen_layers`); the model must be spatially local to its output, else
+    `NotLocal` (an UnsupportedOpError) gives `stopped_at`. With `verify` (the default) every new input size is checked once against
     ordinary autograd on a few columns with the same bands (`check_bands`, `check_engine`);
     `checks` holds the outcomes.
     """
@@ -110,8 +109,8 @@ class WholeBands(nn.Module):
         if size not in self._engines:
             gm = propagate_shapes(trace(self.model, (x,)), (x,))
             graph = SpatialGraph(gm, frozen_bn=bool(self.frozen_layers))
-            out_rows = graph.output_size(size)[0]
-            bands = self.rows or max(2, out_rows // TWO_PHASE_BAND_ROWS)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            bands = self.rows or least_bytes_bands(graph, x, params)
             engine = Engine(graph, size, "2ps", bands, bands, checkpoint=False)
             if self.verify:
                 self.checks[size] = check_engine(self, engine, x, target)
