@@ -129,6 +129,19 @@ def test_check_runs_one_image_and_the_fewest_columns_with_the_same_edges(monkeyp
     assert torch.get_num_threads() == threads
 
 
+def test_check_passes_over_crop_widths_with_a_partial_average_window():
+    """timm's resnet-D shortcut (AvgPool2d 2x2, ceil_mode) at 1 column ends in a partial window,
+    which bands refuse: the crop search must go on to a width that pools whole windows, not
+    raise (timm:resnet18d 2x512² failed so)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.AvgPool2d(2, 2, ceil_mode=True,
+                                                                  count_include_pad=False),
+                          nn.Conv2d(8, 8, 3, 1, 1))
+    row = RowCentric(model, rows=2, strategy="2ps")
+    row(torch.randn(1, 3, 16, 16))
+    assert row.checks[(16, 16)].input_shape == (1, 3, 16, 2)
+
+
 def scaled_backward(monkeypatch, factor: float) -> None:
     """Make every banded parameter gradient `factor` times what it should be."""
     backward = engine_module.Engine.backward

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from memtile.errors import GradientMismatchError, InputShapeError
+from memtile.errors import GradientMismatchError, InputShapeError, UnsupportedOpError
 from memtile.rows.engine import Engine, RowFunction
 from memtile.spatial import Size, SpatialGraph
 
@@ -59,7 +59,9 @@ def check_width(engine: Engine, width: int) -> int:
     """Fewest columns whose every convolution and pool ends at the right image edge as at
     `width`: the same read past the edge, so the same padding (resnet18 at 512: 32, one output
     column; 16 columns pad differently, and its max pools' float32 near-ties sent the check to
-    float64). The left edge is the same at any width."""
+    float64). The left edge is the same at any width. Widths the trunk cannot take are passed
+    over: too narrow for a window, or a ceil-mode average pool's partial last window (timm's
+    resnet-D shortcuts at 1 column)."""
     graph = engine.graph
     height = engine.sizes[graph.input][0]
     want = column_edges(graph, (height, width))
@@ -67,7 +69,7 @@ def check_width(engine: Engine, width: int) -> int:
         try:
             if column_edges(graph, (height, cols)) == want:
                 return cols
-        except InputShapeError:
+        except (InputShapeError, UnsupportedOpError):
             continue
     return width
 
