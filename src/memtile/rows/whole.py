@@ -70,9 +70,9 @@ class WholeBands(nn.Module):
     reach `.backward()` as ordinary ones (OverL computes them band by band inside this call),
     so DDP and any optimizer see ordinary gradients. BatchNorm layers are frozen
     (`memtile.freeze`, `frozen_layers`); the model must be spatially local to its output, else
-    `NotLocal` (an UnsupportedOpError) gives `stopped_at`. With `verify` (the default) every new input size is checked once against
-    ordinary autograd on a few columns with the same bands (`check_bands`, `check_engine`);
-    `checks` holds the outcomes.
+    `NotLocal` (an UnsupportedOpError) gives `stopped_at`. With `verify` (the default) every
+    new input size is checked once against ordinary autograd on a few columns with the same
+    bands (`check_bands`, `check_engine`); `checks` holds the outcomes.
     """
 
     def __init__(self, model: nn.Module, loss: str | LossFn, rows: int | None = None,
