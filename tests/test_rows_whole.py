@@ -73,7 +73,7 @@ def test_two_phase_is_the_default_where_spatial_graph_takes_the_model(dtype, tol
     assert not wrapped._plans  # OverL never ran
 
 
-def test_two_phase_bands_split_the_output_rows_and_hold_less():
+def test_two_phase_bands_split_the_output_rows_and_hold_less(monkeypatch):
     """Output bands give every band its share of the decoder. Input bands leave the decoder's
     lag behind the encoder (the reach of the deepest path) to the last band, at full
     resolution: a higher measured peak."""
@@ -96,12 +96,8 @@ def test_two_phase_bands_split_the_output_rows_and_hold_less():
     output_split = measure(step).peak_bytes
     wrapped.zero_grad(set_to_none=True)
     wrapped._engines.clear()
-    original = engine_module.splits_output
-    engine_module.splits_output = lambda graph, size: False
-    try:
-        by_input = measure(step).peak_bytes
-    finally:
-        engine_module.splits_output = original
+    monkeypatch.setattr(engine_module, "splits_output", lambda graph, size: False)
+    by_input = measure(step).peak_bytes
     assert output_split < 0.8 * by_input, (output_split, by_input)
 
 

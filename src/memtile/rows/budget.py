@@ -174,9 +174,8 @@ def candidates(module: RowCentric, x: torch.Tensor, budget: int) -> list[Choice]
     BudgetError.
     """
     per_row = row_bytes(module.graph, x)
-    params = [p for p in module.trunk.parameters() if p.requires_grad]
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    largest_param = max((p.numel() * p.element_size() for p in params), default=0)
+    param_bytes, largest_param = _parameter_bytes(
+        [p for p in module.trunk.parameters() if p.requires_grad])
     graph, size = module.graph, tuple(x.shape[-2:])
     counts = _counts(_cap(module, x))
 
@@ -225,8 +224,7 @@ def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
     The estimate tracked measured peaks within 1-6% on smp Unet (BENCHMARKS.md, "Whole-network
     2PS": resnet18 at 1024², resnet34 at 4544²)."""
     per_row = row_bytes(graph, x)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    largest = max((p.numel() * p.element_size() for p in params), default=0)
+    param_bytes, largest = _parameter_bytes(params)
     size = tuple(x.shape[-2:])
     found: dict[int, int] = {}
     for count in (c for c in _counts(max_bands(graph, size, "2ps")) if c >= 2):
@@ -238,6 +236,13 @@ def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
             break
     least = min(found.values())
     return min(count for count, value in found.items() if value <= 1.02 * least)
+
+
+def _parameter_bytes(params: list[torch.Tensor]) -> tuple[int, int]:
+    """(all of `params`, the largest one) in bytes: the gradients a step allocates, and the
+    largest gradient in flight."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    return sum(sizes), max(sizes, default=0)
 
 
 def _kind(choice: Choice) -> tuple[str, bool, float]:
