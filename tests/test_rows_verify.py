@@ -39,6 +39,9 @@ def grad_error(model: nn.Module, wrapped: nn.Module, x: torch.Tensor,
 
 
 TIMM = ["regnetx_002", "efficientnet_lite0", "mobilenetv3_large_100", "tinynet_a"]
+# the check's crop width at 64²: the fewest columns whose layers meet the right edge as 64 do
+CHECK_COLUMNS = {"regnetx_002": 32, "efficientnet_lite0": 32, "mobilenetv3_large_100": 8,
+                 "tinynet_a": 2}
 
 
 @pytest.mark.parametrize("name", [TIMM[0], *(pytest.param(n, marks=pytest.mark.slow)
@@ -57,7 +60,7 @@ def test_timm_models_in_training_mode_train_exact(name):
     errors = [grad_error(model, wrapped, x, dtype) for dtype in (torch.float32, torch.float64)]
     assert min(errors) <= TOL, errors
     check = wrapped.trunk.checks[(64, 64)]
-    assert check.max_rel_error <= TOL and check.input_shape == (1, 3, 64, 32)
+    assert check.max_rel_error <= TOL and check.input_shape == (1, 3, 64, CHECK_COLUMNS[name])
     # bands end at a global pooling (the head's, or a squeeze-excite), not at a norm
     assert wrapped.stopped_at["reason"].startswith("global pooling"), wrapped.stopped_at
     assert any(isinstance(m, FrozenBatchNormAct2d) for m in model.modules())
