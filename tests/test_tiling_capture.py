@@ -241,11 +241,13 @@ def test_fdt_partial_sums_stitch_to_the_exported_graph(kernel):
 def test_discovery_traces_only_the_nodes_a_rewrite_made(monkeypatch):
     """Each candidate used to be traced whole (`fast_capture`: about 3.5 CPU s on mobilenet_v2
     with FFMT tiles); now a trace holds only nodes not traced before."""
-    from torch._functorch import aot_autograd
+    from memtile.tiling import stitch
 
     traced = []
-    real = aot_autograd.aot_export_module
-    monkeypatch.setattr(aot_autograd, "aot_export_module",
+    real = stitch.trace_functional
+    monkeypatch.setattr(stitch, "trace_functional",
+                        lambda module, *a, **k: traced.append(module) or real(module, *a, **k))
+    monkeypatch.setattr(capture_module, "trace_functional",
                         lambda module, *a, **k: traced.append(module) or real(module, *a, **k))
     model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.ReLU(), nn.Conv2d(64, 4, 1),
                           nn.Conv2d(4, 48, 1), nn.ReLU(), nn.Conv2d(48, 4, 1)).eval()

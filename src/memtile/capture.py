@@ -251,22 +251,77 @@ def apply_order(graph: MemGraph, order: list[int]) -> None:
 
 
 def fast_capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
-    """The MemGraph `capture` gives, from one `aot_export_module` trace to core ATen instead of
-    torch.export's two (export, then `run_decompositions`): about half the CPU time. Tiling
-    re-captures every candidate rewrite of a model that `capture` has already exported once;
-    the ops, tensors and lifetimes are the same (tests/test_capture.py), the node names are not,
-    and there is no ExportedProgram (`program` is None), so the runtime and export use `capture`.
+    """The MemGraph `capture` gives, from one functional trace to core ATen
+    (`trace_functional`) instead of torch.export's two (export, then `run_decompositions`): a
+    third of the CPU time. Tiling re-captures every candidate rewrite of a model that `capture`
+    has already exported once; the ops, tensors and lifetimes are the same
+    (tests/test_capture.py), the node names are not, and there is no ExportedProgram
+    (`program` is None), so the runtime and export use `capture`.
     """
-    from torch._functorch.aot_autograd import aot_export_module
-
     try:
-        with torch.no_grad(), tracing():
-            graph, signature = aot_export_module(
-                _FlatOutputs(model), tuple(inputs), trace_joint=False,
-                decompositions=core_aten_decompositions())
+        traced = trace_functional(_FlatOutputs(model), tuple(inputs))
     except Exception as error:  # tracing raises many unrelated types
-        raise ExportError(_export_failure(error, "aot_export_module")) from error
-    return MemGraph(None, graph.graph, signature.user_inputs)
+        raise ExportError(_export_failure(error, "make_fx")) from error
+    return MemGraph(None, traced.graph, traced.user_inputs)
+
+
+@dataclass(frozen=True)
+class FunctionalTrace:
+    """A module's core-ATen graph with no mutation left. Placeholders: its parameters, then
+    its buffers (named in `constants`, each tensor once), then its inputs (`user_inputs`).
+    Outputs: the new value of each placeholder the module writes in place (`mutated`, in
+    placeholder order), then the module's outputs."""
+
+    graph: fx.Graph
+    constants: tuple[str, ...]
+    user_inputs: tuple[str, ...]
+    mutated: tuple[str, ...]
+
+
+def trace_functional(module: nn.Module, inputs: Sequence[torch.Tensor]) -> FunctionalTrace:
+    """Trace `module` (returning a flat tuple of tensors) on fake copies of `inputs` to core
+    ATen, functionalized, in one `make_fx` pass: `aot_export_module` makes the same graph
+    (tests/test_capture.py) with two passes (one to collect metadata about mutations and
+    aliases, one to trace), and tiling traces pieces of dozens of rewrites. The python dispatcher
+    is on, as in AOT autograd, so that eval BatchNorm is `_native_batch_norm_legit_no_training`.
+    """
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    constants = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    names = list(constants)
+
+    def call(*args: torch.Tensor):
+        state = dict(zip(names, args[:len(names)], strict=True))
+        return torch.func.functional_call(module, state, args[len(names):])
+
+    with torch.no_grad(), tracing(), enable_python_dispatcher():
+        traced = make_fx(torch.func.functionalize(call, remove="mutations"),
+                         decomposition_table=core_aten_decompositions(),
+                         tracing_mode="fake")(*constants.values(), *inputs)
+    graph = traced.graph
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    written: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default \
+                and node.args[0] in holders:
+            held, new = node.args[0], node.args[1]
+            if tensor_layout(held.meta["val"]) != tensor_layout(new.meta["val"]):
+                raise ExportError(f"the model changes the shape or strides of {held.name} "
+                                  "in place; memtile cannot plan that")
+            written[held] = new
+            graph.erase_node(node)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    mutated = [held for held in holders if held in written]
+    output.args = ((*(written[held] for held in mutated), *output.args[0]),)
+    graph.eliminate_dead_code()
+    return FunctionalTrace(graph, tuple(names), tuple(h.name for h in holders[len(names):]),
+                           tuple(h.name for h in mutated))
+
+
+def tensor_layout(tensor: torch.Tensor) -> tuple:
+    """What a traced op's kernel depends on besides values: shape, strides and dtype."""
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
 @functools.cache

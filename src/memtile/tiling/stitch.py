@@ -5,7 +5,7 @@ in a few top-level nodes (an FFMT span's tiles, an FDT path's partitions). Traci
 rewritten model to core ATen costs seconds each (mobilenet_v2: 800+ ATen ops); tracing only the
 new nodes and splicing their ATen ops between the pieces already traced costs a graph edit.
 
-Each top-level node is traced alone by `aot_export_module` on inputs of its own with the shapes,
+Each top-level node is traced alone (`capture.trace_functional`) on inputs of its own with the shapes,
 strides and dtypes it reads in the model (a `reshape` of a transposed tensor is a `clone` and a
 `view`, of a contiguous one a `view`), and the pieces are joined in the graph's order into one
 core-ATen graph, dead ops removed: the MemGraph `fast_capture` makes of the whole model (same
@@ -36,7 +36,13 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memtile.capture import MemGraph, core_aten_decompositions, fast_capture, tracing
+from memtile.capture import (
+    FunctionalTrace,
+    MemGraph,
+    fast_capture,
+    tensor_layout,
+    trace_functional,
+)
 from memtile.spatial import SpatialGraph
 from memtile.tiling.ffmt import FFMTTiles
 
@@ -200,7 +206,7 @@ class Stitcher:
 
     def _trace(self, gm: fx.GraphModule, nodes: list[fx.Node], keys: dict,
                dirty: list[frozenset[int]] | None = None) -> None:
-        """Trace `nodes`, each on inputs of its own, in one `aot_export_module` call (a trace
+        """Trace `nodes`, each on inputs of its own, in one `trace_functional` call (a trace
         has a fixed cost of tens of milliseconds), and keep each one's piece; FFMT tiles are
         traced one of each kind (`_trace_tiles`)."""
         whole = []
@@ -231,7 +237,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, piece: _Piece, out: fx.Graph,
     env = {held: constant[id(_attribute(gm, f"{node.target}{name}" if name[0] == "." else name))]
            for held, name in zip(holders[:count], piece.constants, strict=True)}
     for held, arg in zip(holders[count:], args, strict=True):
-        if _layout(arg.node.meta["val"]) != _layout(held.meta["val"]):
+        if tensor_layout(arg.node.meta["val"]) != tensor_layout(held.meta["val"]):
             raise _NotPiecewise(f"{node.name} reads a tensor laid out unlike its piece's input")
         env[held] = arg.node
     results: list[fx.Node] = []
@@ -303,20 +309,13 @@ def _trace_pieces(gm: fx.GraphModule, nodes: list[fx.Node],
         results += outs
         counts.append(len(outs))
     graph.output(tuple(results))
-    from torch._functorch.aot_autograd import aot_export_module
-
     try:
-        with torch.no_grad(), tracing():
-            traced, signature = aot_export_module(
-                fx.GraphModule(gm, graph), examples, trace_joint=False,
-                decompositions=core_aten_decompositions())
+        traced = trace_functional(fx.GraphModule(gm, graph), examples)
     except Exception as error:  # tracing raises many types; the whole trace says why
         raise _NotPiecewise(f"{nodes[0].name}..{nodes[-1].name} cannot be traced alone: "
                             f"{type(error).__name__}") from error
-    if signature.buffers_to_mutate:
-        raise _NotPiecewise("a node mutates a buffer of the model")
     modules = [f"{n.target}." if n.op == "call_module" else None for n in nodes]
-    return _split(traced.graph, signature, counts, arity, modules, marked)
+    return _split(traced, counts, arity, modules, marked)
 
 
 def _trace_tiles(gm: fx.GraphModule, node: fx.Node, tiles: FFMTTiles) -> _Piece:
@@ -337,20 +336,13 @@ def _trace_tiles(gm: fx.GraphModule, node: fx.Node, tiles: FFMTTiles) -> _Piece:
               for (rows, cols), _ in tiles.tiles]
     bands = [torch.empty_strided((*x.shape[:-2], r1 - r0, c1 - c0), x.stride(), dtype=x.dtype)
              for _, ((r0, r1), (c0, c1)) in (tiles.tiles[k] for k in distinct)]
-    from torch._functorch.aot_autograd import aot_export_module
-
     try:
-        with torch.no_grad(), tracing():
-            traced, signature = aot_export_module(
-                _TilesApart(node.target, tiles, distinct), [x, *values, *bands],
-                trace_joint=False, decompositions=core_aten_decompositions())
+        traced = trace_functional(_TilesApart(node.target, tiles, distinct),
+                                  [x, *values, *bands])
     except Exception as error:  # tracing raises many types; the node's own trace says why
         raise _NotPiecewise(f"{node.name}: tiles cannot be traced apart") from error
-    if signature.buffers_to_mutate:
-        raise _NotPiecewise("a tile mutates a buffer of the model")
     inputs = [1 + len(values), *[1] * len(distinct)]  # as many outputs: out and the bands
-    frame, *kind_pieces = _split(traced.graph, signature, inputs, inputs,
-                                 [f"{node.target}."] * len(inputs), [])
+    frame, *kind_pieces = _split(traced, inputs, inputs, [f"{node.target}."] * len(inputs), [])
     return _compose(frame, dict(zip(distinct, kind_pieces, strict=True)), kinds)
 
 
@@ -420,7 +412,7 @@ def _inline(graph: fx.Graph, piece: _Piece, band: fx.Node, holders: list[fx.Node
     """Copy a tile's piece into `graph`, reading `band`; its result."""
     count = len(piece.constants)
     (held,) = holders[count:]
-    if _layout(held.meta["val"]) != _layout(band.meta["val"]):
+    if tensor_layout(held.meta["val"]) != tensor_layout(band.meta["val"]):
         raise _NotPiecewise("a tile's band is laid out unlike the frame's slice")
     env = {h: constant[name] for h, name in zip(holders[:count], piece.constants, strict=True)}
     env[held] = band
@@ -433,14 +425,17 @@ def _inline(graph: fx.Graph, piece: _Piece, band: fx.Node, holders: list[fx.Node
     return env[result]
 
 
-def _split(graph: fx.Graph, signature, counts: list[int], arity: list[int],
+def _split(traced: FunctionalTrace, counts: list[int], arity: list[int],
            modules: list[str | None], marked: list[int]) -> list[_Piece]:
     """The pieces of a trace of isolated nodes (see `_trace_pieces`; `modules`: the prefix of
     the names of each node's module, None for a function; `marked`: inputs written first)."""
+    graph = traced.graph
     if any(n.op not in ("placeholder", "call_function", "output") for n in graph.nodes):
         raise _NotPiecewise("a node's trace holds constants of its own")
+    if set(traced.mutated) - set(traced.user_inputs):
+        raise _NotPiecewise("a node mutates a buffer of the model")
     holders = [n for n in graph.nodes if n.op == "placeholder"]
-    names = [*signature.parameters, *signature.buffers]
+    names = traced.constants
     constants = dict(zip(holders[:len(names)], names, strict=True))
     user = holders[len(names):]
     for held in (user[i] for i in marked):
@@ -467,7 +462,7 @@ def _split(graph: fx.Graph, signature, counts: list[int], arity: list[int],
             number_of[op] = owners.pop()
     (returned,) = [n.args[0] for n in graph.nodes if n.op == "output"]
     index = {held.name: i for i, held in enumerate(user)}
-    updates = list(signature.user_inputs_to_mutate.values())
+    updates = traced.mutated
     mutated: list[list[tuple[int, fx.Node]]] = [[] for _ in arity]
     for name, new in zip(updates, returned, strict=False):
         number = number_of[user[index[name]]]
@@ -556,10 +551,6 @@ def _meta(node: fx.Node):
     if meta is None or not hasattr(meta, "shape"):
         raise _NotPiecewise(f"{node.name} is not a tensor")
     return meta
-
-
-def _layout(tensor: torch.Tensor) -> tuple:
-    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
 def _fake(tensor: torch.Tensor) -> torch.Tensor:
