@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memtile import spatial
 from memtile.errors import UnsupportedOpError
@@ -62,7 +63,8 @@ def span(gm: fx.GraphModule, source: str, end: str) -> FFMTPath:
 
 
 def extract(gm: fx.GraphModule, path: FFMTPath) -> fx.GraphModule:
-    """The span as its own GraphModule (one placeholder, one output) sharing `gm`'s modules."""
+    """The span as its own GraphModule (one placeholder, one output) sharing `gm`'s modules;
+    its code is generated when first run (most spans are only analysed, to cost candidates)."""
     graph = fx.Graph()
     env = {node_named(gm, path.source): graph.placeholder("x")}
     inside = set(path.nodes)
@@ -83,7 +85,7 @@ def extract(gm: fx.GraphModule, path: FFMTPath) -> fx.GraphModule:
                 f"FFMT span ends early: {name} is also read by {outside[0]} outside the span"
             )
     graph.output(env[node_named(gm, path.nodes[-1])])
-    return fx.GraphModule(gm, graph)
+    return _LazyGraphModule(gm, graph)
 
 
 def tile_needs(trunk: spatial.SpatialGraph, in_hw: tuple[int, int], grid: tuple[int, int]

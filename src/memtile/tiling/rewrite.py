@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from memtile import ops
@@ -186,8 +187,10 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     copied) and module tree, sharing the modules the graph calls and the tensors it reads. No
     rewrite edits a module in place (they make new ones), and discovery copies a model per
     candidate: copying mobilenet_v2's parameters each time cost seconds per `tile`. The model
-    `tile` returns is copied deeply once (`independent_copy`)."""
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    `tile` returns is copied deeply once (`independent_copy`). The copy generates its Python
+    code when first run (`_LazyGraphModule`): most candidates are only re-captured, never run,
+    and code generation cost milliseconds per copy, twice (here and in `finish`)."""
+    copied = _LazyGraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     copied.meta = dict(gm.meta)
     return copied
 
