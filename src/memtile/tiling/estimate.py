@@ -9,6 +9,7 @@ dies there. Only the best few are applied and re-planned through capture and the
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,16 +184,19 @@ def _profile(gm: fx.GraphModule, collapses: Sequence[Collapse]
     members = _storages(facts, group, where, last_use)
     internal = {n for n in nodes if n.name in group and n not in outputs
                 and all(group.get(u.name) is group[n.name] for u in n.users)}
-    live = [extra.get(s, 0) for s in range(step + 1)]
-    no_input = list(live)
+    inputs_change = [0] * (step + 2)  # live bytes change at each step: starts and ends
+    others_change = [0] * (step + 2)
     spans: dict[fx.Node, tuple[int, int, int]] = {}
     for root, members_of_root in members.items():
         if root in internal:
             continue
         start = 0 if root.op == "placeholder" else where(root)
         spans[root] = (start, max(last_use(m) for m in members_of_root), size[root])
-        for s in range(spans[root][0], spans[root][1] + 1):
-            live[s] += size[root]
-            if root.op != "placeholder":
-                no_input[s] += size[root]
+        change = inputs_change if root.op == "placeholder" else others_change
+        change[start] += size[root]
+        change[spans[root][1] + 1] -= size[root]
+    no_input = [extra.get(s, 0) + bytes_ for s, bytes_
+                in enumerate(itertools.accumulate(others_change[:-1]))]
+    live = [a + b for a, b in zip(no_input, itertools.accumulate(inputs_change[:-1]),
+                                  strict=True)]
     return live, no_input, spans, macro
