@@ -65,12 +65,12 @@ def test_edge_program_skips_only_a_redundant_decomposition():
     program = scheduled_program(model, inputs)[0]
     assert programs._decomposed(program)
 
-    def ops(edge):
+    def ops(edge: torch.export.ExportedProgram):
         return [(str(n.target), n.meta["val"].shape if hasattr(n.meta.get("val"), "shape")
-                 else None) for n in edge.exported_program().graph.nodes
-                if n.op == "call_function"]
+                 else None) for n in edge.graph.nodes if n.op == "call_function"]
 
-    assert ops(programs._edge(copy.deepcopy(program))) == ops(to_edge(copy.deepcopy(program)))
+    assert (ops(programs._edge(copy.deepcopy(program)))
+            == ops(to_edge(copy.deepcopy(program)).exported_program()))
     linear = torch.export.export(nn.Sequential(nn.Linear(3, 4), nn.Hardswish()).eval(),
                                  (torch.randn(2, 3),))
     assert not programs._decomposed(linear)  # aten.linear, hardswish: to_edge decomposes them
