@@ -220,18 +220,21 @@ def test_dropout_in_training_mode_is_refused():
 
 
 def test_unsupported_op_is_refused_by_name():
-    trunk = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Upsample(scale_factor=2, mode="bilinear"))
-    with pytest.raises(UnsupportedOpError, match="Upsample.*bilinear"):
+    trunk = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Upsample(scale_factor=2, mode="bicubic"))
+    with pytest.raises(UnsupportedOpError, match="Upsample.*bicubic"):
         RowCentric(trunk, rows=2)(torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 @pytest.mark.parametrize("strategy", ["overl", "2ps"])
-def test_nearest_upsampling_trains_in_bands_exactly(strategy):
-    """Output row r of a nearest x2 reads input row r // 2: bands through it keep the gradients."""
+def test_upsampling_trains_in_bands_exactly(strategy, mode):
+    """Output row r of a nearest x2 reads input row r // 2, of a bilinear one the two rows
+    around (r + 1/2) / 2 - 1/2: bands through them keep the gradients."""
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Upsample(scale_factor=2, mode=mode),
                           nn.Conv2d(4, 2, 3, padding=1), nn.MaxPool2d(2),
-                          nn.Upsample(scale_factor=4), nn.Conv2d(2, 2, 3))
+                          nn.Upsample(scale_factor=4, mode=mode), nn.Conv2d(2, 2, 3))
     x = torch.randn(2, 3, 24, 20)
     trunk(x).square().sum().backward()
     expected = [p.grad.clone() for p in trunk.parameters()]

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tests_models import TinyUnet, nearest_unet, tiny_unet
+from tests_models import TinyUnet, exact_unet, nearest_unet, tiny_unet
 from torch import nn
 
+from memtile import zoo
 from memtile.cli import main
 from memtile.errors import GradientMismatchError, MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
@@ -52,7 +53,7 @@ def banded_errors(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None
 @pytest.mark.parametrize("loss", ["ce", "bce", "mse"])
 def test_encoder_decoder_trains_exact_with_crops_inside_the_image(loss):
     model, (x,) = tiny_unet()
-    loss_error, grad_error, wrapped = banded_errors(model, x, loss, rows=4)
+    loss_error, grad_error, wrapped = banded_errors(model, x, loss, rows=4, strategy="overl")
     assert loss_error <= TOL and grad_error <= TOL, (loss_error, grad_error)
     plan = wrapped._plans[(64, 24)]
     assert [b.rows for b in plan] == [(0, 16), (16, 32), (32, 48), (48, 64)]
@@ -119,13 +120,26 @@ def test_default_two_phase_band_count_holds_about_the_least():
 
 
 def test_overl_is_taken_where_2ps_refuses_an_op_and_says_why():
-    model, (x,) = tiny_unet()
+    model, (x,) = exact_unet()
     target = torch.zeros(2, 64, 24, dtype=torch.long)
     wrapped = wrap(model, loss="ce")
     assert wrapped.chosen_strategy(x, target) == "overl"
-    assert "ConvTranspose2d" in wrapped.strategy_note
-    with pytest.raises(UnsupportedOpError, match="ConvTranspose2d"):
+    assert "nearest-exact" in wrapped.strategy_note
+    with pytest.raises(UnsupportedOpError, match="nearest-exact"):
         wrap(copy.deepcopy(model), loss="ce", strategy="2ps")(x, target)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.float64, 1e-10)])
+def test_two_phase_takes_transposed_convolutions_and_bilinear_upsampling(dtype, tol):
+    """TinyUnet's decoder has a ConvTranspose2d (2x2, stride 2), bilinear upsampling
+    (align_corners=False) and nearest upsampling to a skip's size: 2PS runs it in output bands
+    with the gradients of ordinary training (it fell back to OverL before)."""
+    model, (x,) = tiny_unet()
+    loss_error, grad_error, wrapped = banded_errors(model.to(dtype), x.to(dtype), "ce", rows=4)
+    assert wrapped.chosen_strategy(x, torch.zeros(2, 64, 24)) == "2ps"
+    assert len(wrapped.engine(x, torch.zeros(2, 64, 24)).backward_plan.bands) == 4
+    assert loss_error <= tol and grad_error <= tol, (loss_error, grad_error)
+    assert not wrapped._plans  # OverL never ran
 
 
 def test_a_wrong_two_phase_gradient_is_caught_by_the_wrap_time_check(monkeypatch):
@@ -149,7 +163,8 @@ def test_callable_loss_is_a_sum_divided_by_the_target_size():
 
     MEANS["smooth_l1"] = F.smooth_l1_loss
     try:
-        errors = banded_errors(model, x, "smooth_l1", rows=3, banded_loss=smooth_l1)[:2]
+        errors = banded_errors(model, x, "smooth_l1", rows=3, banded_loss=smooth_l1,
+                           strategy="overl")[:2]
     finally:
         del MEANS["smooth_l1"]
     assert max(errors) <= TOL, errors
@@ -162,6 +177,19 @@ def test_smp_unet_trains_exact():
     x = torch.randn(2, 3, 64, 64)
     errors = banded_errors(model, x, "ce", rows=2)[:2]
     assert max(errors) <= TOL, errors
+
+
+def test_smp_linknet_trains_in_two_phase_bands_exactly():
+    """smp's Linknet checks its input's shape in forward, so fx traces it only at a shape (it
+    was refused); its decoder upsamples with transposed convolutions. 2PS takes it in float64
+    with ordinary training's gradients, in at most as many bands as its deepest map has rows."""
+    pytest.importorskip("segmentation_models_pytorch")
+    model, (x,) = zoo.get("smp:Linknet:resnet18", input_shape=(3, 128, 64))
+    model, x = model.double(), x[:1].double()
+    loss_error, grad_error, wrapped = banded_errors(model, x, "bce", rows=None)
+    assert wrapped.chosen_strategy(x, torch.zeros(1, 1, 128, 64)) == "2ps"
+    assert len(wrapped.engine(x, torch.zeros(1, 1, 128, 64)).backward_plan.bands) <= 4
+    assert loss_error <= 1e-10 and grad_error <= 1e-10, (loss_error, grad_error)
 
 
 @pytest.mark.slow
@@ -233,11 +261,11 @@ def test_a_halo_too_small_is_caught_by_the_wrap_time_check(monkeypatch):
 
     plan_bands = whole.plan_bands
     monkeypatch.setattr(whole, "plan_bands", no_halo)
-    wrapped = wrap(model, loss="ce", rows=4)
+    wrapped = wrap(model, loss="ce", rows=4, strategy="overl")
     with pytest.raises(GradientMismatchError, match="parameter|output"):
         wrapped(x, torch.zeros(2, 64, 24, dtype=torch.long))
     # the same crops unchecked give wrong gradients indeed
-    unchecked = wrap(copy.deepcopy(model), loss="ce", rows=4, verify=False)
+    unchecked = wrap(copy.deepcopy(model), loss="ce", rows=4, verify=False, strategy="overl")
     base = copy.deepcopy(model)
     freeze(base)
     target = torch.zeros(2, 64, 24, dtype=torch.long)
@@ -260,7 +288,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_train_command_loss_json(capsys):
-    assert main(["train", "tests_models:tiny_unet", "--batch", "2", "--input-shape", "3,64,24",
+    assert main(["train", "tests_models:exact_unet", "--batch", "2", "--input-shape", "3,64,24",
                  "--loss", "ce", "--rows", "4", "--steps", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     banded = result["banded"]
@@ -269,7 +297,7 @@ def test_train_command_loss_json(capsys):
     assert banded["halo_rows"]["top"] > 0 and banded["peak_ratio"] > 0
     assert result["grad_max_rel_error"] <= TOL and result["grad_max_rel_error_f64_row"] <= TOL
     assert len(result["loss_row"]) == 2 and result["verify"]["max_rel_error"] <= TOL
-    assert result["strategy"] == "overl" and "ConvTranspose2d" in result["strategy_note"]
+    assert result["strategy"] == "overl" and "nearest-exact" in result["strategy_note"]
 
 
 def test_train_command_loss_two_phase_json(capsys):
@@ -286,12 +314,12 @@ def test_train_command_loss_two_phase_json(capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--loss", "ce", "--budget", "1GB"], "--budget do not apply"),
-    (["--loss", "ce", "--strategy", "2ps"], "ConvTranspose2d"),
+    (["--loss", "ce", "--strategy", "2ps"], "nearest-exact"),
     (["--loss", "ce", "--rows", "auto"], "positive number of bands"),
     (["--loss", "ce", "--bn", "error"], "has BatchNorm layers"),
 ])
 def test_train_command_loss_refusals(capsys, argv, words):
-    assert main(["train", "tests_models:tiny_unet", "--input-shape", "3,64,24", *argv]) == 2
+    assert main(["train", "tests_models:exact_unet", "--input-shape", "3,64,24", *argv]) == 2
     assert words in capsys.readouterr().err
 
 
@@ -333,7 +361,7 @@ def test_train_judges_ill_conditioned_gradients_by_the_banded_run_in_float64(mon
 
     def judged():
         return judge(model, x, lambda m, x: F.cross_entropy(m(x), target),
-                     lambda: banded_f64_grads(model, x, "ce", 4, target),
+                     lambda: banded_f64_grads(model, x, "ce", 4, target, "overl"),
                      Grads(exact), Grads(noise), f64_check=False)
 
     if halo == "none":

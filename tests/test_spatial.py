@@ -261,27 +261,42 @@ class Interpolate(nn.Module):
 
 
 @st.composite
+def transposed_conv(draw, c: int) -> nn.ConvTranspose2d:
+    stride = draw(st.integers(1, 3))
+    kernel = draw(st.integers(stride, stride + 2))  # smaller than the stride is refused
+    return nn.ConvTranspose2d(c, c, kernel, stride, draw(st.integers(0, kernel - 1)),
+                              draw(st.integers(0, stride - 1)), bias=draw(st.booleans()))
+
+
+@st.composite
 def upsampling_stack(draw):
     c = 3
     layers = [nn.Conv2d(2, c, 3, 1, 1)]
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["module", "function", "layer"]))
+        kind = draw(st.sampled_from(["module", "function", "bilinear", "transposed", "layer"]))
         factor = draw(st.sampled_from([2, 4]))
         layers.append(nn.Upsample(scale_factor=factor) if kind == "module"
                       else Interpolate(float(factor)) if kind == "function"
+                      else nn.Upsample(scale_factor=factor, mode="bilinear")
+                      if kind == "bilinear"
+                      else draw(transposed_conv(c)) if kind == "transposed"
                       else draw(conv_layer(c)))
     return nn.Sequential(*layers)
 
 
 @SETTINGS
 @given(upsampling_stack(), st.integers(3, 12), st.integers(3, 10), st.data())
-def test_nearest_upsampling_tiles_equal_full_forward(model, h, w, data):
+def test_upsampling_tiles_equal_full_forward(model, h, w, data):
+    """Nearest and bilinear upsampling and transposed convolutions, in bands and tiles."""
     check_splits(model, torch.randn(1, 2, h, w), data)
 
 
 def test_upsampling_factor_and_mode_are_checked():
     for layer, why in ((nn.Upsample(scale_factor=3), "not a power of two"),
-                       (nn.Upsample(scale_factor=2, mode="bilinear"), "only nearest")):
+                       (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+                        "align_corners=True"),
+                       (nn.Upsample(scale_factor=2, mode="nearest-exact"), "nearest-exact"),
+                       (nn.ConvTranspose2d(1, 1, 2, 3), "kernel smaller than its stride")):
         with pytest.raises(UnsupportedOpError, match=why):
             SpatialGraph(nn.Sequential(nn.Conv2d(1, 1, 3), layer))
 

@@ -94,6 +94,22 @@ def tiny_unet():
     return calibrate_norms(TinyUnet(), (3, 64, 24), passes=2, batch=2), (torch.randn(2, 3, 64, 24),)
 
 
+class ExactUnet(TinyUnet):
+    """`TinyUnet` upsampling with mode="nearest-exact", which OverL takes and 2PS refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up2 = nn.Upsample(scale_factor=2, mode="nearest-exact")
+
+
+def exact_unet():
+    """`ExactUnet` with calibrated BatchNorm statistics, and a 2 x 3 x 64 x 24 input."""
+    from memtile.zoo import calibrate_norms
+
+    torch.manual_seed(0)
+    return calibrate_norms(ExactUnet(), (3, 64, 24), passes=2, batch=2), (torch.randn(2, 3, 64, 24),)
+
+
 def tiny_unet_one_class():
     """`TinyUnet` with one output channel (a binary mask, like smp's default)."""
     torch.manual_seed(0)

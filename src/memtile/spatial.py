@@ -74,6 +74,10 @@ class Window:
             out -= 1
         return out
 
+    def phase(self, lo: int) -> int:
+        """Every output position starts a window alike."""
+        return 0
+
 
 @dataclass(frozen=True)
 class Nearest:
@@ -93,10 +97,58 @@ class Nearest:
     def out_size(self, n: int) -> int:
         return n * self.factor
 
+    def phase(self, lo: int) -> int:
+        """Where output position `lo` falls within its source position."""
+        return lo % self.factor
+
+
+@dataclass(frozen=True)
+class Bilinear(Nearest):
+    """One axis of bilinear upsampling (align_corners=False) by a power of two: output o reads
+    the two inputs around (o + 1/2) / factor - 1/2, clamped to the tensor. A band that holds
+    both for every output it makes computes them as the whole tensor does: the source position
+    and weights are exact in floating point (a power-of-two factor), and clamping happens only
+    at the tensor's true edges."""
+
+    def needs(self, out: Interval) -> Interval:
+        lo, hi = out
+        if hi <= lo:
+            return (0, 0)
+        return ((2 * lo + 1 - self.factor) // (2 * self.factor),
+                (2 * hi - 1 - self.factor) // (2 * self.factor) + 2)
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """One axis of a transposed convolution: input i adds into outputs i * stride - pad + j *
+    dilation, j < kernel (`extent` = dilation * (kernel - 1) + 1); `output_padding` positions
+    at the end that no input reaches hold the bias alone."""
+
+    extent: int
+    stride: int
+    pad: int
+    output_padding: int
+
+    def needs(self, out: Interval) -> Interval:
+        """Input positions (unclipped) that add into outputs `out`."""
+        lo, hi = out
+        if hi <= lo:
+            return (0, 0)
+        return (-((self.extent - 1 - lo - self.pad) // self.stride),  # ceil
+                (hi - 1 + self.pad) // self.stride + 1)
+
+    def out_size(self, n: int) -> int:
+        return (n - 1) * self.stride - 2 * self.pad + self.extent + self.output_padding
+
+    def phase(self, lo: int) -> int:
+        """Where output position `lo` falls between the outputs of two inputs."""
+        return lo % self.stride
+
 
 IDENTITY = Window(1, 1, 0, 0)
-_ACCEPTED = ("bands and tiles take Conv2d, MaxPool2d, AvgPool2d, nearest upsampling by 2, 4, 8..., "
-             "eval batch norm, elementwise ops, add/mul of same-size maps and channel cat")
+_ACCEPTED = ("bands and tiles take Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, nearest "
+             "and bilinear upsampling by 2, 4, 8..., eval batch norm, elementwise ops, add/mul of same-size "
+             "maps and channel cat")
 
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 
@@ -108,7 +160,7 @@ class _Op:
     kind: str  # "input", "local" (conv/pool: windows, padding), "pointwise" (incl. cat, bn),
     # "constant" (a parameter or a value computed from parameters alone)
     inputs: list[fx.Node]
-    windows: tuple[Window | Nearest, ...] = (IDENTITY, IDENTITY)
+    windows: tuple[Window | Nearest | Bilinear | Transposed, ...] = (IDENTITY, IDENTITY)
     module: nn.Module | FoldedConvBN | None = None
     dims: Dims = NCHW
 
@@ -267,8 +319,8 @@ class SpatialGraph:
         (FFMT's interior tiles). `compute` reads regions only through what this keeps: per node,
         its region's length, and per input and axis where its read window starts and ends
         relative to that input's band, how far the window reaches past either edge of the
-        tensor, the band's length, and for nearest upsampling the region's start within a
-        source position."""
+        tensor, the band's length, and for upsampling (nearest, transposed convolution)
+        where the region starts between source positions (`phase`)."""
         sizes = self.sizes(in_size)
         need = self.regions(out, in_size, sizes)
         signature: list[tuple | None] = [tuple(hi - lo for lo, hi in x_region)]
@@ -279,8 +331,7 @@ class SpatialGraph:
             op, region = self.ops[node], need[node]
             reads = self.needs(node, region)
             entry: list[tuple] = [tuple(hi - lo for lo, hi in region), tuple(
-                lo % w.factor if isinstance(w, Nearest) else 0
-                for w, (lo, _) in zip(op.windows, region, strict=True))]
+                w.phase(lo) for w, (lo, _) in zip(op.windows, region, strict=True))]
             for arg in op.inputs:
                 have = x_region if arg is self.input else need[arg]
                 entry.append(tuple((rlo - hlo, rhi - hlo, max(0, -rlo), max(0, rhi - n), hhi - hlo)
@@ -303,7 +354,10 @@ class SpatialGraph:
         op = self.ops[node]
         if op.kind == "local" and isinstance(op.windows[0], Nearest):
             x, reg = inputs[0]
-            return _upsample_nearest(op.windows, x, reg, out, sizes[op.inputs[0]])
+            return _upsample(op.windows, x, reg, out, sizes[op.inputs[0]])
+        if op.kind == "local" and isinstance(op.windows[0], Transposed):
+            x, reg = inputs[0]
+            return _apply_transposed(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
         if op.kind == "local":
             x, reg = inputs[0]
             return _apply_local(op.module, op.windows, x, reg, out, sizes[op.inputs[0]])
@@ -406,7 +460,7 @@ def _classify_nchw(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node], kin
                    frozen_bn: bool) -> _Op:
     """`classify` for an op whose inputs are NCHW (or that does not care where H and W are)."""
     if kind == ops.UPSAMPLE:
-        return _Op("local", inputs, _nearest_windows(ops.describe(gm, node), node,
+        return _Op("local", inputs, _upsample_windows(ops.describe(gm, node), node,
                                                      ops.upsample_arguments(gm, node)))
     if node.op == "call_module":
         return _classify_module(gm, node, inputs, frozen_bn)
@@ -487,6 +541,8 @@ def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
         if mod.padding_mode != "zeros":
             raise UnsupportedOpError(f"{where}: padding_mode={mod.padding_mode!r}; only zeros")
         return _Op("local", inputs, _conv_windows(mod), mod)
+    if isinstance(mod, nn.ConvTranspose2d):
+        return _Op("local", inputs, transposed_windows(mod, node, where), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
     if isinstance(mod, FrozenBatchNormAct2d):
@@ -576,6 +632,22 @@ def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
     return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads, strict=True))
 
 
+def transposed_windows(mod: nn.ConvTranspose2d, node: fx.Node, where: str
+                       ) -> tuple[Transposed, ...]:
+    """The axes of a transposed convolution, or UnsupportedOpError: one given an `output_size`
+    when called, padded otherwise than with zeros, or with a kernel smaller than its stride
+    (output rows that no input row reaches)."""
+    if len(node.args) > 1 or node.kwargs or mod.padding_mode != "zeros":
+        raise UnsupportedOpError(f"{where}: output_size or a padding mode other than zeros")
+    axes = tuple(Transposed(d * (k - 1) + 1, s, p, op) for k, s, p, op, d in
+                 zip(mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
+                     mod.dilation, strict=True))
+    if any(a.extent < a.stride for a in axes):
+        raise UnsupportedOpError(f"{where}: kernel smaller than its stride leaves output "
+                                 "rows that no input row reaches")
+    return axes
+
+
 def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window, ...]:
     k = _pair(mod.kernel_size)
     s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
@@ -593,15 +665,20 @@ def _pool_windows(mod: nn.MaxPool2d | nn.AvgPool2d, where: str) -> tuple[Window,
                  for ki, si, pi, di in zip(k, s, p, d, strict=True))
 
 
-def _nearest_windows(where: str, node: fx.Node, arguments: Mapping[str, Any]
-                     ) -> tuple[Nearest, ...]:
-    """The per-axis factors of a nearest upsampling, or UnsupportedOpError saying why not.
+def _upsample_windows(where: str, node: fx.Node, arguments: Mapping[str, Any]
+                      ) -> tuple[Nearest, ...]:
+    """The per-axis factors of a nearest or bilinear (align_corners=False) upsampling, or
+    UnsupportedOpError saying why not.
 
     A `size` (smp's decoders upsample to the skip's size) gives the factor only where the input's
     shape is known: a graph traced at example inputs and shape-propagated, where it is fixed."""
-    if arguments["mode"] != "nearest" or arguments["antialias"]:
-        raise UnsupportedOpError(f"{where}: mode={arguments['mode']!r}; bands and tiles take "
-                                 "only nearest upsampling")
+    mode = arguments["mode"]
+    if mode not in ("nearest", "bilinear") or arguments["antialias"]:
+        raise UnsupportedOpError(f"{where}: mode={mode!r}; bands and tiles take only nearest "
+                                 "and bilinear upsampling")
+    if mode == "bilinear" and arguments["align_corners"]:
+        raise UnsupportedOpError(f"{where}: align_corners=True samples at positions that "
+                                 "depend on the whole image's size")
     size, scale = arguments["size"], arguments["scale_factor"]
     if size is not None:
         source = node.all_input_nodes[0].meta.get("tensor_meta")
@@ -614,20 +691,47 @@ def _nearest_windows(where: str, node: fx.Node, arguments: Mapping[str, Any]
         factors = list(scale) if isinstance(scale, tuple | list) else [scale, scale]
     if not all(f >= 1 and float(f).is_integer() and int(f) & (int(f) - 1) == 0 for f in factors):
         raise UnsupportedOpError(f"{where}: factor {factors} is not a power of two")
-    return tuple(Nearest(int(f)) for f in factors)
+    axis = Bilinear if mode == "bilinear" else Nearest
+    return tuple(axis(int(f)) for f in factors)
 
 
-def _upsample_nearest(axes: tuple[Nearest, ...], x: torch.Tensor, have: Region, out: Region,
-                      size: Size) -> torch.Tensor:
-    """Nearest upsampling of the input rows that `out` reads, cropped to `out`."""
+def _upsample(axes: tuple[Nearest, ...], x: torch.Tensor, have: Region, out: Region,
+              size: Size) -> torch.Tensor:
+    """Nearest or bilinear upsampling of the input rows that `out` reads, cropped to `out`."""
     if any(hi <= lo for lo, hi in out):
         return x.new_zeros(*x.shape[:-SPATIAL_DIMS], *(max(hi - lo, 0) for lo, hi in out))
     need = _clip(tuple(a.needs(iv) for a, iv in zip(axes, out, strict=True)), size)
+    bilinear = isinstance(axes[0], Bilinear)
     y = F.interpolate(_crop(x, have, need), scale_factor=tuple(float(a.factor) for a in axes),
-                      mode="nearest")
+                      mode="bilinear" if bilinear else "nearest",
+                      align_corners=False if bilinear else None)
     for axis, (a, (nlo, _), (lo, hi)) in enumerate(zip(axes, need, out, strict=True)):
         y = y.narrow(axis - SPATIAL_DIMS, lo - nlo * a.factor, max(hi - lo, 0))
     return y
+
+
+def _apply_transposed(mod: nn.ConvTranspose2d, axes: tuple[Transposed, ...], x: torch.Tensor,
+                      have: Region, out: Region, size: Size) -> torch.Tensor:
+    """A transposed convolution of every input position that adds into `out` (so each output
+    position gets all its terms), unpadded: its first position is output `lo * stride - pad`
+    of the input's first row `lo`; cropped to `out`, zeros where no input reaches (the end's
+    output_padding), then the bias."""
+    need = _clip(tuple(a.needs(iv) for a, iv in zip(axes, out, strict=True)), size)
+    if any(hi <= lo for lo, hi in (*out, *need)):
+        y = x.new_zeros(x.shape[0], mod.out_channels, *(max(hi - lo, 0) for lo, hi in out))
+    else:
+        y = F.conv_transpose2d(_crop(x, have, need), mod.weight, None, mod.stride, 0, 0,
+                               mod.groups, mod.dilation)
+        for axis, (a, (nlo, _), (lo, hi)) in enumerate(zip(axes, need, out, strict=True)):
+            dim = axis - SPATIAL_DIMS
+            start = lo - (nlo * a.stride - a.pad)
+            short = max(0, start + hi - lo - y.shape[dim])
+            if short:  # output_padding positions past every input's reach
+                zeros = y.new_zeros(*(short if d == y.dim() + dim else n
+                                      for d, n in enumerate(y.shape)))
+                y = torch.cat([y, zeros], dim)
+            y = y.narrow(dim, start, hi - lo)
+    return y if mod.bias is None else y + mod.bias.view(-1, 1, 1)
 
 
 def _check_partial_average(node: fx.Node, op: _Op, size: Size) -> None:

@@ -221,13 +221,18 @@ def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
     """The 2PS band count (forward and backward alike, at least 2) of least estimated step peak;
     of counts within 2% of it, the fewest (each band costs time). Estimates fall, then rise as
     more nodes keep rows between thinner bands, so the search stops two counts past the least.
-    The estimate tracked measured peaks within 1-6% on smp Unet (BENCHMARKS.md, "Whole-network
-    2PS": resnet18 at 1024², resnet34 at 4544²)."""
+    At most as many bands as the node with fewest rows has (smp Linknet at 256²: 8, where the
+    estimate's least was 192 bands of one or two rows, 5% below 8 bands, at 30x the time of
+    ordinary training): thinner bands give the deepest nodes a row only every few bands and
+    pay every op's fixed cost per band. The estimate tracked measured peaks within 1-6% on smp
+    Unet (BENCHMARKS.md, "Whole-network 2PS": resnet18 at 1024², resnet34 at 4544²)."""
     per_row = row_bytes(graph, x)
     param_bytes, largest = _parameter_bytes(params)
     size = tuple(x.shape[-2:])
+    fewest_rows = min(rows for rows, _ in graph.sizes(size).values())
     found: dict[int, int] = {}
-    for count in (c for c in _counts(max_bands(graph, size, "2ps")) if c >= 2):
+    for count in (c for c in _counts(min(max_bands(graph, size, "2ps"), max(2, fewest_rows)))
+                  if c >= 2):
         engine = Engine(graph, size, "2ps", count, count, False)
         found[count] = estimate(engine, per_row, param_bytes, largest,
                                 x.requires_grad).estimate_bytes

@@ -31,7 +31,7 @@ from torch import fx, nn
 from memtile import ops
 from memtile.errors import InputShapeError, UnsupportedOpError
 from memtile.rows.trunk import kind_of_stop, op_name
-from memtile.spatial import IDENTITY, Interval, Size, Window, classify
+from memtile.spatial import IDENTITY, Interval, Size, Transposed, Window, classify
 from memtile.trace import trace
 
 _EMPTY = (0, 0)
@@ -44,24 +44,6 @@ class NotLocal(UnsupportedOpError):
         super().__init__(f"whole-network bands stop at {stopped_at['node']} "
                          f"({stopped_at['op']}): {stopped_at['reason']}")
         self.stopped_at = stopped_at
-
-
-@dataclass(frozen=True)
-class Transposed:
-    """One axis of a transposed convolution: output o = i * stride - pad + j * dilation."""
-
-    extent: int
-    stride: int
-    pad: int
-    output_padding: int
-
-    def needs(self, out: Interval) -> Interval:
-        lo, hi = out
-        return (-((self.extent - 1 - lo - self.pad) // self.stride),  # ceil
-                (hi - 1 + self.pad) // self.stride + 1)
-
-    def out_size(self, n: int) -> int:
-        return (n - 1) * self.stride - 2 * self.pad + self.extent + self.output_padding
 
 
 @dataclass(frozen=True)
@@ -93,8 +75,10 @@ class Rows:
 class Locality:
     """The traced model as a spatially local graph from its image input to its one output."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.gm = trace(model)
+    def __init__(self, model: nn.Module, example_inputs: tuple | None = None) -> None:
+        """`example_inputs`: trace at their shapes (`memtile.trace`), for models whose forward
+        checks its input's shape."""
+        self.gm = trace(model, example_inputs)
         self.steps: dict[fx.Node, _Step] = {}
         self.shapes: dict[fx.Node, fx.Node] = {}  # x.shape (or an item of it) -> x
         for node in self.gm.graph.nodes:
@@ -139,14 +123,12 @@ class Locality:
             return None
         if ops.kind(self.gm, node) == ops.UPSAMPLE:
             return self._upsample(node, ops.upsample_arguments(self.gm, node))
-        if node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, nn.ConvTranspose2d):
-                return self._transposed(node, mod)
         op = classify(self.gm, node, self.steps, frozen_bn=False)
         if op.kind == "constant":  # computed from parameters: no rows of its own
             return None
-        kind = "window" if op.kind == "local" else "pointwise"
+        kind = "pointwise"
+        if op.kind == "local":
+            kind = "transposed" if isinstance(op.windows[0], Transposed) else "window"
         return _Step(kind, tuple(op.inputs), op.windows)
 
     def _upsample(self, node: fx.Node, arguments: dict) -> _Step:
@@ -176,21 +158,6 @@ class Locality:
             raise UnsupportedOpError(f"{where}: scale factor {scale} is not a whole number")
         return _Step("resample", inputs, bilinear=bilinear,
                      scale=tuple(int(f) for f in factors))
-
-    def _transposed(self, node: fx.Node, mod: nn.ConvTranspose2d) -> _Step:
-        where = f"layer {node.target!r} (ConvTranspose2d)"
-        if len(node.args) > 1 or node.kwargs or mod.padding_mode != "zeros":
-            raise UnsupportedOpError(f"{where}: output_size or a padding mode other than zeros")
-        axes = tuple(Transposed(d * (k - 1) + 1, s, p, op) for k, s, p, op, d in
-                     zip(mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
-                         mod.dilation, strict=True))
-        if any(a.extent < a.stride for a in axes):
-            raise UnsupportedOpError(f"{where}: kernel smaller than its stride leaves output "
-                                     "rows that no input row reaches")
-        inputs = (node.args[0],)
-        if inputs[0] not in self.steps:
-            raise UnsupportedOpError(f"{where}: its input is not an image tensor")
-        return _Step("transposed", inputs, axes)
 
     def _ratios(self) -> dict[fx.Node, tuple[Fraction, Fraction]]:
         """Rows and columns of every node per input row and column: the net's grid."""

@@ -31,7 +31,7 @@ from memtile.errors import InputShapeError, MemtileError, UnsupportedOpError
 from memtile.freeze import freeze
 from memtile.rows.budget import least_bytes_bands
 from memtile.rows.engine import Engine, RowFunction, swapped
-from memtile.rows.locality import BandCrop, Locality, plan_bands
+from memtile.rows.locality import BandCrop, Locality, NotLocal, plan_bands
 from memtile.rows.verify import Check, run_check, worst_error
 from memtile.spatial import SpatialGraph
 from memtile.tiling.rewrite import propagate_shapes
@@ -87,7 +87,14 @@ class WholeBands(nn.Module):
         self.loss = loss_function(loss)
         self.frozen_layers = freeze(model) if bn == "frozen" else []
         self.model, self.rows, self.verify = model, rows, verify
-        self.locality = Locality(model)
+        self.locality: Locality | None = None
+        self._shaped_at: tuple[int, int] | None = None  # the input size `locality` is traced at
+        try:
+            self.locality = Locality(model)
+        except NotLocal:
+            raise
+        except UnsupportedOpError:  # fx traces it only at a shape (smp's input checks)
+            pass  # traced at each input's shape (`_size`)
         self.strategy, self.strategy_note = strategy, None
         self.checks: dict[tuple[int, int], Check] = {}
         self._plans: dict[tuple[int, int], list[BandCrop]] = {}
@@ -139,6 +146,8 @@ class WholeBands(nn.Module):
             raise MemtileError("whole-network bands compute no input gradient; pass an input "
                                "that does not require grad")
         size = tuple(x.shape[-2:])
+        if self.locality is None or self._shaped_at not in (None, size):
+            self.locality, self._shaped_at = Locality(self.model, (x[:1],)), size
         out = self.locality.sizes(size)[self.locality.output]
         if tuple(target.shape[-2:]) != out or target.shape[0] != x.shape[0]:
             raise InputShapeError(f"target of shape {tuple(target.shape)} for an output of "
