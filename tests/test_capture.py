@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memtile import lifetimes, zoo
-from memtile.capture import OUTPUT, capture, reusing_exports
+from memtile.capture import OUTPUT, capture, reusing_exports, trace_functional
 from memtile.errors import ExportError
 
 
@@ -146,3 +146,18 @@ def test_capture_does_not_import_planning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "['memtile.capture', 'memtile.errors']"
+
+
+def test_functional_trace_returns_what_the_model_writes_in_place_first():
+    """`trace_functional` (one make_fx pass) gives an input that the model writes in place as
+    AOT export did: its new value is an output ahead of the model's, and no copy_ is left."""
+    class WritesItsInput(torch.nn.Module):
+        def forward(self, x):
+            x.relu_()
+            return (x * 2,)
+
+    traced = trace_functional(WritesItsInput(), [torch.randn(2, 3)])
+    assert traced.mutated == traced.user_inputs and not traced.constants
+    (returned,) = [n.args[0] for n in traced.graph.nodes if n.op == "output"]
+    assert [n.target for n in returned] == [torch.ops.aten.relu.default, torch.ops.aten.mul.Tensor]
+    assert torch.ops.aten.copy_.default not in {n.target for n in traced.graph.nodes}

@@ -252,8 +252,8 @@ def apply_order(graph: MemGraph, order: list[int]) -> None:
 
 def fast_capture(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> MemGraph:
     """The MemGraph `capture` gives, from one functional trace to core ATen
-    (`trace_functional`) instead of torch.export's two (export, then `run_decompositions`): a
-    third of the CPU time. Tiling re-captures every candidate rewrite of a model that `capture`
+    (`trace_functional`) instead of torch.export's two (export, then `run_decompositions`).
+    Tiling re-captures every candidate rewrite of a model that `capture`
     has already exported once; the ops, tensors and lifetimes are the same
     (tests/test_capture.py), the node names are not, and there is no ExportedProgram
     (`program` is None), so the runtime and export use `capture`.
@@ -306,9 +306,10 @@ def trace_functional(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Funct
         if node.op == "call_function" and node.target is torch.ops.aten.copy_.default \
                 and node.args[0] in holders:
             held, new = node.args[0], node.args[1]
-            if tensor_layout(held.meta["val"]) != tensor_layout(new.meta["val"]):
-                raise ExportError(f"the model changes the shape or strides of {held.name} "
-                                  "in place; memtile cannot plan that")
+            old_value, new_value = held.meta["val"], new.meta["val"]
+            if (old_value.shape, old_value.dtype) != (new_value.shape, new_value.dtype):
+                raise ExportError(f"the model changes the shape or dtype of {held.name} in "
+                                  "place; memtile cannot plan that")
             written[held] = new
             graph.erase_node(node)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
