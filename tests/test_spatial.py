@@ -291,6 +291,21 @@ def test_upsampling_tiles_equal_full_forward(model, h, w, data):
     check_splits(model, torch.randn(1, 2, h, w), data)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,output_padding", [(3, 2, 0, 1), (4, 3, 0, 2)])
+def test_transposed_output_padding_past_every_input_holds_the_bias_alone(
+        kernel, stride, padding, output_padding):
+    """With output_padding > padding the last rows and columns get no input's terms: a tile
+    there holds zeros plus the bias, as the whole op does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                          nn.ConvTranspose2d(4, 5, kernel, stride, padding, output_padding))
+    x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
+    model = model.double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stitched(SpatialGraph(model), x, (4, 3)), model(x),
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_upsampling_factor_and_mode_are_checked():
     for layer, why in ((nn.Upsample(scale_factor=3), "not a power of two"),
                        (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),

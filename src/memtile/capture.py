@@ -320,11 +320,6 @@ def trace_functional(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Funct
                            tuple(h.name for h in mutated))
 
 
-def tensor_layout(tensor: torch.Tensor) -> tuple:
-    """What a traced op's kernel depends on besides values: shape, strides and dtype."""
-    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
-
-
 @functools.cache
 def core_aten_decompositions() -> dict:
     """torch.export's default decomposition table, materialized once: building it costs about

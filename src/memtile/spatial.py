@@ -146,9 +146,9 @@ class Transposed:
 
 
 IDENTITY = Window(1, 1, 0, 0)
-_ACCEPTED = ("bands and tiles take Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, nearest "
-             "and bilinear upsampling by 2, 4, 8..., eval batch norm, elementwise ops, add/mul of same-size "
-             "maps and channel cat")
+_ACCEPTED = ("bands and tiles take Conv2d, ConvTranspose2d, MaxPool2d, AvgPool2d, nearest and "
+             "bilinear upsampling by 2, 4, 8..., eval batch norm, elementwise ops, add/mul of "
+             "same-size maps and channel cat")
 
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 
@@ -542,7 +542,7 @@ def _classify_module(gm: fx.GraphModule, node: fx.Node, inputs: list[fx.Node],
             raise UnsupportedOpError(f"{where}: padding_mode={mod.padding_mode!r}; only zeros")
         return _Op("local", inputs, _conv_windows(mod), mod)
     if isinstance(mod, nn.ConvTranspose2d):
-        return _Op("local", inputs, transposed_windows(mod, node, where), mod)
+        return _Op("local", inputs, _transposed_windows(mod, node, where), mod)
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         return _Op("local", inputs, _pool_windows(mod, where), mod)
     if isinstance(mod, FrozenBatchNormAct2d):
@@ -632,7 +632,7 @@ def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
     return tuple(Window(e, st, lo, hi) for e, st, (lo, hi) in zip(ext, s, pads, strict=True))
 
 
-def transposed_windows(mod: nn.ConvTranspose2d, node: fx.Node, where: str
+def _transposed_windows(mod: nn.ConvTranspose2d, node: fx.Node, where: str
                        ) -> tuple[Transposed, ...]:
     """The axes of a transposed convolution, or UnsupportedOpError: one given an `output_size`
     when called, padded otherwise than with zeros, or with a kernel smaller than its stride
@@ -727,9 +727,7 @@ def _apply_transposed(mod: nn.ConvTranspose2d, axes: tuple[Transposed, ...], x: 
             start = lo - (nlo * a.stride - a.pad)
             short = max(0, start + hi - lo - y.shape[dim])
             if short:  # output_padding positions past every input's reach
-                zeros = y.new_zeros(*(short if d == y.dim() + dim else n
-                                      for d, n in enumerate(y.shape)))
-                y = torch.cat([y, zeros], dim)
+                y = F.pad(y, [0, short] if dim == -1 else [0, 0, 0, short])
             y = y.narrow(dim, start, hi - lo)
     return y if mod.bias is None else y + mod.bias.view(-1, 1, 1)
 

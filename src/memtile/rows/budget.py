@@ -222,7 +222,7 @@ def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
     of counts within 2% of it, the fewest (each band costs time). Estimates fall, then rise as
     more nodes keep rows between thinner bands, so the search stops two counts past the least.
     At most as many bands as the node with fewest rows has (smp Linknet at 256²: 8, where the
-    estimate's least was 192 bands of one or two rows, 5% below 8 bands, at 30x the time of
+    estimate's least was 192 bands of one or two rows, 8% below 8 bands, at 30x the time of
     ordinary training): thinner bands give the deepest nodes a row only every few bands and
     pay every op's fixed cost per band. The estimate tracked measured peaks within 1-6% on smp
     Unet (BENCHMARKS.md, "Whole-network 2PS": resnet18 at 1024², resnet34 at 4544²)."""

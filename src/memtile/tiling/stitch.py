@@ -5,10 +5,10 @@ in a few top-level nodes (an FFMT span's tiles, an FDT path's partitions). Traci
 rewritten model to core ATen costs seconds each (mobilenet_v2: 800+ ATen ops); tracing only the
 new nodes and splicing their ATen ops between the pieces already traced costs a graph edit.
 
-Each top-level node is traced alone (`capture.trace_functional`) on inputs of its own with the shapes,
-strides and dtypes it reads in the model (a `reshape` of a transposed tensor is a `clone` and a
-`view`, of a contiguous one a `view`), and the pieces are joined in the graph's order into one
-core-ATen graph, dead ops removed: the MemGraph `fast_capture` makes of the whole model (same
+Each top-level node is traced alone (`capture.trace_functional`) on inputs of its own with the
+shapes, strides and dtypes it reads in the model (a `reshape` of a transposed tensor is a `clone`
+and a `view`, of a contiguous one a `view`), and the pieces are joined in the graph's order into
+one core-ATen graph, dead ops removed: the MemGraph `fast_capture` makes of the whole model (same
 ops, tensors and lifetimes: tests/test_tiling_capture.py). A piece is keyed by what decides its
 ATen ops: the node's op and target, its module's structure (configuration and tensor shapes, not
 values), its constant arguments and its inputs' shapes, strides and dtypes.
@@ -36,13 +36,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memtile.capture import (
-    FunctionalTrace,
-    MemGraph,
-    fast_capture,
-    tensor_layout,
-    trace_functional,
-)
+from memtile.capture import FunctionalTrace, MemGraph, fast_capture, trace_functional
 from memtile.spatial import SpatialGraph
 from memtile.tiling.ffmt import FFMTTiles
 
@@ -237,7 +231,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, piece: _Piece, out: fx.Graph,
     env = {held: constant[id(_attribute(gm, f"{node.target}{name}" if name[0] == "." else name))]
            for held, name in zip(holders[:count], piece.constants, strict=True)}
     for held, arg in zip(holders[count:], args, strict=True):
-        if tensor_layout(arg.node.meta["val"]) != tensor_layout(held.meta["val"]):
+        if _layout(arg.node.meta["val"]) != _layout(held.meta["val"]):
             raise _NotPiecewise(f"{node.name} reads a tensor laid out unlike its piece's input")
         env[held] = arg.node
     results: list[fx.Node] = []
@@ -412,7 +406,7 @@ def _inline(graph: fx.Graph, piece: _Piece, band: fx.Node, holders: list[fx.Node
     """Copy a tile's piece into `graph`, reading `band`; its result."""
     count = len(piece.constants)
     (held,) = holders[count:]
-    if tensor_layout(held.meta["val"]) != tensor_layout(band.meta["val"]):
+    if _layout(held.meta["val"]) != _layout(band.meta["val"]):
         raise _NotPiecewise("a tile's band is laid out unlike the frame's slice")
     env = {h: constant[name] for h, name in zip(holders[:count], piece.constants, strict=True)}
     env[held] = band
@@ -551,6 +545,10 @@ def _meta(node: fx.Node):
     if meta is None or not hasattr(meta, "shape"):
         raise _NotPiecewise(f"{node.name} is not a tensor")
     return meta
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
 def _fake(tensor: torch.Tensor) -> torch.Tensor:
