@@ -137,17 +137,19 @@ def compare_whole(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None
 
 def _band_report(banded: WholeBands, x: torch.Tensor, target: torch.Tensor,
                  strategy: str) -> dict:
-    """`bands` (output rows, and OverL's input crop) and OverL's `halo_rows` (input rows)."""
+    """`bands` (output rows, and OverL's input crop), OverL's `halo_rows` (input rows) and the
+    nodes 2PS `recomputed` for the decoder."""
     if strategy == "2ps":
         engine = banded.engine(x, target)
         output = engine.graph.output
         return {"bands": [{"rows": list(b.new[output])} for b in engine.backward_plan.bands],
-                "halo_rows": None}
+                "halo_rows": None, "recomputed": banded.recomputed[tuple(x.shape[-2:])]}
     plan = banded.plan(x, target)
     ratio = banded.locality.ratios[banded.locality.output][0]
     return {"bands": [{"rows": list(b.rows), "crop": list(b.crop)} for b in plan],
             "halo_rows": {"top": math.ceil(max(b.rows[0] / ratio - b.crop[0] for b in plan)),
-                          "bottom": math.ceil(max(b.crop[1] - b.rows[1] / ratio for b in plan))}}
+                          "bottom": math.ceil(max(b.crop[1] - b.rows[1] / ratio for b in plan))},
+            "recomputed": []}
 
 
 def banded_f64_grads(model: nn.Module, x: torch.Tensor, loss: str, rows: int | None,
@@ -168,7 +170,10 @@ def _wide(target: torch.Tensor) -> torch.Tensor:
 
 def _print(r: dict) -> None:
     b = r["banded"]
-    scheme = ("2PS: every row once, rows later bands read kept" if r["strategy"] == "2ps" else
+    recomputed = (f" (the stem, {len(b['recomputed'])} nodes, recomputed for the decoder)"
+                  if b["recomputed"] else "")
+    scheme = (f"2PS: every row once, rows later bands read kept{recomputed}"
+              if r["strategy"] == "2ps" else
               f"OverL crops on a {b['alignment'][0]}-row grid, halo up to "
               f"{b['halo_rows']['top']:g} rows above and {b['halo_rows']['bottom']:g} below")
     console.print(f"memtile train {r['model']} --loss {r['loss']}: batch {r['batch']}, input "

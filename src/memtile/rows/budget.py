@@ -216,10 +216,11 @@ def candidates(module: RowCentric, x: torch.Tensor, budget: int) -> list[Choice]
     return sorted(fits, key=lambda c: c.cost(least)) + rest
 
 
-def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
-                      params: list[torch.Tensor]) -> int:
-    """The 2PS band count (forward and backward alike, at least 2) of least estimated step peak;
-    of counts within 2% of it, the fewest (each band costs time). Estimates fall, then rise as
+def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor, params: list[torch.Tensor],
+                      count: int | None = None) -> tuple[int, int]:
+    """The 2PS band count (forward and backward alike, at least 2) of least estimated step peak,
+    and that estimate; of counts within 2% of it, the fewest (each band costs time). With
+    `count`, that count and its estimate. Estimates fall, then rise as
     more nodes keep rows between thinner bands, so the search stops two counts past the least.
     At most as many bands as the node with fewest rows has (smp Linknet at 256²: 8, where the
     estimate's least was 192 bands of one or two rows, 8% below 8 bands, at 30x the time of
@@ -230,17 +231,19 @@ def least_bytes_bands(graph: SpatialGraph, x: torch.Tensor,
     param_bytes, largest = _parameter_bytes(params)
     size = tuple(x.shape[-2:])
     fewest_rows = min(rows for rows, _ in graph.sizes(size).values())
+    counts = [count] if count else [
+        c for c in _counts(min(max_bands(graph, size, "2ps"), max(2, fewest_rows))) if c >= 2]
     found: dict[int, int] = {}
-    for count in (c for c in _counts(min(max_bands(graph, size, "2ps"), max(2, fewest_rows)))
-                  if c >= 2):
-        engine = Engine(graph, size, "2ps", count, count, False)
-        found[count] = estimate(engine, per_row, param_bytes, largest,
+    for bands in counts:
+        engine = Engine(graph, size, "2ps", bands, bands, False)
+        found[bands] = estimate(engine, per_row, param_bytes, largest,
                                 x.requires_grad).estimate_bytes
         least = min(found.values())
         if sum(value > least for value in list(found.values())[-2:]) == 2:
             break
     least = min(found.values())
-    return min(count for count, value in found.items() if value <= 1.02 * least)
+    best = min(bands for bands, value in found.items() if value <= 1.02 * least)
+    return best, found[best]
 
 
 def _parameter_bytes(params: list[torch.Tensor]) -> tuple[int, int]:

@@ -15,7 +15,9 @@ its crops are most of the image below 1000 rows. 2PS (the default where `Spatial
 model: convolutions, pools, frozen norms, elementwise ops, skips, `cat`, nearest upsampling)
 computes every row of every node once, in output bands (`memtile.rows.engine.demand_plan`),
 keeping the rows that later bands read: the per-pixel output is whole, the loss is the ordinary
-mean over it, and backward runs the bands bottom-up (`RowFunction`).
+mean over it, and backward runs the bands bottom-up (`RowFunction`). A skip from the stem is
+recomputed from the image at the decoder's pace where that lowers the estimated peak
+(`memtile.rows.recompute`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from memtile.freeze import freeze
 from memtile.rows.budget import least_bytes_bands
 from memtile.rows.engine import Engine, RowFunction, swapped
 from memtile.rows.locality import BandCrop, Locality, NotLocal, plan_bands
+from memtile.rows.recompute import recompute_stem
 from memtile.rows.verify import Check, run_check, worst_error
 from memtile.spatial import SpatialGraph
 from memtile.tiling.rewrite import propagate_shapes
@@ -66,7 +69,9 @@ class WholeBands(nn.Module):
     result is that sum over the output divided by `target.numel()`. `strategy`: "2ps" or
     "overl" (module doc); None picks 2PS where `SpatialGraph` takes the model, else OverL, and
     `strategy_note` says why. `rows`: the band count (default: OVERL_BANDS, or for 2PS the
-    count of least estimated step peak, `memtile.rows.budget.least_bytes_bands`). Gradients
+    count of least estimated step peak, `memtile.rows.budget.least_bytes_bands`; where that
+    estimate is over 2% lower with the stem recomputed for the decoder instead of kept,
+    `memtile.rows.recompute`, that, and `recomputed` names the stem's nodes). Gradients
     reach `.backward()` as ordinary ones (OverL computes them band by band inside this call),
     so DDP and any optimizer see ordinary gradients. BatchNorm layers are frozen
     (`memtile.freeze`, `frozen_layers`); the model must be spatially local to its output, else
@@ -99,6 +104,7 @@ class WholeBands(nn.Module):
         self.checks: dict[tuple[int, int], Check] = {}
         self._plans: dict[tuple[int, int], list[BandCrop]] = {}
         self._engines: dict[tuple[int, int], Engine] = {}
+        self.recomputed: dict[tuple[int, int], list[str]] = {}  # stem copied for 2PS, per size
 
     def plan(self, x: torch.Tensor, target: torch.Tensor) -> list[BandCrop]:
         """The OverL bands for `x`'s size (planned and, with `verify`, checked on first use)."""
@@ -114,15 +120,28 @@ class WholeBands(nn.Module):
         """The 2PS engine for `x`'s size (built and, with `verify`, checked on first use)."""
         size = self._size(x, target)
         if size not in self._engines:
-            gm = propagate_shapes(trace(self.model, (x,)), (x,))
-            graph = SpatialGraph(gm, frozen_bn=bool(self.frozen_layers))
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            bands = self.rows or least_bytes_bands(graph, x, params)
+            graph, bands, self.recomputed[size] = self._least_bytes_graph(x)
             engine = Engine(graph, size, "2ps", bands, bands, checkpoint=False)
             if self.verify:
                 self.checks[size] = check_engine(self, engine, x, target)
             self._engines[size] = engine
         return self._engines[size]
+
+    def _least_bytes_graph(self, x: torch.Tensor) -> tuple[SpatialGraph, int, list[str]]:
+        """The 2PS graph and band count of least estimated step peak, and the stem's nodes where
+        that graph recomputes the stem for its later readers (`memtile.rows.recompute`): taken
+        only where its estimate is more than 2% lower (the copy costs a pass of the stem)."""
+        gm = propagate_shapes(trace(self.model, (x,)), (x,))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        graph = SpatialGraph(gm, frozen_bn=bool(self.frozen_layers))
+        bands, least = least_bytes_bands(graph, x, params, self.rows)
+        found = graph, bands, []
+        if (copied := recompute_stem(gm)) is not None:
+            other = SpatialGraph(copied[0], frozen_bn=bool(self.frozen_layers))
+            other_bands, estimate = least_bytes_bands(other, x, params, self.rows)
+            if estimate < 0.98 * least:
+                found = other, other_bands, copied[1]
+        return found
 
     def chosen_strategy(self, x: torch.Tensor, target: torch.Tensor) -> str:
         """`strategy`, or with None the one picked for `x`'s size (`strategy_note`: why)."""
