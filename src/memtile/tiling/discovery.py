@@ -147,6 +147,8 @@ class TileReport:
     timed_out: bool = False
     planned_before: PlannedPeak | None = field(default=None, repr=False, compare=False)
     planned_after: PlannedPeak | None = field(default=None, repr=False, compare=False)
+    # the model as traced before any rewrite (what the caller measures "before" on)
+    original: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     @property
     def mac_overhead(self) -> float:
@@ -416,7 +418,7 @@ def tile(
         before.arena_bytes, now.arena_bytes, before.arena_without_input_bytes,
         now.arena_without_input_bytes, before.input_bytes, before.macs, now.macs, error, scale,
         budget, max_mac_overhead, list(methods), best.steps, list(dict.fromkeys(rejected)),
-        barriers(rejected), max_seconds, _past(deadline), before, now,
+        barriers(rejected), max_seconds, _past(deadline), before, now, original,
     )
     if not report.budget_met:
         raise BudgetNotMetError(
