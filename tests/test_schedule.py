@@ -71,6 +71,27 @@ def test_the_time_limit_holds_inside_a_long_bucket():
     assert is_topological(graph, result.order) and result.load <= result.exported_load
 
 
+def test_the_search_runs_with_the_cyclic_collector_paused(monkeypatch):
+    """In a large process a full collection takes about 0.5 s (the test suite's: a 0.5 s search
+    took 0.9-1.05 s), and the search's surviving states trigger them; they hold no cycles."""
+    import gc
+
+    import memtile.schedule
+
+    seen = []
+    search = memtile.schedule._search
+
+    def watched(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(memtile.schedule, "_search", watched)
+    graph = capture(ManyBranches().eval(), (torch.ones(1, 4, 8, 8),))
+    assert gc.isenabled()
+    schedule(graph, time_limit=0.2, width=10**6)
+    assert seen and not any(seen) and gc.isenabled()
+
+
 def test_a_segment_too_large_to_finish_leaves_time_for_the_others():
     """Segments are searched smallest first: one that cannot finish in time (16 branches; FFMT
     tiles in discovery) used to come first in the graph and take the whole limit, leaving the
