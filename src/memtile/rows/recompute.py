@@ -14,12 +14,15 @@ import copy
 
 from torch import fx
 
+from memtile.rows.engine import in_place
 
-def stem(graph: fx.Graph) -> list[fx.Node]:
+
+def stem(gm: fx.GraphModule) -> list[fx.Node]:
     """The chain from the image input to the first node with several consumers, each node reading
-    only the one before it (and parameters); [] where the input itself branches, or where a node
-    of the chain reads another tensor or the chain reaches the output."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    only the one before it (and parameters); [] where the input itself branches, where a node of
+    the chain reads another tensor or the chain reaches the output, and where the first node
+    writes into the image in place (each copy of the chain reads the image as it was)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         return []
     chain: list[fx.Node] = []
@@ -30,6 +33,8 @@ def stem(graph: fx.Graph) -> list[fx.Node]:
             return []
         chain.append(user)
         node = user
+    if chain and in_place(gm, chain[0]):
+        return []
     return chain
 
 
@@ -37,11 +42,11 @@ def recompute_stem(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]] | Non
     """A copy of `gm` (sharing its modules and parameters) in which every consumer of the stem's
     output but the first reads its own copy of the stem, and the names of the stem's nodes; None
     where `gm` has no such stem."""
-    graph = copy.deepcopy(gm.graph)
-    chain = stem(graph)
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    chain = stem(copied)
     if not chain:
         return None
-    end = chain[-1]
+    graph, end = copied.graph, chain[-1]
     for user in list(end.users)[1:]:
         copies: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(user):
@@ -49,4 +54,5 @@ def recompute_stem(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]] | Non
                 copies[node] = graph.node_copy(node, lambda a, made=copies: made.get(a, a))
         user.replace_input_with(end, copies[end])
     graph.lint()
-    return fx.GraphModule(gm, graph), [n.name for n in chain]
+    copied.recompile()
+    return copied, [n.name for n in chain]
