@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from memtile import zoo
 from memtile.errors import InputShapeError, UnknownModelError
@@ -111,3 +112,34 @@ def test_user_models_keep_their_own_statistics():
     model, _ = zoo.get("tests_models:conv_bn_relu")
     assert all(torch.equal(m.running_var, torch.ones_like(m.running_var))
                for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_the_input_check_runs_on_fake_tensors_and_for_real_only_where_those_cannot():
+    """A model at a resolution that does not fit an eager forward (what row bands are for) is
+    checked without computing it; a data-dependent forward is run for real; a wrong shape is
+    still a one-line error with the real message."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    class Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.real_calls = 0
+
+        def forward(self, x):
+            self.real_calls += not isinstance(x, FakeTensor)
+            return self.conv(x)
+
+    class DataDependent(Recording):
+        def forward(self, x):
+            out = super().forward(x)
+            return out if out.sum() > 0 else -out
+
+    model = Recording()
+    zoo._check_runs(model, (torch.randn(1, 3, 16, 16),), "recording")
+    assert model.real_calls == 0
+    model = DataDependent()
+    zoo._check_runs(model, (torch.randn(1, 3, 16, 16),), "data-dependent")
+    assert model.real_calls == 1
+    with pytest.raises(InputShapeError, match="expected input.*to have 3 channels"):
+        zoo._check_runs(Recording(), (torch.randn(1, 5, 16, 16),), "recording")
