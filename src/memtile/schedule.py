@@ -23,12 +23,10 @@ Ops that read only parameters (a weight's permute) belong to no segment: they ru
 before their first reader.
 """
 
-import gc
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
+from memtile import collector
 from memtile.capture import INPUT, OUTPUT, PARAMETER, MemGraph
 from memtile.inplace import inplace_pairs, overwritable
 from memtile.lifetimes import load
@@ -284,21 +282,6 @@ def _with_constants(graph: MemGraph, order: list[int], constant: set[int]) -> li
     return result
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the search runs. The search allocates states
-    by the hundred thousand and they survive, so the collector runs full collections over the
-    whole process: 0.45-0.48 s each in the test suite's process, which took a 0.5 s search to
-    0.90 s. Its states hold no reference cycles; reference counting frees them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def schedule(
     graph: MemGraph, time_limit: float | None = 5.0, inplace: bool = False, width: int = 1000,
     work: int | None = None,
@@ -319,7 +302,9 @@ def schedule(
         peak, done, live = _replay(effects, segment, done, live)
         exported_peaks.append(peak)
     found: dict[int, tuple[list[int], int, bool] | None] = {}
-    with _collector_paused():
+    # the search's states survive by the hundred thousand and trigger full collections (a 0.5 s
+    # search took 0.90 s in the test suite's process); they hold no cycles
+    with collector.paused():
         for index in sorted(range(len(segments)), key=lambda i: len(segments[i])):
             # smallest first: one segment too large to finish in time (FFMT tiles) then costs
             # only itself its search, not every segment after it

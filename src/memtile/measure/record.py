@@ -18,6 +18,8 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from memtile import collector
+
 MODULE_MARK = "memtile.module::"
 BACKWARD_MARK = "autograd::engine::evaluate_function: "
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's CUDA probe logs an ERROR on CPU hosts
@@ -75,19 +77,15 @@ def record(fn: Callable, args: tuple, kwargs: dict, model: nn.Module | None):
         outer.pause()
     session = _Session()
     _SESSIONS.append(session)
-    collecting = gc.isenabled()
     gc.collect()
-    gc.disable()
     try:
-        with _module_ranges(model):
+        with collector.paused(), _module_ranges(model):
             session.resume()
             try:
                 result = fn(*args, **kwargs)
             finally:
                 session.pause()
     finally:
-        if collecting:
-            gc.enable()
         _SESSIONS.pop()
         if outer is not None:
             outer.events.extend(session.events)
