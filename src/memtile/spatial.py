@@ -633,7 +633,7 @@ def _conv_windows(mod: nn.Conv2d) -> tuple[Window, ...]:
 
 
 def _transposed_windows(mod: nn.ConvTranspose2d, node: fx.Node, where: str
-                       ) -> tuple[Transposed, ...]:
+                        ) -> tuple[Transposed, ...]:
     """The axes of a transposed convolution, or UnsupportedOpError: one given an `output_size`
     when called, padded otherwise than with zeros, or with a kernel smaller than its stride
     (output rows that no input row reaches)."""

@@ -205,8 +205,11 @@ def _check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str) -
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputShapeError(f"{name} cannot run on inputs {shapes}: {first_line(error)}") from error
 
+
 def _runs_on_fake_tensors(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether `model` runs on fake copies of `inputs` (its parameters stay real and unchanged)."""
+    """Whether `model` runs on fake copies of `inputs`. Its parameters stay real; a norm in
+    training mode keeps its running statistics (a real run updates them) and still counts the
+    batch in `num_batches_tracked`, as a real run does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -340,4 +343,3 @@ def _unknown(name: str) -> UnknownModelError:
     close = difflib.get_close_matches(name, names(), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else "; `memtile profile --list` prints all names"
     return UnknownModelError(f"unknown model {name!r}{hint}")
-
