@@ -11,7 +11,10 @@ Two oneDNN bindings write into arena memory instead:
   costs the zeroing pass (5-8% of a large layer, measured on vgg16's 224² and 112² layers at
   batch 8) and an extra read; it is the residual add's own kernel (`fusion`) and the fallback.
 
-Both are bit-identical to `aten.convolution` on channels_last tensors (measured). They avoid
+Both are bit-identical to `aten.convolution` on channels_last tensors (measured). A small 1x1
+stride-1 convolution runs instead as one GEMM over the channels_last rows (`MatmulInto`,
+`runs_as_matmul`): oneDNN's setup per call (about 25 us) is more than such a layer's work; its
+sums are in another order (within `TOLERANCE`, checked at construction). oneDNN's kernels avoid
 temporaries only when the destination is channels_last (an NCHW destination costs an input
 reorder and a blocked output, 2x the output), which is why `layout` plans 4-D activations in
 channels_last.
@@ -39,6 +42,8 @@ DIRECT = torch.ops.mkldnn._convolution_pointwise.default
 TOLERANCE = 1e-5  # relative to the output's magnitude; measured up to 2.4e-6 (vgg11, resnet18)
 SCRATCH_BYTES = 16 * 1024
 REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-sized buffers (measured)
+MATMUL_MIN_CHANNELS = 32  # `is_matmul`: below, MKL's GEMM was slower than oneDNN (K too small)
+MATMUL_MAX_MACS = 16_000_000
 
 
 class ConvolutionInto:
@@ -82,6 +87,74 @@ class ConvolutionInto:
         return f"mkldnn._convolution_pointwise_.binary (into a zeroed out= or onto an addend{post})"
 
 
+class MatmulInto:
+    """A 1x1 stride-1 convolution on channels_last tensors as one GEMM over their rows:
+    `out[n,h,w,:] = x[n,h,w,:] @ weight (+ bias)` with `weight` packed as (C_in, C_out) (or the
+    model's own weight read transposed), through ATen's `addmm`/`mm` (MKL) into `out`'s rows.
+    For small layers oneDNN's fixed cost per call (about 25 us of primitive setup, measured)
+    outweighs its kernel; see `is_matmul` for the rule. With an `addend` (a fused residual add),
+    `out` starts from it and the GEMM accumulates into it; a `unary` ("swish") runs after, in
+    place (`silu_`, which keeps eager's NaN and Inf)."""
+
+    def __init__(self, unary: str | None = None):
+        self.unary = unary
+
+    def with_unary(self, unary: str) -> MatmulInto:
+        return MatmulInto(unary)
+
+    def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
+        if weight.dim() == 4:  # unpacked: the model's weight, read transposed
+            weight = weight.view(weight.shape[0], -1).t()
+        rows = _rows(x.contiguous(memory_format=torch.channels_last))
+        if not out.is_contiguous(memory_format=torch.channels_last):  # computed apart, copied
+            target = torch.empty_like(out, memory_format=torch.channels_last)
+            self(x, weight, bias, padding, stride, dilation, groups, *addend, out=target)
+            return out.copy_(target)
+        result = _rows(out)
+        if addend:
+            if (addend[0].data_ptr(), addend[0].stride()) != (out.data_ptr(), out.stride()):
+                out.copy_(addend[0])
+            if bias is not None:
+                result.add_(bias)
+            torch.addmm(result, rows, weight, out=result)
+        elif bias is None:
+            torch.mm(rows, weight, out=result)
+        else:
+            torch.addmm(bias, rows, weight, out=result)
+        if self.unary:
+            torch.ops.aten.silu_(out)
+        return out
+
+    def __repr__(self) -> str:
+        post = f", then {self.unary} in place" if self.unary else ""
+        return f"addmm over a 1x1 convolution's channels_last rows (into out=){post}"
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A channels_last 4-D tensor as its (N*H*W, C) matrix: a view of the same memory."""
+    return tensor.permute(0, 2, 3, 1).view(-1, tensor.shape[1])
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """Whether this convolution runs as a GEMM (`MatmulInto`, see `runs_as_matmul`)."""
+    _, _, _, stride, padding, _, _, _, groups = node.args
+    return runs_as_matmul(tuple(node.args[0].meta["val"].shape),
+                          tuple(node.args[1].meta["val"].shape), stride, padding, groups)
+
+
+def runs_as_matmul(input_shape: tuple, weight_shape: tuple, stride, padding, groups: int) -> bool:
+    """1x1, stride 1, no padding, one group, at least MATMUL_MIN_CHANNELS input channels and at
+    most MATMUL_MAX_MACS multiply-adds. A fixed rule, measured once (BENCHMARKS "1x1
+    convolutions as GEMMs", `benchmarks/conv_kernels.py`), so that numerics do not depend on
+    timing noise at construction: within it MKL's GEMM took 0.54-0.94 of oneDNN's time on all
+    16 such layer shapes of mobilenet_v2 and resnet50 at batch 1 and one thread; outside it, it
+    was slower on 7 of 12 (few input channels, or large layers where oneDNN's setup is paid off)."""
+    batch, channels, height, width = input_shape
+    return (tuple(weight_shape[2:]) == (1, 1) and list(stride) == [1, 1]
+            and list(padding) == [0, 0] and groups == 1 and channels >= MATMUL_MIN_CHANNELS
+            and batch * height * width * channels * weight_shape[0] <= MATMUL_MAX_MACS)
+
+
 def is_convolution(node: fx.Node) -> bool:
     return str(node.target) == TARGET
 
@@ -104,7 +177,7 @@ def unsupported(node: fx.Node, device: torch.device) -> str | None:
 
 
 def is_into(variant: OutVariant) -> bool:
-    return isinstance(variant.overload, ConvolutionInto)
+    return isinstance(variant.overload, (ConvolutionInto, MatmulInto))
 
 
 def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
@@ -115,24 +188,30 @@ def variant(node: fx.Node, weight: torch.Tensor | None, pack: bool,
     (freed within the call). A given `packing`'s copies (packed weight, bias) replace the
     node's own (a batch norm folded in, see `fusion`)."""
     if packing is None and pack and weight is not None:
-        packing = Packing.of((weight,), lambda: (reorder(node, weight),))
+        packing = Packing.of((weight,), lambda: (packed_weight(node, weight),))
     packed, bias = (*packing.copies, None)[:2] if packing else (None, None)
+    matmul = is_matmul(node)
     # a packed weight makes the functional kernel's output channels_last (measured), like `out`
-    into = ConvolutionInto(packed is not None and slots.load() is None, unary)
+    into = (MatmulInto(unary) if matmul
+            else ConvolutionInto(packed is not None and slots.load() is None, unary))
 
     def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, w, own_bias, stride, padding, dilation, _, _, groups, *addend = args
         return (x, w if packed is None else packed, own_bias if bias is None else bias,
                 list(padding), list(stride), list(dilation), groups, *addend), {}
 
-    per_call = 0 if packed is not None else REORDER_COPIES * _nbytes(node.args[1].meta["val"])
+    per_call = 0 if packed is not None or matmul else \
+        REORDER_COPIES * _nbytes(node.args[1].meta["val"])
     return OutVariant(into, ("out",), rewrite, packed_bytes=_nbytes(packed) + _nbytes(bias),
                       tolerance=TOLERANCE, scratch_bytes=SCRATCH_BYTES + per_call,
                       packing=packing)
 
 
-def reorder(node: fx.Node, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` in the blocked format oneDNN picks for this convolution's input shape."""
+def packed_weight(node: fx.Node, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as this convolution's kernel reads it: a (C_in, C_out) matrix for a GEMM
+    (`is_matmul`), else the blocked format oneDNN picks for the input's shape."""
+    if is_matmul(node):
+        return weight.reshape(weight.shape[0], -1).t().contiguous()
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight, list(padding), list(stride), list(dilation), groups,

@@ -150,7 +150,7 @@ def fused(chain: Chain, variant: OutVariant, constants: dict[str, torch.Tensor])
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = folded(chain, constants)
-        return convolution.reorder(conv, weight), bias
+        return convolution.packed_weight(conv, weight), bias
 
     sources = tuple(_constant(a, constants) for a in (*conv.args[1:3], *bn.args[1:5]))
     return convolution.variant(conv, None, pack=True, packing=Packing.of(sources, compute),
