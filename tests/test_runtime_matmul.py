@@ -86,10 +86,12 @@ def test_small_one_by_one_convolutions_run_as_gemms_with_eager_values(pack_weigh
 
 
 def test_the_rule_takes_small_one_by_one_layers_only():
-    """1x1, stride 1, unpadded, one group, >= 32 input channels, <= 16M multiply-adds."""
+    """1x1, stride 1, unpadded, one group, >= 32 input channels (or <= 64 rows), <= 16M
+    multiply-adds."""
     fits = convolution.runs_as_matmul
     assert fits((1, 144, 28, 28), (32, 144, 1, 1), [1, 1], [0, 0], 1)
     assert not fits((1, 16, 112, 112), (96, 16, 1, 1), [1, 1], [0, 0], 1)  # few channels
+    assert fits((8, 16, 1, 1), (96, 16, 1, 1), [1, 1], [0, 0], 1)  # ... but few rows
     assert not fits((8, 144, 28, 28), (32, 144, 1, 1), [1, 1], [0, 0], 1)  # 29M MACs
     assert not fits((1, 64, 28, 28), (64, 64, 1, 1), [2, 2], [0, 0], 1)
     assert not fits((1, 64, 28, 28), (64, 64, 3, 3), [1, 1], [1, 1], 1)

@@ -42,7 +42,8 @@ DIRECT = torch.ops.mkldnn._convolution_pointwise.default
 TOLERANCE = 1e-5  # relative to the output's magnitude; measured up to 2.4e-6 (vgg11, resnet18)
 SCRATCH_BYTES = 16 * 1024
 REORDER_COPIES = 2  # an unpacked weight is reordered per call into 2 weight-sized buffers (measured)
-MATMUL_MIN_CHANNELS = 32  # `is_matmul`: below, MKL's GEMM was slower than oneDNN (K too small)
+MATMUL_MIN_CHANNELS = 32  # `runs_as_matmul`: fewer, over many rows, GEMM was the slower
+MATMUL_FEW_ROWS = 64
 MATMUL_MAX_MACS = 16_000_000
 
 
@@ -143,16 +144,20 @@ def is_matmul(node: fx.Node) -> bool:
 
 
 def runs_as_matmul(input_shape: tuple, weight_shape: tuple, stride, padding, groups: int) -> bool:
-    """1x1, stride 1, no padding, one group, at least MATMUL_MIN_CHANNELS input channels and at
-    most MATMUL_MAX_MACS multiply-adds. A fixed rule, measured once (BENCHMARKS "1x1
+    """1x1, stride 1, no padding, one group, at most MATMUL_MAX_MACS multiply-adds, and at least
+    MATMUL_MIN_CHANNELS input channels or at most MATMUL_FEW_ROWS rows (pixels times batch: a
+    squeeze-excite convolution on a pooled map). A fixed rule, measured once (BENCHMARKS "1x1
     convolutions as GEMMs", `benchmarks/conv_kernels.py`), so that numerics do not depend on
-    timing noise at construction: within it MKL's GEMM took 0.54-0.94 of oneDNN's time on all
-    16 such layer shapes of mobilenet_v2 and resnet50 at batch 1 and one thread; outside it, it
-    was slower on 7 of 12 (few input channels, or large layers where oneDNN's setup is paid off)."""
+    timing noise at construction: within it MKL's GEMM took 0.31-1.04 of oneDNN's time on the
+    46 such layer shapes of mobilenet_v2, efficientnet_b0 and resnet50 at batch 1 and one
+    thread (faster on 44); outside it, it was slower on 14 of 18 (few input channels over many
+    rows, or large layers where oneDNN's setup is paid off)."""
     batch, channels, height, width = input_shape
+    rows = batch * height * width
     return (tuple(weight_shape[2:]) == (1, 1) and list(stride) == [1, 1]
-            and list(padding) == [0, 0] and groups == 1 and channels >= MATMUL_MIN_CHANNELS
-            and batch * height * width * channels * weight_shape[0] <= MATMUL_MAX_MACS)
+            and list(padding) == [0, 0] and groups == 1
+            and (channels >= MATMUL_MIN_CHANNELS or rows <= MATMUL_FEW_ROWS)
+            and rows * channels * weight_shape[0] <= MATMUL_MAX_MACS)
 
 
 def is_convolution(node: fx.Node) -> bool:
