@@ -3,6 +3,7 @@ ones, fused with what, and that they compute eager's values, NaN and Inf include
 
 import pytest
 import torch
+from test_runtime_fusion import with_random_batch_norm
 from torch import nn
 
 from memtile.runtime import PlannedModule, convolution
@@ -36,14 +37,7 @@ class OneByOnes(nn.Module):
 
 def calibrated() -> nn.Module:
     torch.manual_seed(0)
-    model = OneByOnes()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.normal_(1.0, 0.3)
-            module.bias.data.normal_(0.0, 0.3)
-    return model.eval()
+    return with_random_batch_norm(OneByOnes()).eval()
 
 
 def kernels(module: PlannedModule) -> dict[str, str]:

@@ -104,8 +104,8 @@ class MatmulInto:
         return MatmulInto(unary)
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
-        if weight.dim() == 4:  # unpacked: the model's weight, read transposed
-            weight = weight.view(weight.shape[0], -1).t()
+        if weight.dim() == 4:  # unpacked: the model's weight, read transposed (a view if it can)
+            weight = weight.reshape(weight.shape[0], -1).t()
         rows = _rows(x.contiguous(memory_format=torch.channels_last))
         if not out.is_contiguous(memory_format=torch.channels_last):  # computed apart, copied
             target = torch.empty_like(out, memory_format=torch.channels_last)
