@@ -73,7 +73,7 @@ def runners(shape: tuple, conv: nn.Conv2d):
     x_last = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty(shape[0], weight.shape[0], shape[2], shape[3]).to(
         memory_format=torch.channels_last)
-    matrix = weight.reshape(weight.shape[0], -1).t().contiguous()
+    matrix = convolution.as_matrix(weight).contiguous()
 
     def eager():
         return F.conv2d(x, weight, bias, stride, padding, dilation, conv.groups)
@@ -86,8 +86,7 @@ def runners(shape: tuple, conv: nn.Conv2d):
         return convolution.MatmulInto()(x_last, matrix, folded_bias, padding, stride,
                                         dilation, conv.groups, out=out)
 
-    one_by_one = tuple(weight.shape[2:]) == (1, 1) and stride == [1, 1] \
-        and padding == [0, 0] and conv.groups == 1
+    one_by_one = convolution.is_one_by_one(tuple(weight.shape), stride, padding, conv.groups)
     return eager, onednn, gemm if one_by_one else None
 
 

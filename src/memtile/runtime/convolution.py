@@ -105,7 +105,7 @@ class MatmulInto:
 
     def __call__(self, x, weight, bias, padding, stride, dilation, groups, *addend, out):
         if weight.dim() == 4:  # unpacked: the model's weight, read transposed (a view if it can)
-            weight = weight.reshape(weight.shape[0], -1).t()
+            weight = as_matrix(weight)
         rows = _rows(x.contiguous(memory_format=torch.channels_last))
         if not out.is_contiguous(memory_format=torch.channels_last):  # computed apart, copied
             target = torch.empty_like(out, memory_format=torch.channels_last)
@@ -131,6 +131,12 @@ class MatmulInto:
         return f"addmm over a 1x1 convolution's channels_last rows (into out=){post}"
 
 
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution's (C_out, C_in, 1, 1) weight as the (C_in, C_out) matrix its rows are
+    multiplied by: a transposed view where the weight's strides allow one."""
+    return weight.reshape(weight.shape[0], -1).t()
+
+
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """A channels_last 4-D tensor as its (N*H*W, C) matrix: a view of the same memory."""
     return tensor.permute(0, 2, 3, 1).view(-1, tensor.shape[1])
@@ -154,10 +160,15 @@ def runs_as_matmul(input_shape: tuple, weight_shape: tuple, stride, padding, gro
     rows, or large layers where oneDNN's setup is paid off)."""
     batch, channels, height, width = input_shape
     rows = batch * height * width
-    return (tuple(weight_shape[2:]) == (1, 1) and list(stride) == [1, 1]
-            and list(padding) == [0, 0] and groups == 1
+    return (is_one_by_one(weight_shape, stride, padding, groups)
             and (channels >= MATMUL_MIN_CHANNELS or rows <= MATMUL_FEW_ROWS)
             and rows * channels * weight_shape[0] <= MATMUL_MAX_MACS)
+
+
+def is_one_by_one(weight_shape: tuple, stride, padding, groups: int) -> bool:
+    """1x1, stride 1, no padding, one group: a convolution that is a GEMM over its rows."""
+    return (tuple(weight_shape[2:]) == (1, 1) and list(stride) == [1, 1]
+            and list(padding) == [0, 0] and groups == 1)
 
 
 def is_convolution(node: fx.Node) -> bool:
@@ -216,7 +227,7 @@ def packed_weight(node: fx.Node, weight: torch.Tensor) -> torch.Tensor:
     """`weight` as this convolution's kernel reads it: a (C_in, C_out) matrix for a GEMM
     (`is_matmul`), else the blocked format oneDNN picks for the input's shape."""
     if is_matmul(node):
-        return weight.reshape(weight.shape[0], -1).t().contiguous()
+        return as_matrix(weight).contiguous()
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight, list(padding), list(stride), list(dilation), groups,
